@@ -1,0 +1,1 @@
+"""The numpy inference engine: GGUF loading, tokenizer, chat template, llama forward pass."""

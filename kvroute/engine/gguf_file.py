@@ -1,0 +1,107 @@
+"""Open a GGUF file: metadata as plain Python values, tensors dequantised to float32.
+
+`gguf.GGUFReader` does the parsing and `gguf.quants.dequantize` every quantisation it knows
+(F32, F16, BF16, Q4_0, Q4_1, Q5_x, Q8_0, K-quants, ...); this module only turns their failures into
+one-line `ModelLoadError`s that name the file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from .errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+
+
+class GGUFFile:
+    """A parsed GGUF file.
+
+    Parameters
+    ----------
+    path:
+        Path of the ``.gguf`` file.
+
+    Raises
+    ------
+    ModelLoadError
+        If the file is missing, is not GGUF, or cannot be parsed (e.g. truncated).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelLoadError(f"{self.path}: no such model file")
+        with self.path.open("rb") as f:
+            magic = f.read(4)
+        if magic != GGUF_MAGIC:
+            raise ModelLoadError(f"{self.path}: not a GGUF file (magic {magic!r})")
+        try:
+            self._reader = gguf.GGUFReader(self.path, "r")
+        except Exception as exc:  # the reader raises ValueError, IndexError, struct errors...
+            raise ModelLoadError(f"{self.path}: unreadable GGUF ({exc})") from exc
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        self.meta: dict[str, Any] = {}
+        for key, field in self._reader.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            try:
+                self.meta[key] = field.contents()
+            except Exception as exc:
+                raise ModelLoadError(f"{self.path}: bad metadata field {key} ({exc})") from exc
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        # A truncated file can still parse (the reader memory-maps it) but its last tensors
+        # then point past the end: catch it here, not as garbage logits later.
+        size = self.path.stat().st_size
+        for t in self._reader.tensors:
+            end = int(t.data_offset) + int(t.n_bytes)
+            if end > size or t.data.nbytes != int(t.n_bytes):
+                raise ModelLoadError(
+                    f"{self.path}: truncated file (tensor {t.name} ends at byte {end}, "
+                    f"file has {size})"
+                )
+
+    @property
+    def architecture(self) -> str:
+        """The ``general.architecture`` string, e.g. ``llama``."""
+        arch = self.meta.get("general.architecture")
+        if not isinstance(arch, str):
+            raise ModelLoadError(f"{self.path}: missing general.architecture")
+        return arch
+
+    def require(self, key: str) -> Any:
+        """Return a metadata value, raising `ModelLoadError` naming the key if it is absent."""
+        if key not in self.meta:
+            raise ModelLoadError(f"{self.path}: missing metadata {key}")
+        return self.meta[key]
+
+    def has_tensor(self, name: str) -> bool:
+        """Whether the file holds a tensor called ``name``."""
+        return name in self._tensors
+
+    def tensor(self, name: str) -> np.ndarray:
+        """Dequantise one tensor to float32, shaped like numpy/PyTorch (rows = output dim).
+
+        GGUF lists dimensions innermost first; the returned array has them reversed, so a
+        linear layer's weight comes back as ``(out_features, in_features)``.
+        """
+        t = self._tensors.get(name)
+        if t is None:
+            raise ModelLoadError(f"{self.path}: missing tensor {name}")
+        try:
+            data = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError as exc:
+            raise ModelLoadError(
+                f"{self.path}: tensor {name} has unsupported type {t.tensor_type.name}"
+            ) from exc
+        shape = tuple(int(d) for d in reversed(t.shape))
+        return np.ascontiguousarray(data, dtype=np.float32).reshape(shape)

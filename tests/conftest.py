@@ -1,0 +1,23 @@
+"""Shared fixtures: the real default model (fetched once) and a tiny synthetic GGUF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvroute.engine.model_store import fetch_default_model
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    """Path of the default SmolLM2-135M-Instruct Q4_1 GGUF (fetched on first use)."""
+    return fetch_default_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random llama GGUF with a byte-level vocabulary (see tests/tiny_gguf.py)."""
+    from tiny_gguf import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
