@@ -1,0 +1,14 @@
+"""The ``kvroute`` command line. One module per command (group); this file only assembles them.
+
+Library code logs; only the CLI prints. Every command turns the library's typed errors into a
+one-line message and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+from .app import main
+from .model_cmd import model
+
+main.add_command(model)
+
+__all__ = ["main"]

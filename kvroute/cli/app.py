@@ -1,0 +1,48 @@
+"""The root click group and helpers shared by every command."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import click
+
+from kvroute import __version__
+from kvroute.engine.errors import EngineError
+
+
+@click.group()
+@click.version_option(__version__, prog_name="kvroute")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """kvroute: multi-turn LLM chat served from CPU workers, each session's KV cache kept warm."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+@contextmanager
+def user_errors(*extra: type[Exception]) -> Iterator[None]:
+    """Turn expected errors into ``error: <message>`` on stderr and exit status 1."""
+    try:
+        yield
+    except (EngineError, *extra) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+def echo_err(message: str) -> None:
+    """Print a status line on stderr (stdout stays clean for --json output)."""
+    click.echo(message, err=True)
+
+
+ModelOption = Callable[[Callable[..., object]], Callable[..., object]]
+
+model_option: ModelOption = click.option(
+    "--model",
+    "model",
+    default="default",
+    show_default=True,
+    help="A GGUF path, or 'default' for SmolLM2-135M-Instruct Q4_1 (fetched on first use).",
+)

