@@ -25,3 +25,7 @@ class ContextOverflowError(EngineError):
             f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} exceeds the context "
             f"of {n_ctx} tokens"
         )
+
+
+class TemplateError(EngineError):
+    """Chat messages are malformed, or the model's chat template cannot render them."""

@@ -1,0 +1,77 @@
+"""Decide how much of a session's KV cache a new prompt can reuse (I/O-free, no model calls).
+
+The session invariant (DESIGN §1): text ``T``, token ids ``K`` and cache ``S`` always agree, with
+``len(S) == len(K)``. Given the rendered prompt of a new turn:
+
+- **text prefix**: the prompt starts with ``T`` -> tokenize only the remainder (no BOS) and append
+  it to ``K``. Matching on text, not tokens, is what makes this robust: re-tokenizing a generated
+  reply often gives other ids than the ones sampled (BPE is not unique).
+- **token prefix**: otherwise tokenize the whole prompt and keep the longest common token prefix
+  with ``K``; the cache is trimmed to it.
+- **cold**: nothing in common.
+- **full hit**: everything is cached already (identical resend, regenerate). There are no fresh
+  logits to sample from, so one token is rolled back and fed again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from kvroute.proto.vocab import PATH_COLD, PATH_TEXT_PREFIX, PATH_TOKEN_PREFIX
+
+
+@dataclass(frozen=True)
+class PrefillPlan:
+    """What a turn must feed.
+
+    Attributes
+    ----------
+    path:
+        ``cold`` | ``text_prefix`` | ``token_prefix``.
+    prompt_ids:
+        The token ids the model will have seen once the prompt is in (``keep`` cached + new).
+    keep:
+        Positions of the existing cache reused as they are.
+    """
+
+    path: str
+    prompt_ids: list[int]
+    keep: int
+
+    @property
+    def new_ids(self) -> list[int]:
+        """Ids to prefill (never empty)."""
+        return self.prompt_ids[self.keep :]
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two id sequences."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def plan_prefill(
+    cached_text: str,
+    cached_ids: Sequence[int],
+    prompt: str,
+    encode: Callable[[str], list[int]],
+) -> PrefillPlan:
+    """Plan the prefill of ``prompt`` against a session holding ``cached_text`` / ``cached_ids``.
+
+    ``encode`` tokenizes text with special tokens parsed and no BOS.
+    """
+    if cached_ids and prompt.startswith(cached_text):
+        prompt_ids = list(cached_ids) + encode(prompt[len(cached_text) :])
+        keep, path = len(cached_ids), PATH_TEXT_PREFIX
+    else:
+        prompt_ids = encode(prompt)
+        keep = common_prefix_len(cached_ids, prompt_ids)
+        path = PATH_TOKEN_PREFIX if keep else PATH_COLD
+    if keep >= len(prompt_ids):
+        keep = len(prompt_ids) - 1  # full hit: re-feed the last token for fresh logits
+    assert keep >= 0 and prompt_ids, "a rendered prompt is never empty"
+    return PrefillPlan(path=path, prompt_ids=prompt_ids, keep=keep)

@@ -1,0 +1,151 @@
+"""The worker's session store: per session text T, token ids K and KV cache S (I/O-free).
+
+Sessions are created by one factory (new, reset and re-created-after-eviction all go through
+`SessionStore._fresh`) so no path forgets a field. Memory is bounded by a KV budget in bytes:
+idle sessions are evicted least-recently-used; a session with a turn in flight never is. A session
+that is gone (evicted or reset) is remembered by id so its next turn can say why it runs cold.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from kvroute.engine.cache import KVCache
+from kvroute.proto.vocab import COLD_EVICTED, COLD_NEW, COLD_RESET
+
+logger = logging.getLogger(__name__)
+
+REMEMBER_GONE = 100_000  # ids of evicted/reset sessions remembered for their cold reason
+
+
+@dataclass
+class Session:
+    """One chat session's committed state (T, K, S) plus bookkeeping.
+
+    Invariant: ``cache.length == len(tokens)`` and ``tokens`` are the ids whose text is
+    ``text``. Only `Turn.commit` / `Turn.abort` change them.
+    """
+
+    session_id: bytes
+    cache: KVCache
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    last_used: float = field(default_factory=time.monotonic)
+    in_flight: bytes | None = None  # request id of the running turn
+    cold_reason: str = COLD_NEW  # reported if the next turn finds nothing to reuse
+    turns: int = 0
+
+    def check(self) -> None:
+        """Assert the session invariant (our own bug if it fails)."""
+        assert self.cache.length == len(self.tokens), (
+            f"session {self.session_id}: cache holds {self.cache.length} positions, "
+            f"K has {len(self.tokens)}"
+        )
+
+
+class SessionStore:
+    """Sessions of one worker, bounded by a KV budget in bytes.
+
+    Parameters
+    ----------
+    new_cache:
+        Factory for an empty KV cache (``Engine.new_cache``).
+    kv_budget_bytes:
+        Target for the sum of all sessions' cache bytes; None = unbounded.
+    clock:
+        Monotonic clock (injected for tests).
+    """
+
+    def __init__(self, new_cache: Callable[[], KVCache], kv_budget_bytes: int | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._new_cache = new_cache
+        self.kv_budget_bytes = kv_budget_bytes
+        self._clock = clock
+        self._sessions: OrderedDict[bytes, Session] = OrderedDict()  # LRU order, oldest first
+        self._gone: OrderedDict[bytes, str] = OrderedDict()  # session id -> cold reason
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, session_id: bytes) -> bool:
+        return session_id in self._sessions
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._sessions.values()))
+
+    def get(self, session_id: bytes) -> Session | None:
+        """The live session, or None."""
+        return self._sessions.get(session_id)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes held by all sessions' KV caches."""
+        return sum(s.cache.nbytes for s in self._sessions.values())
+
+    def _fresh(self, session_id: bytes, cold_reason: bytes) -> Session:
+        """The one factory for an empty session (new, reset, re-created after eviction)."""
+        session = Session(session_id=session_id, cache=self._new_cache(),
+                          last_used=self._clock(), cold_reason=cold_reason)
+        self._sessions[session_id] = session
+        return session
+
+    def acquire(self, session_id: bytes) -> Session:
+        """Get or create a session and mark it most recently used.
+
+        A session remembered as gone (evicted, reset, worker lost) comes back empty with that
+        cold reason; an unknown one with reason ``new``.
+        """
+        session = self._sessions.get(session_id)
+        if session is None:
+            session = self._fresh(session_id, self._gone.pop(session_id, COLD_NEW))
+        self._sessions.move_to_end(session_id)
+        session.last_used = self._clock()
+        return session
+
+    def reset(self, session_id: bytes, reason: str = COLD_RESET) -> bool:
+        """Forget a session (idempotent). Its next turn runs cold with ``reason``.
+
+        Returns whether a live session was dropped. The caller ends a turn in flight first.
+        """
+        session = self._sessions.pop(session_id, None)
+        self._remember(session_id, reason)
+        return session is not None
+
+    def _remember(self, session_id: bytes, reason: str) -> None:
+        self._gone[session_id] = reason
+        self._gone.move_to_end(session_id)
+        while len(self._gone) > REMEMBER_GONE:
+            self._gone.popitem(last=False)
+
+    def evict_to_fit(self, extra_bytes: int = 0) -> list[bytes]:
+        """Evict idle sessions, least recently used first, until the budget holds.
+
+        ``extra_bytes`` is room wanted on top of what is held (a turn about to grow its cache).
+        Sessions with a turn in flight are never evicted, so the budget may stay exceeded while
+        they run; that is logged, not refused. Returns the evicted ids.
+        """
+        if self.kv_budget_bytes is None:
+            return []
+        evicted: list[bytes] = []
+        total = self.kv_bytes + extra_bytes
+        for session in list(self._sessions.values()):
+            if total <= self.kv_budget_bytes:
+                break
+            if session.in_flight is not None:
+                continue
+            total -= session.cache.nbytes
+            del self._sessions[session.session_id]
+            self._remember(session.session_id, COLD_EVICTED)
+            evicted.append(session.session_id)
+        if evicted:
+            self.evictions += len(evicted)
+            logger.info("evicted %d idle sessions to fit the KV budget: %s", len(evicted), evicted)
+        if total > self.kv_budget_bytes:
+            logger.warning("KV budget exceeded by sessions in flight: %d > %d bytes",
+                           total, self.kv_budget_bytes)
+        return evicted

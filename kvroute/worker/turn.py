@@ -1,0 +1,175 @@
+"""One turn of one session: prefill what the cache lacks, generate, commit (I/O-free).
+
+A `Turn` never calls the model itself: the scheduler batches ``pending`` ids of many turns into
+one forward pass and hands each turn its logits. The turn samples, streams whole UTF-8 characters,
+and at the end commits (T, K) so that they match the cache exactly (DESIGN §1):
+
+- the stop token is neither fed nor streamed;
+- a token sampled but never fed (the last one at ``length`` or ``cancelled``) is not committed,
+  and neither are trailing tokens that end mid-character: K stops at the last fed token after which
+  the reply text is whole, T = prompt + that text. The client's echo of the full reply still starts
+  with T, so the next turn takes the text-prefix path and re-feeds the few missing characters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from kvroute.engine.sampling import Sampler, SamplingParams
+from kvroute.engine.tokenizer import StreamDecoder, Tokenizer
+from kvroute.proto.vocab import (
+    COLD_DIVERGED,
+    COLD_RESET,
+    FINISH_CANCELLED,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    PATH_COLD,
+    PATH_TEXT_PREFIX,
+)
+
+from .events import EndEvent, TokenEvent, TurnStats
+from .planner import PrefillPlan
+from .sessions import Session
+
+
+class Turn:
+    """State of a turn in flight.
+
+    Parameters
+    ----------
+    request_id, session:
+        Who asked and which session's cache this turn extends (``session.in_flight`` is set).
+    prompt:
+        The rendered prompt text.
+    plan:
+        How much of the cache is reused (``planner.plan_prefill``); the session cache has
+        already been trimmed to ``plan.keep``.
+    params:
+        Sampling parameters (max_tokens already checked against n_ctx).
+    """
+
+    def __init__(self, request_id: bytes, session: Session, prompt: str, plan: PrefillPlan,
+                 params: SamplingParams, tokenizer: Tokenizer, eot_ids: frozenset[int],
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.request_id = request_id
+        self.session = session
+        self.prompt = prompt
+        self.plan = plan
+        self.params = params
+        self._eot = eot_ids
+        self._clock = clock
+        self._sampler = Sampler(params)
+        self._decoder = StreamDecoder(tokenizer)
+        self.pending: list[int] = plan.new_ids  # ids to feed next (prefill, then one token)
+        self.generated: list[int] = []  # sampled and streamed (stop token excluded)
+        self.fed_generated = 0  # of those, how many are in the cache
+        self._boundaries: list[tuple[int, int]] = [(0, 0)]  # (tokens, chars) where text is whole
+        self.seq = 0
+        self.cancelled = False
+        self.finish_reason: str | None = None
+        self.t_start = clock()
+        self.t_first: float | None = None
+        if plan.path == PATH_COLD:
+            self.cold_reason: str | None = session.cold_reason if not session.tokens else \
+                COLD_DIVERGED
+        else:
+            self.cold_reason = None
+
+    @property
+    def prefilling(self) -> bool:
+        """Still feeding prompt tokens (no token sampled yet)."""
+        return self.t_first is None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def take(self, budget: int) -> list[int]:
+        """The next ids to feed, at most ``budget`` (prefill is chunked by the scheduler)."""
+        ids, self.pending = self.pending[:budget], self.pending[budget:]
+        if not self.prefilling:
+            self.fed_generated += len(ids)
+        return ids
+
+    def on_logits(self, logits: np.ndarray) -> TokenEvent | None:
+        """Consume the logits of the last fed position; sample if the prompt is all in.
+
+        Returns the streamed piece, or None (prefill chunk not last, or a stop token).
+        """
+        if self.pending:
+            return None  # mid-prefill: these logits are not the prompt's last position
+        if self.t_first is None:
+            self.t_first = self._clock()
+        tok = self._sampler(logits)
+        if tok in self._eot and not self.params.ignore_eos:
+            self.finish_reason = FINISH_STOP
+            return None
+        self.generated.append(tok)
+        text = self._decoder.push(tok)
+        if self._decoder.at_boundary:
+            self._boundaries.append((len(self.generated), len(self._decoder.text)))
+        if len(self.generated) >= self.params.max_tokens:
+            self.finish_reason = FINISH_LENGTH
+        else:
+            self.pending = [tok]
+        return self._token_event(text, (tok,))
+
+    def cancel(self) -> None:
+        """Stop at the next step; what was fed is committed."""
+        self.cancelled = True
+
+    def _token_event(self, text: str, ids: tuple[int, ...]) -> TokenEvent:
+        event = TokenEvent(self.request_id, self.session.session_id, self.seq, text, ids)
+        self.seq += 1
+        return event
+
+    def finish(self) -> tuple[TokenEvent | None, EndEvent]:
+        """Commit the session and build END (plus a last piece if bytes were left dangling).
+
+        Call once, when ``done`` or ``cancelled``.
+        """
+        if self.finish_reason is None:
+            self.finish_reason = FINISH_CANCELLED
+        t_end = self._clock()
+        tail = self._decoder.flush()
+        last = self._token_event(tail, ()) if tail else None
+        self._commit()
+        t_first = self.t_first if self.t_first is not None else t_end
+        stats = TurnStats(
+            prompt_tokens=len(self.plan.prompt_ids),
+            cached_tokens=self.plan.keep,
+            prefill_tokens=len(self.plan.prompt_ids) - self.plan.keep,
+            generated_tokens=len(self.generated),
+            path=self.plan.path,
+            cold_reason=self.cold_reason,
+            ttft_ms=round((t_first - self.t_start) * 1e3, 3),
+            decode_ms=round((t_end - t_first) * 1e3, 3),
+            finish_reason=self.finish_reason,
+        )
+        digest = hashlib.sha256(self._decoder.text.encode("utf-8")).hexdigest()
+        end = EndEvent(self.request_id, self.session.session_id, self.seq, stats, digest)
+        return last, end
+
+    def _commit(self) -> None:
+        s = self.session
+        if self.prefilling:
+            # Cancelled before the prompt was in. The text-prefix path only appended to K, so the
+            # old state is intact once the cache is cut back; otherwise the old T is no longer
+            # known to match, and the session starts over.
+            if self.plan.path == PATH_TEXT_PREFIX:
+                s.cache.truncate(len(s.tokens))
+            else:
+                s.text, s.tokens = "", []
+                s.cache.truncate(0)
+                s.cold_reason = COLD_RESET
+            return
+        n_tok, n_chars = max(b for b in self._boundaries if b[0] <= self.fed_generated)
+        s.tokens = self.plan.prompt_ids + self.generated[:n_tok]
+        s.text = self.prompt + self._decoder.text[:n_chars]
+        s.cache.truncate(len(s.tokens))
+        s.turns += 1
+        s.check()
