@@ -1,0 +1,23 @@
+"""Helpers shared by the benchmark scripts: BLAS threads, model path, reference figures."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "data" / "llamacpp_speed.json"
+
+
+def limit_blas_threads(n: int = 1) -> None:
+    """Pin BLAS to ``n`` threads (call before heavy numpy work), like a worker does."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+def llamacpp_reference() -> dict[str, Any]:
+    """llama.cpp's figures on this machine class (see tests/data/README.md)."""
+    return json.loads(REFERENCE.read_text())
