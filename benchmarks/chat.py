@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import limit_blas_threads, llamacpp_reference  # noqa: E402
+from _common import limit_blas_threads, llamacpp_reference
 
 limit_blas_threads(1)
 
@@ -54,8 +54,9 @@ USER_TURNS = [
 ]
 
 
-def run_turn(sched: Scheduler, sid: bytes, messages: list[dict[str, str]],
-             max_tokens: int) -> tuple[str, EndEvent]:
+def run_turn(
+    sched: Scheduler, sid: bytes, messages: list[dict[str, str]], max_tokens: int
+) -> tuple[str, EndEvent]:
     sched.submit(b"r", sid, messages, SamplingParams(max_tokens=max_tokens))
     text, end = "", None
     while sched.busy:
@@ -78,15 +79,17 @@ def chat_ttft(engine: Engine, turns: int, max_tokens: int) -> list[dict[str, flo
         reply, end = run_turn(warm, b"warm", history, max_tokens)
         cold = Scheduler(engine)
         _, cold_end = run_turn(cold, b"cold", history, 1)
-        rows.append({
-            "turn": i + 1,
-            "prompt_tokens": end.stats.prompt_tokens,
-            "cached_tokens": end.stats.cached_tokens,
-            "path": end.stats.path,
-            "warm_ttft_ms": end.stats.ttft_ms,
-            "cold_ttft_ms": cold_end.stats.ttft_ms,
-            "reply_tokens": end.stats.generated_tokens,
-        })
+        rows.append(
+            {
+                "turn": i + 1,
+                "prompt_tokens": end.stats.prompt_tokens,
+                "cached_tokens": end.stats.cached_tokens,
+                "path": end.stats.path,
+                "warm_ttft_ms": end.stats.ttft_ms,
+                "cold_ttft_ms": cold_end.stats.ttft_ms,
+                "reply_tokens": end.stats.generated_tokens,
+            }
+        )
         history.append({"role": "assistant", "content": reply})
     return rows
 
@@ -96,8 +99,7 @@ def decode_throughput(engine: Engine, n_sessions: int, new_tokens: int) -> float
     sched = Scheduler(engine)
     for i in range(n_sessions):
         msgs = [{"role": "user", "content": USER_TURNS[i % len(USER_TURNS)]}]
-        sched.submit(b"r", b"s%d" % i, msgs, SamplingParams(max_tokens=new_tokens,
-                                                          ignore_eos=True))
+        sched.submit(b"r", b"s%d" % i, msgs, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
     while any(t.prefilling for t in sched.turns.values()):
         sched.step()
     produced, t0 = 0, time.perf_counter()
@@ -130,8 +132,12 @@ def main() -> None:
         "decode_tok_s_1_session": round(one, 1),
         "decode_tok_s_8_sessions": round(eight, 1),
         "decode_8_over_1": round(eight / one, 2),
-        "targets": {"cold_over_warm_turn10": ">= 10", "warm_turn10_over_turn2": "<= 1.5",
-                    "warm_turn10_ms": "<= llama.cpp turn 10 (kv kept)", "decode_8_over_1": ">= 2.5"},
+        "targets": {
+            "cold_over_warm_turn10": ">= 10",
+            "warm_turn10_over_turn2": "<= 1.5",
+            "warm_turn10_ms": "<= llama.cpp turn 10 (kv kept)",
+            "decode_8_over_1": ">= 2.5",
+        },
     }
     text = json.dumps(out, indent=1)
     print(text)

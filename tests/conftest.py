@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from kvroute.engine.model_store import fetch_default_model
+
+if TYPE_CHECKING:
+    from kvroute.engine.engine import Engine
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +25,23 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_gguf import write_tiny_gguf
 
     return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def engine(model_path: Path) -> Engine:
+    """The default model loaded once per session (~4 s: every weight is dequantised to f32).
+
+    Tests share it, so each must use its own caches (`Engine.new_cache`) and leave the engine
+    itself unchanged.
+    """
+    from kvroute.engine.engine import Engine
+
+    return Engine.load(model_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_path: Path) -> Engine:
+    """The tiny synthetic model loaded once per session (milliseconds)."""
+    from kvroute.engine.engine import Engine
+
+    return Engine.load(tiny_model_path)

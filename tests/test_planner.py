@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvroute.proto.vocab import PATH_COLD, PATH_TEXT_PREFIX, PATH_TOKEN_PREFIX
+from kvroute.proto.messages import CachePath
 from kvroute.worker.planner import common_prefix_len, plan_prefill
 
 
@@ -19,7 +19,7 @@ def test_common_prefix_len() -> None:
 
 def test_new_session_is_cold() -> None:
     plan = plan_prefill("", [], "hello", encode)
-    assert plan.path == PATH_COLD
+    assert plan.path == CachePath.COLD
     assert plan.keep == 0
     assert plan.new_ids == encode("hello")
 
@@ -33,7 +33,7 @@ def test_text_prefix_tokenizes_only_the_remainder() -> None:
 
     cached = [900, 901]  # ids that differ from re-tokenizing "ab": text matching must not care
     plan = plan_prefill("ab", cached, "abcd", spy)
-    assert plan.path == PATH_TEXT_PREFIX
+    assert plan.path == CachePath.TEXT_PREFIX
     assert calls == ["cd"]
     assert plan.keep == 2
     assert plan.prompt_ids == [900, 901, ord("c"), ord("d")]
@@ -41,14 +41,14 @@ def test_text_prefix_tokenizes_only_the_remainder() -> None:
 
 def test_token_prefix_keeps_longest_common_prefix() -> None:
     plan = plan_prefill("abXd", encode("abXd"), "abYd", encode)
-    assert plan.path == PATH_TOKEN_PREFIX
+    assert plan.path == CachePath.TOKEN_PREFIX
     assert plan.keep == 2
     assert plan.new_ids == encode("Yd")
 
 
 def test_nothing_in_common_is_cold() -> None:
     plan = plan_prefill("xyz", encode("xyz"), "abc", encode)
-    assert plan.path == PATH_COLD
+    assert plan.path == CachePath.COLD
     assert plan.keep == 0
 
 
@@ -59,6 +59,6 @@ def test_full_hit_rolls_back_one_token() -> None:
     assert plan.new_ids == [ord("c")]
     # A prompt that is a strict prefix of what is cached (regenerate) is a full hit too.
     plan = plan_prefill("abcdef", encode("abcdef"), "abc", encode)
-    assert plan.path == PATH_TOKEN_PREFIX
+    assert plan.path == CachePath.TOKEN_PREFIX
     assert plan.keep == 2
     assert plan.prompt_ids == encode("abc")

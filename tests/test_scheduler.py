@@ -16,17 +16,7 @@ import pytest
 from kvroute.engine.engine import Engine
 from kvroute.engine.sampling import SamplingParams
 from kvroute.proto.errors import ErrorCode
-from kvroute.proto.vocab import (
-    COLD_EVICTED,
-    COLD_NEW,
-    COLD_RESET,
-    COLD_WORKER_LOST,
-    FINISH_CANCELLED,
-    FINISH_LENGTH,
-    PATH_COLD,
-    PATH_TEXT_PREFIX,
-    PATH_TOKEN_PREFIX,
-)
+from kvroute.proto.messages import CachePath, ColdReason, FinishReason
 from kvroute.worker.events import BusyEvent, EndEvent, ErrorEvent, Event, OverflowEvent, TokenEvent
 from kvroute.worker.planner import plan_prefill
 from kvroute.worker.scheduler import Scheduler, SchedulerConfig
@@ -56,8 +46,13 @@ class Outcome:
     other: list[Event] = field(default_factory=list)
 
 
-def run(sched: Scheduler, sid: bytes, messages: Sequence[Mapping[str, str]],
-        max_tokens: int = 32, **kw: object) -> Outcome:
+def run(
+    sched: Scheduler,
+    sid: bytes,
+    messages: Sequence[Mapping[str, str]],
+    max_tokens: int = 32,
+    **kw: object,
+) -> Outcome:
     """Submit one turn and step until it ends."""
     out = Outcome()
     params = SamplingParams(max_tokens=max_tokens, **kw)  # type: ignore[arg-type]
@@ -93,7 +88,11 @@ def test_turn_streams_in_order_and_commits(tiny_engine: Engine) -> None:
     assert [t.seq for t in out.tokens] == list(range(len(out.tokens)))
     assert out.end.seq == len(out.tokens)
     st = out.end.stats
-    assert (st.path, st.cold_reason, st.finish_reason) == (PATH_COLD, COLD_NEW, FINISH_LENGTH)
+    assert (st.path, st.cold_reason, out.end.finish_reason) == (
+        CachePath.COLD,
+        ColdReason.NEW,
+        FinishReason.LENGTH,
+    )
     assert st.generated_tokens == 8 and st.prefill_tokens == st.prompt_tokens
     session = sched.store.get(b"a")
     assert session is not None and session.in_flight is None
@@ -142,7 +141,7 @@ def test_overflow_leaves_session_exactly_as_it_was(tiny_engine: Engine) -> None:
     assert ov.prompt_tokens + ov.max_tokens > ov.n_ctx
     assert (session.text, session.tokens, session.cache.length) == before
     smaller = run(sched, b"a", history, max_tokens=4, ignore_eos=True)
-    assert smaller.end is not None and smaller.end.stats.path == PATH_TEXT_PREFIX
+    assert smaller.end is not None and smaller.end.stats.path == CachePath.TEXT_PREFIX
 
 
 def test_reset_makes_next_turn_cold_reset(tiny_engine: Engine) -> None:
@@ -152,7 +151,7 @@ def test_reset_makes_next_turn_cold_reset(tiny_engine: Engine) -> None:
     assert sched.reset(b"a") == [] and sched.reset(b"a") == []  # idempotent, no turn to end
     out = run(sched, b"a", msgs, max_tokens=3, ignore_eos=True)
     assert out.end is not None
-    assert (out.end.stats.path, out.end.stats.cold_reason) == (PATH_COLD, COLD_RESET)
+    assert (out.end.stats.path, out.end.stats.cold_reason) == (CachePath.COLD, ColdReason.RESET)
 
 
 def test_worker_lost_flag_reports_cold_worker_lost(tiny_engine: Engine) -> None:
@@ -162,7 +161,7 @@ def test_worker_lost_flag_reports_cold_worker_lost(tiny_engine: Engine) -> None:
     out = Outcome()
     while sched.busy:
         collect(out, sched.step())
-    assert out.end is not None and out.end.stats.cold_reason == COLD_WORKER_LOST
+    assert out.end is not None and out.end.stats.cold_reason == ColdReason.WORKER_LOST
 
 
 def test_cancel_stops_at_next_step_and_commits_what_was_fed(tiny_engine: Engine) -> None:
@@ -176,7 +175,7 @@ def test_cancel_stops_at_next_step_and_commits_what_was_fed(tiny_engine: Engine)
     assert sched.cancel(b"a", b"r") is True
     collect(out, sched.step())
     assert not sched.busy
-    assert out.end is not None and out.end.stats.finish_reason == FINISH_CANCELLED
+    assert out.end is not None and out.end.finish_reason == FinishReason.CANCELLED
     assert out.end.stats.generated_tokens == len(out.tokens) < 100
     session = sched.store.get(b"a")
     assert session is not None and session.in_flight is None
@@ -184,17 +183,21 @@ def test_cancel_stops_at_next_step_and_commits_what_was_fed(tiny_engine: Engine)
     # The history with the partial reply as streamed continues on the text-prefix path.
     msgs2 = [*msgs, {"role": "assistant", "content": out.text}, {"role": "user", "content": "go"}]
     nxt = run(sched, b"a", msgs2, max_tokens=2)
-    assert nxt.end is not None and nxt.end.stats.path == PATH_TEXT_PREFIX
+    assert nxt.end is not None and nxt.end.stats.path == CachePath.TEXT_PREFIX
 
 
 def test_reset_during_a_turn_ends_it_cancelled(tiny_engine: Engine) -> None:
     sched = Scheduler(tiny_engine)
-    sched.submit(b"r", b"a", [{"role": "user", "content": "x"}],
-                 SamplingParams(max_tokens=50, ignore_eos=True))
+    sched.submit(
+        b"r",
+        b"a",
+        [{"role": "user", "content": "x"}],
+        SamplingParams(max_tokens=50, ignore_eos=True),
+    )
     sched.step()
     events = sched.reset(b"a")
     ends = [e for e in events if isinstance(e, EndEvent)]
-    assert len(ends) == 1 and ends[0].stats.finish_reason == FINISH_CANCELLED
+    assert len(ends) == 1 and ends[0].finish_reason == FinishReason.CANCELLED
     assert not sched.busy and b"a" not in sched.store
 
 
@@ -207,7 +210,7 @@ def test_eviction_under_small_budget(tiny_engine: Engine) -> None:
     assert b"a" not in sched.store and b"b" in sched.store
     out = run(sched, b"a", msgs, max_tokens=3, ignore_eos=True)
     assert out.end is not None
-    assert (out.end.stats.path, out.end.stats.cold_reason) == (PATH_COLD, COLD_EVICTED)
+    assert (out.end.stats.path, out.end.stats.cold_reason) == (CachePath.COLD, ColdReason.EVICTED)
 
 
 def test_in_flight_session_survives_budget_pressure(tiny_engine: Engine) -> None:
@@ -243,8 +246,13 @@ def test_long_prompt_is_prefilled_in_chunks(tiny_engine: Engine) -> None:
 # ----------------------------------------------------------------------------- real model
 
 
-def chat(sched: Scheduler, sid: bytes, turns: Sequence[str], max_tokens: int = 32,
-         system: str | None = None) -> tuple[Messages, list[EndEvent]]:
+def chat(
+    sched: Scheduler,
+    sid: bytes,
+    turns: Sequence[str],
+    max_tokens: int = 32,
+    system: str | None = None,
+) -> tuple[Messages, list[EndEvent]]:
     """Run a chat, echoing each reply exactly as streamed."""
     history: Messages = [{"role": "system", "content": system}] if system else []
     ends = []
@@ -282,7 +290,7 @@ def test_warm_paths_equal_cold_prefill_over_ten_turns(engine: Engine) -> None:
             worst = max(worst, float(np.abs(got - want[plan.keep :]).max()))
         out = run(sched, b"s", history)
         assert out.end is not None
-        assert out.end.stats.path == (plan.path if session else PATH_COLD)
+        assert out.end.stats.path == (plan.path if session else CachePath.COLD)
         assert out.text == cold_greedy(engine, plan.prompt_ids, 32)
         history.append({"role": "assistant", "content": out.text})
     assert worst < 1e-3, worst
@@ -299,9 +307,9 @@ def test_replay_stays_on_text_prefix_path(engine: Engine) -> None:
         assert out.end is not None
         st = out.end.stats
         if i == 0:
-            assert st.path == PATH_COLD
+            assert st.path == CachePath.COLD
         else:
-            assert st.path == PATH_TEXT_PREFIX, (i, st)
+            assert st.path == CachePath.TEXT_PREFIX, (i, st)
             assert st.cached_tokens == committed
         session = sched.store.get(b"s")
         assert session is not None
@@ -330,17 +338,22 @@ def test_edited_message_takes_token_prefix_path(engine: Engine) -> None:
     history[2] = {"role": "user", "content": "Tell me one fact about its cuisine."}
     history = [*history[:3], {"role": "user", "content": "Why?"}]
     out = run(sched, b"s", history)
-    assert out.end is not None and out.end.stats.path == PATH_TOKEN_PREFIX
+    assert out.end is not None and out.end.stats.path == CachePath.TOKEN_PREFIX
     assert 0 < out.end.stats.cached_tokens < out.end.stats.prompt_tokens
     assert out.text == cold_greedy(engine, engine.encode(engine.render(history)), 32)
 
 
 @pytest.mark.model
 def test_non_ascii_history_stays_on_text_prefix(engine: Engine) -> None:
-    turns = ["Traduis « bonjour » en 日本語 s'il te plaît 🙂", "Et « merci » ? 🙏🏽", "Écris un emoji 🎉"]
+    turns = [
+        "Traduis « bonjour » en 日本語 s'il te plaît 🙂",
+        "Et « merci » ? 🙏🏽",
+        "Écris un emoji 🎉",
+    ]
     sched = Scheduler(engine)
     _, ends = chat(sched, b"s", turns, max_tokens=24)
-    assert [e.stats.path for e in ends] == [PATH_COLD, PATH_TEXT_PREFIX, PATH_TEXT_PREFIX]
+    paths = [e.stats.path for e in ends]
+    assert paths == [CachePath.COLD, CachePath.TEXT_PREFIX, CachePath.TEXT_PREFIX]
 
 
 @pytest.mark.model

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvroute.engine.cache import GROW_CHUNK, KVCache
-from kvroute.proto.vocab import COLD_EVICTED, COLD_NEW, COLD_RESET, COLD_WORKER_LOST
+from kvroute.proto.messages import ColdReason
 from kvroute.worker.sessions import SessionStore
 
 
@@ -33,14 +33,14 @@ def fill(store: SessionStore, sid: bytes, n: int) -> None:
 def test_new_session_and_reasons() -> None:
     store = SessionStore(small_cache)
     s = store.acquire(b"a")
-    assert s.cold_reason == COLD_NEW and s.tokens == [] and s.cache.length == 0
+    assert s.cold_reason == ColdReason.NEW and s.tokens == [] and s.cache.length == 0
     assert store.acquire(b"a") is s
     assert store.reset(b"a") is True
     assert store.reset(b"a") is False  # idempotent
     assert b"a" not in store
-    assert store.acquire(b"a").cold_reason == COLD_RESET
-    store.reset(b"b", COLD_WORKER_LOST)
-    assert store.acquire(b"b").cold_reason == COLD_WORKER_LOST
+    assert store.acquire(b"a").cold_reason == ColdReason.RESET
+    store.reset(b"b", ColdReason.WORKER_LOST)
+    assert store.acquire(b"b").cold_reason == ColdReason.WORKER_LOST
 
 
 def test_evicts_least_recently_used_by_bytes() -> None:
@@ -51,7 +51,7 @@ def test_evicts_least_recently_used_by_bytes() -> None:
     assert store.kv_bytes == 3 * CHUNK_BYTES
     assert store.evict_to_fit() == [b"b"]
     assert store.kv_bytes == 2 * CHUNK_BYTES
-    assert store.acquire(b"b").cold_reason == COLD_EVICTED
+    assert store.acquire(b"b").cold_reason == ColdReason.EVICTED
     assert store.evictions == 1
 
 

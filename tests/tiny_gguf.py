@@ -115,7 +115,9 @@ def write_tiny_gguf(path: str | Path, spec: TinySpec | None = None) -> Path:
         w.add_tensor(p + "ffn_norm.weight", 1.0 + rand(spec.d_model, scale=0.05))
         add_q8(p + "attn_q.weight", rand(spec.n_heads * hd, spec.d_model))
         add_q8(p + "attn_k.weight", rand(spec.n_kv_heads * hd, spec.d_model))
-        w.add_tensor(p + "attn_v.weight", rand(spec.n_kv_heads * hd, spec.d_model).astype(np.float16))
+        w.add_tensor(
+            p + "attn_v.weight", rand(spec.n_kv_heads * hd, spec.d_model).astype(np.float16)
+        )
         w.add_tensor(p + "attn_output.weight", rand(spec.d_model, spec.n_heads * hd))
         add_q8(p + "ffn_gate.weight", rand(spec.d_ff, spec.d_model))
         add_q8(p + "ffn_up.weight", rand(spec.d_ff, spec.d_model))

@@ -7,10 +7,12 @@ one-line message and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 from .app import main
+from .broker_cmd import broker
 from .generate_cmd import generate, tokenize
 from .model_cmd import model
 
 main.add_command(model)
+main.add_command(broker)
 main.add_command(generate)
 main.add_command(tokenize)
 

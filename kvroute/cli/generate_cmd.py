@@ -21,25 +21,46 @@ from .app import model_option, user_errors
 @click.command()
 @model_option
 @click.option("--prompt", help="Prompt text (one user message unless --raw).")
-@click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Read the prompt from a file.")
-@click.option("--raw", is_flag=True,
-              help="Feed the prompt verbatim: special tokens parsed, no template, no BOS.")
+@click.option(
+    "--prompt-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Read the prompt from a file.",
+)
+@click.option(
+    "--raw",
+    is_flag=True,
+    help="Feed the prompt verbatim: special tokens parsed, no template, no BOS.",
+)
 @click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0))
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--top-p", default=1.0, show_default=True,
-              type=click.FloatRange(min=0, max=1, min_open=True))
+@click.option(
+    "--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True)
+)
 @click.option("--seed", type=int, help="Sampler seed (only matters with --temperature > 0).")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-turn tokens.")
-@click.option("--top-logits", type=click.IntRange(min=1), help="With --json: K best [id, logit] "
-              "at the first generated position.")
+@click.option(
+    "--top-logits",
+    type=click.IntRange(min=1),
+    help="With --json: K best [id, logit] at the first generated position.",
+)
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="Context size (default 2048).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def generate(model: str, prompt: str | None, prompt_file: Path | None, raw: bool,
-             max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
-             ignore_eos: bool, top_logits: int | None, n_ctx: int | None,
-             as_json: bool) -> None:
+def generate(
+    model: str,
+    prompt: str | None,
+    prompt_file: Path | None,
+    raw: bool,
+    max_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int | None,
+    ignore_eos: bool,
+    top_logits: int | None,
+    n_ctx: int | None,
+    as_json: bool,
+) -> None:
     """Generate a completion in-process (no broker or worker needed)."""
     if (prompt is None) == (prompt_file is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-file")
@@ -48,8 +69,14 @@ def generate(model: str, prompt: str | None, prompt_file: Path | None, raw: bool
         engine = Engine.load(resolve_model(model), n_ctx=n_ctx)
         rendered = text if raw else engine.render([{"role": "user", "content": text}])
         ids = engine.encode(rendered)
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                                top_p=top_p, seed=seed, ignore_eos=ignore_eos)
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            ignore_eos=ignore_eos,
+        )
         result = Generation(ids)
         for piece in engine.generate(ids, params, result=result):
             if not as_json:

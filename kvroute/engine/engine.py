@@ -17,7 +17,7 @@ import numpy as np
 
 from .cache import KVCache
 from .chat_template import ChatTemplate
-from .errors import ContextOverflowError
+from .errors import ContextOverflowError, EngineError
 from .gguf_file import GGUFFile
 from .models import load_model
 from .models.llama import LlamaModel
@@ -66,8 +66,14 @@ class Engine:
         Where the model came from (for messages).
     """
 
-    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, template: ChatTemplate,
-                 n_ctx: int, path: Path | None = None) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        tokenizer: Tokenizer,
+        template: ChatTemplate,
+        n_ctx: int,
+        path: Path | None = None,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.template = template
@@ -115,8 +121,9 @@ class Engine:
         """Token ids of ``text`` (special tokens parsed, no BOS)."""
         return self.tokenizer.encode(text)
 
-    def forward(self, segments: Sequence[tuple[KVCache, Sequence[int]]],
-                all_logits: bool = False) -> list[np.ndarray]:
+    def forward(
+        self, segments: Sequence[tuple[KVCache, Sequence[int]]], all_logits: bool = False
+    ) -> list[np.ndarray]:
         """One batched pass over several sequences; see `LlamaModel.forward`."""
         return self.model.forward(segments, all_logits=all_logits)
 
@@ -134,9 +141,13 @@ class Engine:
         assert logits is not None
         return logits
 
-    def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
-                 cache: KVCache | None = None, result: Generation | None = None
-                 ) -> Iterator[TokenPiece]:
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        cache: KVCache | None = None,
+        result: Generation | None = None,
+    ) -> Iterator[TokenPiece]:
         """Prefill ``prompt_ids`` and yield generated tokens one at a time.
 
         The stop token is neither yielded nor fed to the model. ``result`` (if given) is filled
@@ -146,9 +157,13 @@ class Engine:
         ------
         ContextOverflowError
             Before any work, if the prompt plus ``max_tokens`` does not fit in ``n_ctx``.
+        EngineError
+            If ``prompt_ids`` is empty.
         """
         cache = cache if cache is not None else self.new_cache()
         result = result if result is not None else Generation(list(prompt_ids))
+        if len(prompt_ids) == 0:  # else prefill's assert: a traceback for `--raw --prompt ''`
+            raise EngineError("empty prompt: there is no token to generate from")
         self.check_fits(cache.length + len(prompt_ids), params.max_tokens)
         sampler = Sampler(params)
         decoder = StreamDecoder(self.tokenizer)

@@ -8,7 +8,7 @@ class EngineError(Exception):
 
 
 class ModelLoadError(EngineError):
-    """The model file cannot be used: not GGUF, truncated, unknown architecture, missing metadata."""
+    """The model file is unusable: not GGUF, truncated, unknown architecture, missing metadata."""
 
 
 class ContextOverflowError(EngineError):

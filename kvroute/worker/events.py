@@ -2,29 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from kvroute.proto.errors import ErrorCode
-
-
-@dataclass(frozen=True)
-class TurnStats:
-    """Per-turn figures sent in END (DESIGN §2)."""
-
-    prompt_tokens: int  # tokens of the rendered prompt (cached + prefilled)
-    cached_tokens: int  # prompt tokens whose KV was reused
-    prefill_tokens: int  # prompt tokens computed this turn
-    generated_tokens: int  # tokens streamed (the stop token excluded)
-    path: str  # cold | text_prefix | token_prefix
-    cold_reason: str | None  # new | evicted | reset | diverged | worker_lost (path cold only)
-    ttft_ms: float  # turn accepted -> first token sampled, on the worker
-    decode_ms: float  # first token -> end
-    finish_reason: str  # stop | length | cancelled
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict for msgpack."""
-        return asdict(self)
+from kvroute.proto.messages import FinishReason, TurnStats
 
 
 @dataclass(frozen=True)
@@ -44,7 +25,8 @@ class EndEvent:
 
     request_id: bytes
     session_id: bytes
-    seq: int
+    seq: int  # TOKEN events sent before it
+    finish_reason: FinishReason
     stats: TurnStats
     reply_sha256: str  # sha256 of the whole streamed reply text, for end-to-end checks
 

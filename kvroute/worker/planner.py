@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kvroute.proto.vocab import PATH_COLD, PATH_TEXT_PREFIX, PATH_TOKEN_PREFIX
+from kvroute.proto.messages import CachePath
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,11 @@ def plan_prefill(
     """
     if cached_ids and prompt.startswith(cached_text):
         prompt_ids = list(cached_ids) + encode(prompt[len(cached_text) :])
-        keep, path = len(cached_ids), PATH_TEXT_PREFIX
+        keep, path = len(cached_ids), CachePath.TEXT_PREFIX
     else:
         prompt_ids = encode(prompt)
         keep = common_prefix_len(cached_ids, prompt_ids)
-        path = PATH_TOKEN_PREFIX if keep else PATH_COLD
+        path = CachePath.TOKEN_PREFIX if keep else CachePath.COLD
     if keep >= len(prompt_ids):
         keep = len(prompt_ids) - 1  # full hit: re-feed the last token for fresh logits
     assert keep >= 0 and prompt_ids, "a rendered prompt is never empty"

@@ -16,7 +16,7 @@ from kvroute.engine.engine import Engine
 from kvroute.engine.errors import EngineError
 from kvroute.engine.sampling import SamplingParams
 from kvroute.proto.errors import ErrorCode
-from kvroute.proto.vocab import COLD_WORKER_LOST
+from kvroute.proto.messages import ColdReason
 
 from .events import BusyEvent, ErrorEvent, Event, OverflowEvent
 from .planner import plan_prefill
@@ -43,10 +43,15 @@ class Scheduler:
         The loaded model.
     config:
         Chunk size and KV budget.
+    worker_id:
+        Reported in every END's stats.
     """
 
-    def __init__(self, engine: Engine, config: SchedulerConfig | None = None) -> None:
+    def __init__(
+        self, engine: Engine, config: SchedulerConfig | None = None, worker_id: str = "worker"
+    ) -> None:
         self.engine = engine
+        self.worker_id = worker_id
         self.config = config or SchedulerConfig()
         self.store = SessionStore(engine.new_cache, self.config.kv_budget_bytes)
         self.turns: dict[bytes, Turn] = {}  # session id -> turn in flight
@@ -56,9 +61,14 @@ class Scheduler:
         """Whether `step` has work to do."""
         return bool(self.turns)
 
-    def submit(self, request_id: bytes, session_id: bytes,
-               messages: Sequence[Mapping[str, str]], params: SamplingParams,
-               worker_lost: bool = False) -> list[Event]:
+    def submit(
+        self,
+        request_id: bytes,
+        session_id: bytes,
+        messages: Sequence[Mapping[str, str]],
+        params: SamplingParams,
+        worker_lost: bool = False,
+    ) -> list[Event]:
         """Start a turn. Returns immediate answers (BUSY, OVERFLOW, ERROR), else nothing.
 
         ``worker_lost`` is the broker's word that the session's previous owner died: whatever
@@ -71,20 +81,31 @@ class Scheduler:
         except EngineError as exc:
             return [ErrorEvent(request_id, session_id, ErrorCode.BAD_BODY, str(exc))]
         if worker_lost:
-            self.store.reset(session_id, COLD_WORKER_LOST)
+            self.store.reset(session_id, ColdReason.WORKER_LOST)
         held = self.store.get(session_id)
         text, tokens = (held.text, held.tokens) if held else ("", [])
         plan = plan_prefill(text, tokens, prompt, self.engine.encode)
         n_ctx = self.engine.n_ctx
         if len(plan.prompt_ids) + params.max_tokens > n_ctx:
-            return [OverflowEvent(request_id, session_id, len(plan.prompt_ids),
-                                  params.max_tokens, n_ctx)]
+            return [
+                OverflowEvent(
+                    request_id, session_id, len(plan.prompt_ids), params.max_tokens, n_ctx
+                )
+            ]
         # Past this point the turn is accepted and the session may change.
         session = self.store.acquire(session_id)
         session.cache.truncate(plan.keep)
         session.in_flight = request_id
-        turn = Turn(request_id, session, prompt, plan, params, self.engine.tokenizer,
-                    self.engine.eot_ids)
+        turn = Turn(
+            request_id,
+            session,
+            prompt,
+            plan,
+            params,
+            self.engine.tokenizer,
+            self.engine.eot_ids,
+            self.worker_id,
+        )
         self.turns[session_id] = turn
         grow = len(plan.new_ids) + params.max_tokens
         self.store.evict_to_fit(grow * session.cache.bytes_per_token)
@@ -153,5 +174,9 @@ class Scheduler:
     def _fail(self, turn: Turn) -> ErrorEvent:
         self.turns.pop(turn.session.session_id, None)
         self.store.reset(turn.session.session_id)
-        return ErrorEvent(turn.request_id, turn.session.session_id, ErrorCode.INTERNAL,
-                          "the turn failed on the worker; the session will restart cold")
+        return ErrorEvent(
+            turn.request_id,
+            turn.session.session_id,
+            ErrorCode.INTERNAL,
+            "the turn failed on the worker; the session will restart cold",
+        )

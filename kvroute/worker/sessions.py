@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from kvroute.engine.cache import KVCache
-from kvroute.proto.vocab import COLD_EVICTED, COLD_NEW, COLD_RESET
+from kvroute.proto.messages import ColdReason
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class Session:
     tokens: list[int] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
     in_flight: bytes | None = None  # request id of the running turn
-    cold_reason: str = COLD_NEW  # reported if the next turn finds nothing to reuse
+    cold_reason: str = ColdReason.NEW  # reported if the next turn finds nothing to reuse
     turns: int = 0
 
     def check(self) -> None:
@@ -60,8 +60,12 @@ class SessionStore:
         Monotonic clock (injected for tests).
     """
 
-    def __init__(self, new_cache: Callable[[], KVCache], kv_budget_bytes: int | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        new_cache: Callable[[], KVCache],
+        kv_budget_bytes: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._new_cache = new_cache
         self.kv_budget_bytes = kv_budget_bytes
         self._clock = clock
@@ -89,8 +93,12 @@ class SessionStore:
 
     def _fresh(self, session_id: bytes, cold_reason: bytes) -> Session:
         """The one factory for an empty session (new, reset, re-created after eviction)."""
-        session = Session(session_id=session_id, cache=self._new_cache(),
-                          last_used=self._clock(), cold_reason=cold_reason)
+        session = Session(
+            session_id=session_id,
+            cache=self._new_cache(),
+            last_used=self._clock(),
+            cold_reason=cold_reason,
+        )
         self._sessions[session_id] = session
         return session
 
@@ -102,12 +110,12 @@ class SessionStore:
         """
         session = self._sessions.get(session_id)
         if session is None:
-            session = self._fresh(session_id, self._gone.pop(session_id, COLD_NEW))
+            session = self._fresh(session_id, self._gone.pop(session_id, ColdReason.NEW))
         self._sessions.move_to_end(session_id)
         session.last_used = self._clock()
         return session
 
-    def reset(self, session_id: bytes, reason: str = COLD_RESET) -> bool:
+    def reset(self, session_id: bytes, reason: str = ColdReason.RESET) -> bool:
         """Forget a session (idempotent). Its next turn runs cold with ``reason``.
 
         Returns whether a live session was dropped. The caller ends a turn in flight first.
@@ -140,12 +148,15 @@ class SessionStore:
                 continue
             total -= session.cache.nbytes
             del self._sessions[session.session_id]
-            self._remember(session.session_id, COLD_EVICTED)
+            self._remember(session.session_id, ColdReason.EVICTED)
             evicted.append(session.session_id)
         if evicted:
             self.evictions += len(evicted)
             logger.info("evicted %d idle sessions to fit the KV budget: %s", len(evicted), evicted)
         if total > self.kv_budget_bytes:
-            logger.warning("KV budget exceeded by sessions in flight: %d > %d bytes",
-                           total, self.kv_budget_bytes)
+            logger.warning(
+                "KV budget exceeded by sessions in flight: %d > %d bytes",
+                total,
+                self.kv_budget_bytes,
+            )
         return evicted

@@ -13,7 +13,6 @@ and at the end commits (T, K) so that they match the cache exactly (DESIGN §1):
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 
@@ -21,17 +20,15 @@ import numpy as np
 
 from kvroute.engine.sampling import Sampler, SamplingParams
 from kvroute.engine.tokenizer import StreamDecoder, Tokenizer
-from kvroute.proto.vocab import (
-    COLD_DIVERGED,
-    COLD_RESET,
-    FINISH_CANCELLED,
-    FINISH_LENGTH,
-    FINISH_STOP,
-    PATH_COLD,
-    PATH_TEXT_PREFIX,
+from kvroute.proto.messages import (
+    CachePath,
+    ColdReason,
+    FinishReason,
+    TurnStats,
+    reply_sha256,
 )
 
-from .events import EndEvent, TokenEvent, TurnStats
+from .events import EndEvent, TokenEvent
 from .planner import PrefillPlan
 from .sessions import Session
 
@@ -52,14 +49,24 @@ class Turn:
         Sampling parameters (max_tokens already checked against n_ctx).
     """
 
-    def __init__(self, request_id: bytes, session: Session, prompt: str, plan: PrefillPlan,
-                 params: SamplingParams, tokenizer: Tokenizer, eot_ids: frozenset[int],
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        request_id: bytes,
+        session: Session,
+        prompt: str,
+        plan: PrefillPlan,
+        params: SamplingParams,
+        tokenizer: Tokenizer,
+        eot_ids: frozenset[int],
+        worker_id: str = "worker",
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.request_id = request_id
         self.session = session
         self.prompt = prompt
         self.plan = plan
         self.params = params
+        self.worker_id = worker_id
         self._eot = eot_ids
         self._clock = clock
         self._sampler = Sampler(params)
@@ -70,12 +77,13 @@ class Turn:
         self._boundaries: list[tuple[int, int]] = [(0, 0)]  # (tokens, chars) where text is whole
         self.seq = 0
         self.cancelled = False
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self.t_start = clock()
         self.t_first: float | None = None
-        if plan.path == PATH_COLD:
-            self.cold_reason: str | None = session.cold_reason if not session.tokens else \
-                COLD_DIVERGED
+        if plan.path == CachePath.COLD:
+            self.cold_reason: ColdReason | None = (
+                session.cold_reason if not session.tokens else ColdReason.DIVERGED
+            )
         else:
             self.cold_reason = None
 
@@ -106,14 +114,14 @@ class Turn:
             self.t_first = self._clock()
         tok = self._sampler(logits)
         if tok in self._eot and not self.params.ignore_eos:
-            self.finish_reason = FINISH_STOP
+            self.finish_reason = FinishReason.STOP
             return None
         self.generated.append(tok)
         text = self._decoder.push(tok)
         if self._decoder.at_boundary:
             self._boundaries.append((len(self.generated), len(self._decoder.text)))
         if len(self.generated) >= self.params.max_tokens:
-            self.finish_reason = FINISH_LENGTH
+            self.finish_reason = FinishReason.LENGTH
         else:
             self.pending = [tok]
         return self._token_event(text, (tok,))
@@ -133,7 +141,7 @@ class Turn:
         Call once, when ``done`` or ``cancelled``.
         """
         if self.finish_reason is None:
-            self.finish_reason = FINISH_CANCELLED
+            self.finish_reason = FinishReason.CANCELLED
         t_end = self._clock()
         tail = self._decoder.flush()
         last = self._token_event(tail, ()) if tail else None
@@ -148,10 +156,16 @@ class Turn:
             cold_reason=self.cold_reason,
             ttft_ms=round((t_first - self.t_start) * 1e3, 3),
             decode_ms=round((t_end - t_first) * 1e3, 3),
-            finish_reason=self.finish_reason,
+            worker=self.worker_id,
         )
-        digest = hashlib.sha256(self._decoder.text.encode("utf-8")).hexdigest()
-        end = EndEvent(self.request_id, self.session.session_id, self.seq, stats, digest)
+        end = EndEvent(
+            self.request_id,
+            self.session.session_id,
+            self.seq,
+            self.finish_reason,
+            stats,
+            reply_sha256(self._decoder.text),
+        )
         return last, end
 
     def _commit(self) -> None:
@@ -160,12 +174,12 @@ class Turn:
             # Cancelled before the prompt was in. The text-prefix path only appended to K, so the
             # old state is intact once the cache is cut back; otherwise the old T is no longer
             # known to match, and the session starts over.
-            if self.plan.path == PATH_TEXT_PREFIX:
+            if self.plan.path == CachePath.TEXT_PREFIX:
                 s.cache.truncate(len(s.tokens))
             else:
                 s.text, s.tokens = "", []
                 s.cache.truncate(0)
-                s.cold_reason = COLD_RESET
+                s.cold_reason = ColdReason.RESET
             return
         n_tok, n_chars = max(b for b in self._boundaries if b[0] <= self.fed_generated)
         s.tokens = self.plan.prompt_ids + self.generated[:n_tok]

@@ -97,8 +97,14 @@ def _pairs_to_halves(w: np.ndarray, n_heads: int, hd: int) -> np.ndarray:
 class LlamaModel:
     """The llama forward pass over float32 weights."""
 
-    def __init__(self, args: ModelArgs, layers: list[LayerWeights], out_norm: np.ndarray,
-                 head: np.ndarray, embed: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        args: ModelArgs,
+        layers: list[LayerWeights],
+        out_norm: np.ndarray,
+        head: np.ndarray,
+        embed: np.ndarray | None = None,
+    ) -> None:
         self.args = args
         self.layers = layers
         self.out_norm = out_norm  # (D,) gain of the final RMSNorm
@@ -107,7 +113,7 @@ class LlamaModel:
         # columns, which saves a second 113 MB copy per worker for SmolLM2.
         self.embed = embed
         hd = args.head_dim
-        self._inv_freq = (args.rope_base ** (-np.arange(0, hd, 2, dtype=np.float64) / hd))
+        self._inv_freq = args.rope_base ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> LlamaModel:
@@ -130,9 +136,12 @@ class LlamaModel:
             wk = _pairs_to_halves(gguf.tensor(p + "attn_k.weight"), a.n_kv_heads, hd)
             wv = gguf.tensor(p + "attn_v.weight")
             wqkv = np.concatenate([wq, wk, wv], axis=0).T * attn_norm
-            gate_up = np.concatenate(
-                [gguf.tensor(p + "ffn_gate.weight"), gguf.tensor(p + "ffn_up.weight")], axis=0
-            ).T * ffn_norm
+            gate_up = (
+                np.concatenate(
+                    [gguf.tensor(p + "ffn_gate.weight"), gguf.tensor(p + "ffn_up.weight")], axis=0
+                ).T
+                * ffn_norm
+            )
             layers.append(
                 LayerWeights(
                     wqkv=np.ascontiguousarray(wqkv, dtype=np.float32),
@@ -167,7 +176,9 @@ class LlamaModel:
 
     def _rope(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ang = positions[:, None].astype(np.float64) * self._inv_freq[None, :]  # (N, hd/2)
-        return np.cos(ang).astype(np.float32)[:, None, :], np.sin(ang).astype(np.float32)[:, None, :]
+        return np.cos(ang).astype(np.float32)[:, None, :], np.sin(ang).astype(np.float32)[
+            :, None, :
+        ]
 
     @staticmethod
     def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -234,8 +245,9 @@ class LlamaModel:
         return list(last)
 
     @staticmethod
-    def _attend(cache: KVCache, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                G: int) -> np.ndarray:
+    def _attend(
+        cache: KVCache, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, G: int
+    ) -> np.ndarray:
         """Grouped-query causal attention of one segment's T queries over its cache."""
         T, H, hd = q.shape
         KV = H // G
