@@ -10,10 +10,13 @@ from .app import main
 from .broker_cmd import broker
 from .generate_cmd import generate, tokenize
 from .model_cmd import model
+from .serve_cmd import serve, worker
 
 main.add_command(model)
 main.add_command(broker)
 main.add_command(generate)
 main.add_command(tokenize)
+main.add_command(serve)
+main.add_command(worker)
 
 __all__ = ["main"]

@@ -19,7 +19,7 @@ from .cache import KVCache
 from .chat_template import ChatTemplate
 from .errors import ContextOverflowError, EngineError
 from .gguf_file import GGUFFile
-from .models import load_model
+from .models import load_model, model_class
 from .models.llama import LlamaModel
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
@@ -98,6 +98,21 @@ class Engine:
         ctx = min(n_ctx or DEFAULT_N_CTX, model.args.n_ctx_train)
         logger.info("loaded %s: %d layers, n_ctx %d", gguf.path, model.args.n_layers, ctx)
         return cls(model, tokenizer, template, ctx, gguf.path)
+
+    @staticmethod
+    def check(path: str | Path) -> None:
+        """Cheap validation of a model file without loading weights (~2 s: metadata only).
+
+        Lets a parent process fail fast with one clear line before spawning workers.
+
+        Raises
+        ------
+        ModelLoadError
+            Not GGUF, truncated, unknown architecture, missing tokenizer metadata.
+        """
+        gguf = GGUFFile(path)
+        model_class(gguf)
+        Tokenizer.from_gguf(gguf)
 
     @property
     def model_name(self) -> str:

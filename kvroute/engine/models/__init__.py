@@ -11,12 +11,17 @@ ARCHITECTURES: dict[str, type[LlamaModel]] = {
 }
 
 
-def load_model(gguf: GGUFFile) -> LlamaModel:
-    """Build the model class registered for the file's architecture."""
+def model_class(gguf: GGUFFile) -> type[LlamaModel]:
+    """The class registered for the file's architecture (ModelLoadError if none)."""
     cls = ARCHITECTURES.get(gguf.architecture)
     if cls is None:
         known = ", ".join(sorted(ARCHITECTURES))
         raise ModelLoadError(
             f"{gguf.path}: unsupported architecture {gguf.architecture!r} (supported: {known})"
         )
-    return cls.from_gguf(gguf)
+    return cls
+
+
+def load_model(gguf: GGUFFile) -> LlamaModel:
+    """Build the model registered for the file's architecture, weights dequantised."""
+    return model_class(gguf).from_gguf(gguf)

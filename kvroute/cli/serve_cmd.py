@@ -1,0 +1,189 @@
+"""``kvroute serve`` (broker + N worker processes) and ``kvroute worker`` (one worker alone)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from types import FrameType
+
+import click
+
+from kvroute.broker import BrokerConfig, BrokerError
+from kvroute.engine.engine import DEFAULT_N_CTX, Engine
+from kvroute.engine.model_store import resolve_model
+from kvroute.worker.config import WorkerConfig
+from kvroute.worker.service import WorkerService, serve_worker
+
+from .app import echo_err, model_option, user_errors
+from .supervisor import ServeError, Supervisor
+
+_B = BrokerConfig()
+_W = WorkerConfig()
+
+
+def worker_options(f):  # type: ignore[no-untyped-def]
+    """Options shared by ``serve`` and ``worker`` (defaults from `WorkerConfig`)."""
+    f = click.option(
+        "--ctx",
+        "n_ctx",
+        default=DEFAULT_N_CTX,
+        show_default=True,
+        type=click.IntRange(min=16),
+        help="Context positions per session.",
+    )(f)
+    f = click.option(
+        "--kv-budget-mb",
+        type=click.FloatRange(min=1),
+        default=_W.kv_budget_mb,
+        help="KV cache budget per worker; idle sessions are evicted LRU beyond it.",
+    )(f)
+    f = click.option(
+        "--threads",
+        default=_W.threads,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help="BLAS threads per worker.",
+    )(f)
+    f = click.option(
+        "--prefill-chunk",
+        default=_W.prefill_chunk,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help="Prompt tokens per scheduler step.",
+    )(f)
+    return model_option(f)
+
+
+class _Signals:
+    """SIGINT/SIGTERM set an event instead of raising in the middle of cleanup."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self._previous = {}
+
+    def __enter__(self) -> threading.Event:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._previous[s] = signal.signal(s, self._on)
+        return self.stop
+
+    def _on(self, signum: int, frame: FrameType | None) -> None:
+        self.stop.set()
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+@click.command()
+@click.option(
+    "--workers",
+    "n_workers",
+    default=2,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Worker processes to start.",
+)
+@click.option("--frontend", default=_B.frontend, show_default=True, help="Address clients use.")
+@click.option(
+    "--backend",
+    default="tcp://127.0.0.1:0",
+    show_default=True,
+    help="Address workers connect to (port 0 = any free port).",
+)
+@click.option(
+    "--heartbeat",
+    default=_B.heartbeat_interval,
+    show_default=True,
+    type=float,
+    help="Seconds between heartbeats.",
+)
+@worker_options
+def serve(
+    n_workers: int,
+    frontend: str,
+    backend: str,
+    heartbeat: float,
+    model: str,
+    n_ctx: int,
+    kv_budget_mb: float | None,
+    threads: int,
+    prefill_chunk: int,
+) -> None:
+    """Start a broker and N workers; print a line per worker, then `ready`; stop on SIGINT/TERM."""
+    with user_errors(BrokerError, ServeError):
+        path = resolve_model(model)  # fetch once here, not in N workers at the same time
+        Engine.check(path)  # a bad file is one line here, not N tracebacks in workers
+        wcfg = WorkerConfig(
+            model=str(path),
+            n_ctx=n_ctx,
+            kv_budget_mb=kv_budget_mb,
+            threads=threads,
+            prefill_chunk=prefill_chunk,
+            heartbeat_interval=heartbeat,
+        )
+        bcfg = BrokerConfig(frontend=frontend, backend=backend, heartbeat_interval=heartbeat)
+        sup = Supervisor(n_workers, bcfg, wcfg)
+        with _Signals() as stop:
+            try:
+                sup.start()
+                for wp in sup.workers.values():
+                    click.echo(f"worker {wp.worker_id} pid {wp.process.pid}")
+                click.echo(
+                    f"ready frontend {sup.frontend} workers {n_workers} model {path.name}",
+                    color=False,
+                )
+                while not stop.wait(0.5):
+                    for wid in sup.check():
+                        echo_err(
+                            f"worker {wid} exited; restarted as pid {sup.workers[wid].process.pid}"
+                        )
+            finally:
+                sup.close()
+        echo_err("stopped")
+
+
+@click.command()
+@click.option(
+    "--connect", default=_W.connect, show_default=True, help="The broker's backend address."
+)
+@click.option("--id", "worker_id", default="", help="Worker id (default w<pid>).")
+@click.option(
+    "--heartbeat",
+    default=_W.heartbeat_interval,
+    show_default=True,
+    type=float,
+    help="Seconds between heartbeats (match the broker's).",
+)
+@worker_options
+def worker(
+    connect: str,
+    worker_id: str,
+    heartbeat: float,
+    model: str,
+    n_ctx: int,
+    kv_budget_mb: float | None,
+    threads: int,
+    prefill_chunk: int,
+) -> None:
+    """Run one worker connected to a broker (this host or another) until SIGINT/SIGTERM."""
+    with user_errors():
+        cfg = WorkerConfig(
+            connect=connect,
+            worker_id=worker_id,
+            model=model,
+            n_ctx=n_ctx,
+            kv_budget_mb=kv_budget_mb,
+            threads=threads,
+            prefill_chunk=prefill_chunk,
+            heartbeat_interval=heartbeat,
+        )
+        serve_worker(cfg, on_loaded=_announce)
+
+
+def _announce(service: WorkerService) -> None:
+    e = service.engine
+    echo_err(
+        f"worker {service.worker_id} pid {os.getpid()} model {e.model_name} "
+        f"n_ctx {e.n_ctx} connecting to {service.config.connect}"
+    )

@@ -1,0 +1,168 @@
+"""Run a broker and N spawned worker processes as one service (``kvroute serve``, ``bench``).
+
+The broker runs in a thread of this process (its sockets live in that thread); workers are
+separate processes started with the ``spawn`` method, each creating its own ZeroMQ context after
+it starts. Their process sentinels go to the broker, so a worker that exits is declared lost at
+once rather than after the heartbeat window; the supervisor then starts a replacement with the
+same id, which registers with a new epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from dataclasses import dataclass, replace
+from multiprocessing.process import BaseProcess
+
+from kvroute.broker import Broker, BrokerConfig, BrokerError
+from kvroute.worker.config import WorkerConfig
+from kvroute.worker.service import worker_process_main
+
+logger = logging.getLogger(__name__)
+
+_BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+class ServeError(RuntimeError):
+    """The service could not start (bind failure, a worker died while loading, timeout)."""
+
+
+@dataclass
+class WorkerProcess:
+    """One worker child."""
+
+    worker_id: str
+    process: BaseProcess
+    restarts: int = 0
+
+
+class Supervisor:
+    """Own a broker thread and the worker processes; `close` leaves nothing running.
+
+    Parameters
+    ----------
+    n_workers:
+        Worker processes to start (ids ``w0`` .. ``w{n-1}``).
+    broker_config:
+        Addresses and heartbeat of the broker.
+    worker_config:
+        Template for every worker (``connect`` and ``worker_id`` are filled in here).
+    restart:
+        Start a replacement when a worker exits unexpectedly.
+    """
+
+    def __init__(
+        self,
+        n_workers: int,
+        broker_config: BrokerConfig,
+        worker_config: WorkerConfig,
+        restart: bool = True,
+    ) -> None:
+        self.n_workers = n_workers
+        self.broker = Broker(broker_config)
+        self.worker_config = worker_config
+        self.restart = restart
+        self.workers: dict[str, WorkerProcess] = {}
+        self.frontend = ""
+        self.backend = ""
+        self._ctx = mp.get_context("spawn")
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def start(self, timeout: float = 300.0) -> None:
+        """Start the broker and the workers; return once every worker has registered."""
+        thread = threading.Thread(target=self._run_broker, name="kvroute-broker", daemon=True)
+        thread.start()
+        self._thread = thread
+        self.frontend, self.backend = self.broker.wait_bound(10.0)
+        for i in range(self.n_workers):
+            self._spawn(f"w{i}")
+        self.wait_registered(timeout)
+
+    def _run_broker(self) -> None:
+        try:
+            self.broker.run()
+        except BrokerError:
+            pass  # wait_bound reports it to start()
+        except Exception:
+            logger.exception("broker thread crashed")
+
+    def _spawn(self, worker_id: str) -> WorkerProcess:
+        cfg = replace(self.worker_config, connect=self.backend, worker_id=worker_id)
+        # Children read these when numpy loads: one BLAS thread pool of the right size from the
+        # start, so N workers do not fight over the cores.
+        saved = {k: os.environ.get(k) for k in _BLAS_ENV}
+        os.environ.update({k: str(cfg.threads) for k in _BLAS_ENV})
+        try:
+            proc = self._ctx.Process(
+                target=worker_process_main, args=(cfg,), name=f"kvroute-{worker_id}"
+            )
+            proc.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        self.broker.watch(proc.sentinel, worker_id)
+        old = self.workers.get(worker_id)
+        wp = WorkerProcess(worker_id, proc, old.restarts + 1 if old else 0)
+        self.workers[worker_id] = wp
+        logger.info("started worker %s pid %s", worker_id, proc.pid)
+        return wp
+
+    def registered(self) -> list[str]:
+        """Ids of workers the broker currently has as live."""
+        return [w for w in self.workers if self.broker.table.worker_key(w) is not None]
+
+    def wait_registered(self, timeout: float) -> None:
+        """Block until every worker is registered; raise `ServeError` if one dies or on timeout."""
+        deadline = time.monotonic() + timeout
+        while len(self.registered()) < len(self.workers):
+            for wp in self.workers.values():
+                if not wp.process.is_alive():
+                    raise ServeError(
+                        f"worker {wp.worker_id} exited with code {wp.process.exitcode} "
+                        "while starting (see its log above)"
+                    )
+            if time.monotonic() > deadline:
+                raise ServeError(f"workers not registered after {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def check(self) -> list[str]:
+        """Restart workers that exited (call periodically); returns the ids restarted."""
+        restarted = []
+        for wp in list(self.workers.values()):
+            if not wp.process.is_alive() and not self._closed:
+                logger.warning(
+                    "worker %s (pid %s) exited with code %s",
+                    wp.worker_id,
+                    wp.process.pid,
+                    wp.process.exitcode,
+                )
+                if self.restart:
+                    self._spawn(wp.worker_id)
+                    restarted.append(wp.worker_id)
+        return restarted
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop workers (SIGTERM, then SIGKILL after ``timeout``) and the broker. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for wp in self.workers.values():
+            if wp.process.is_alive():
+                wp.process.terminate()
+        deadline = time.monotonic() + timeout
+        for wp in self.workers.values():
+            wp.process.join(max(0.0, deadline - time.monotonic()))
+            if wp.process.is_alive():
+                logger.warning("worker %s did not stop; killing it", wp.worker_id)
+                wp.process.kill()
+                wp.process.join(5.0)
+        self.broker.close()
+        if self._thread is not None:
+            self._thread.join(5.0)
