@@ -1,1 +1,11 @@
-"""kvroute.broker."""
+"""The broker: pins each chat session to one worker and forwards its frames both ways.
+
+:mod:`~kvroute.broker.routing` is the I/O-free core (placement, stickiness, in-flight requests,
+liveness); :mod:`~kvroute.broker.service` is the ZeroMQ adapter around it.
+"""
+
+from .config import BrokerConfig, BrokerStats
+from .routing import RoutingTable
+from .service import Broker, BrokerError
+
+__all__ = ["Broker", "BrokerConfig", "BrokerError", "BrokerStats", "RoutingTable"]

@@ -1,1 +1,140 @@
-"""kvroute.proto."""
+"""The kvroute wire protocol: one owner for kinds, frames, bodies, error codes and limits.
+
+Sockets: clients connect a DEALER to the broker's frontend ROUTER; workers connect a DEALER to
+the broker's backend ROUTER. The broker pins each session to one worker and forwards bodies
+without decoding them; bodies are decoded (and validated) only by their final consumer.
+
+Frames (the ROUTER adds / strips the peer's routing id in front)
+------------------------------------------------------------------
+header = ``b"KVR"`` + version byte (1) + kind byte (:class:`Kind`). Routing frames: session id
+(1..64 bytes; may be empty on PING/PONG), request id (1..32 bytes), flags (1 byte). Body: one
+msgpack map, at most 1 MiB (:mod:`~kvroute.proto.limits`).
+
+- client -> broker: ``[header, session_id, request_id, body]``
+- broker -> worker: ``[header, client, session_id, request_id, flags, body]`` (flags bit 0:
+  the session's previous worker was lost; drop any state for it, report cold ``worker_lost``)
+- worker -> broker: ``[header, client, session_id, request_id, body]`` echoing the delivery
+- worker <-> broker control: ``[header, body]``
+- broker -> client: ``[header, session_id, request_id, body]``
+
+Build and parse them with :mod:`~kvroute.proto.frames` (``request_frames``/``parse_reply`` for
+clients, ``parse_delivery``/``reply_frames``/``control_frames`` for workers).
+
+Kinds and bodies
+----------------
+Client -> service (each TURN/RESET/CLOSE occupies its session until its terminal reply):
+
+- TURN: :class:`TurnRequest` {messages: [{role, content}], max_tokens, temperature, top_p,
+  top_k, seed}. Answer: TOKEN* then one of END, OVERFLOW, ERROR, SESSION_LOST, BUSY.
+- CANCEL (empty body; request id = the TURN's): stop generating; the TURN then ends with END
+  ``finish_reason`` cancelled. No reply of its own; ignored if that turn is not in flight.
+- RESET (empty): forget the session's cache; answer RESET_OK (next turn cold ``reset``).
+- CLOSE (empty): forget the session and its pin; answer CLOSE_OK.
+- PING (empty): answered PONG by the broker (checks the broker, not a worker).
+
+Service -> client:
+
+- TOKEN :class:`Token` {seq, text, ids}: seq counts from 0 per request without gaps.
+- END :class:`TurnEnd` {seq (= TOKEN frames sent), finish_reason stop|length|cancelled,
+  reply_sha256, stats: :class:`TurnStats` {prompt_tokens, cached_tokens, prefill_tokens,
+  generated_tokens, path cold|text_prefix|token_prefix, cold_reason new|evicted|reset|diverged|
+  worker_lost|nil, ttft_ms, decode_ms, worker}}.
+- OVERFLOW :class:`Overflow` {prompt_tokens, max_tokens, n_ctx}: nothing changed.
+- ERROR :class:`ErrorReply` {code (:class:`ErrorCode`), message}.
+- SESSION_LOST :class:`SessionLost` {worker, reason (:class:`LostReason`), retryable}.
+- BUSY (empty): the session already has a request in flight; this one was not run.
+- RESET_OK, CLOSE_OK, PONG (empty).
+
+Worker <-> broker control:
+
+- READY :class:`Ready` {worker, pid, epoch, capacity, model, n_ctx}: first message on every new
+  socket; a new epoch each time (a known worker id with a new epoch = restart: its old turns end
+  SESSION_LOST, its sessions move elsewhere).
+- HEARTBEAT: worker -> broker :class:`Heartbeat` {load, sessions, kv_bytes}; broker -> worker an
+  empty body. Every ``heartbeat_interval`` (1 s); a peer silent for ``liveness`` (3) intervals is
+  dead. Any message counts as a heartbeat.
+- DISCONNECT :class:`Disconnect` {reason}: a worker leaving; or the broker saying "unknown
+  worker": the worker drops every session and turn, recreates its socket, sends READY again.
+- ERROR (control form, 2 frames): answer to a malformed control message.
+
+Errors and limits
+-----------------
+Untrusted bytes are validated at the edge and answered with ERROR to their sender only; a frame
+above the socket's ``MAXMSGSIZE`` (4 MiB) is dropped by ZeroMQ. Validation raises
+:class:`ProtocolViolation` (``code``, ``message``); codes are in :class:`ErrorCode`, limits in
+:mod:`kvroute.proto.limits`. Unknown body fields are rejected (a typo must not become a default);
+a new field means a new version.
+"""
+
+from .control import Disconnect, ErrorReply, Heartbeat, LostReason, Ready, SessionLost, error_body
+from .errors import RETRYABLE_CODES, ErrorCode, ProtocolViolation
+from .fields import EMPTY_BODY, decode_empty
+from .frames import (
+    ClientRequest,
+    Control,
+    Delivery,
+    Reply,
+    WorkerControl,
+    WorkerReply,
+    control_frames,
+    parse_delivery,
+    parse_reply,
+    reply_frames,
+    request_frames,
+)
+from .kinds import FLAG_WORKER_LOST, HEADERS, TERMINAL_KINDS, VERSION, Kind
+from .messages import (
+    CachePath,
+    ChatMessage,
+    ColdReason,
+    FinishReason,
+    Overflow,
+    Role,
+    Token,
+    TurnEnd,
+    TurnRequest,
+    TurnStats,
+    reply_sha256,
+)
+
+__all__ = [
+    "EMPTY_BODY",
+    "FLAG_WORKER_LOST",
+    "HEADERS",
+    "RETRYABLE_CODES",
+    "TERMINAL_KINDS",
+    "VERSION",
+    "CachePath",
+    "ChatMessage",
+    "ClientRequest",
+    "ColdReason",
+    "Control",
+    "Delivery",
+    "Disconnect",
+    "ErrorCode",
+    "ErrorReply",
+    "FinishReason",
+    "Heartbeat",
+    "Kind",
+    "LostReason",
+    "Overflow",
+    "ProtocolViolation",
+    "Ready",
+    "Reply",
+    "Role",
+    "SessionLost",
+    "Token",
+    "TurnEnd",
+    "TurnRequest",
+    "TurnStats",
+    "WorkerControl",
+    "WorkerReply",
+    "control_frames",
+    "decode_empty",
+    "error_body",
+    "parse_delivery",
+    "parse_reply",
+    "reply_frames",
+    "reply_sha256",
+    "request_frames",
+]

@@ -1,0 +1,271 @@
+"""Broker throughput and added latency, with a fake echo worker (no engine).
+
+    python benchmarks/broker.py [--seconds 3] [--samples 10000] [--window 64] [--json OUT]
+
+Three processes on loopback TCP: the broker (``kvroute.broker.Broker``), an echo worker (a DEALER
+on the backend that answers each TURN with ``--tokens`` TOKEN frames and an END, without decoding
+anything) and, for the baseline, a direct echo server (a ROUTER answering the same way). The
+client runs in this process and never decodes bodies either, so the figures are the broker's.
+
+- throughput: ``--window`` sessions each keep one turn in flight for ``--seconds``; frames/s
+  counts every message through the broker (requests in + replies out). Two shapes: ``echo``
+  (TURN -> END) and ``stream`` (TURN -> 16 TOKEN + END, the chat-like one). The same streaming
+  load against the direct server is reported for reference.
+- latency: sequential TURN -> END round trips, alternating blocks through the broker and direct
+  (so drift hits both). Added latency per frame = half the round-trip difference (a round trip
+  through the broker is two broker hops).
+
+Targets (issue 4): >= 50k frames/s, <= 0.2 ms p50 added per frame. DESIGN §3 calibration: a bare
+Python ROUTER-ROUTER forwarder does ~52k frames/s and adds ~80 us per hop on this machine class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import threading
+import time
+from multiprocessing.synchronize import Event
+from pathlib import Path
+from typing import Any
+
+import psutil
+import zmq
+
+from kvroute.broker import Broker, BrokerConfig
+from kvroute.proto import (
+    CachePath,
+    ChatMessage,
+    ColdReason,
+    FinishReason,
+    Heartbeat,
+    Kind,
+    Ready,
+    Role,
+    Token,
+    TurnEnd,
+    TurnRequest,
+    TurnStats,
+    control_frames,
+    reply_sha256,
+)
+from kvroute.proto.kinds import HEADERS
+
+TURN_H, TOKEN_H, END_H = HEADERS[Kind.TURN], HEADERS[Kind.TOKEN], HEADERS[Kind.END]
+TURN_BODY = TurnRequest([ChatMessage(Role.USER, "hello there")], max_tokens=16).encode()
+TOKEN_BODY = Token(0, " word", (1234,)).encode()
+END_BODY = TurnEnd(
+    16,
+    FinishReason.LENGTH,
+    reply_sha256("x"),
+    TurnStats(20, 0, 20, 16, CachePath.COLD, ColdReason.NEW, 1.0, 2.0, "echo"),
+).encode()
+
+
+def _socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int) -> zmq.Socket[bytes]:
+    s = ctx.socket(kind)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.SNDHWM, 100_000)
+    s.setsockopt(zmq.RCVHWM, 100_000)
+    return s
+
+
+# --- child processes --------------------------------------------------------------------------
+
+
+def run_broker(q: mp.Queue[Any], stop: Event) -> None:
+    b = Broker(BrokerConfig(frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*"))
+    threading.Thread(target=lambda: (stop.wait(), b.close()), daemon=True).start()
+    threading.Thread(target=lambda: q.put(b.wait_bound(10.0)), daemon=True).start()
+    b.run()
+
+
+def _echo(sock: zmq.Socket[bytes], frames: list[bytes], routed: bool, tokens: int) -> None:
+    """Answer one TURN with ``tokens`` TOKEN frames and an END (bodies prebuilt)."""
+    if routed:  # direct server's ROUTER: [client, header, sid, rid, body]
+        client, header, sid, rid, _ = frames
+        token = [client, TOKEN_H, sid, rid, TOKEN_BODY]
+        end = [client, END_H, sid, rid, END_BODY]
+    else:  # worker's DEALER behind the broker: [header, client, sid, rid, flags, body]
+        header, client, sid, rid, _, _ = frames
+        token = [TOKEN_H, client, sid, rid, TOKEN_BODY]
+        end = [END_H, client, sid, rid, END_BODY]
+    if header != TURN_H:
+        return
+    for _ in range(tokens):
+        sock.send_multipart(token)
+    sock.send_multipart(end)
+
+
+def run_echo(address: str, bind: bool, q: mp.Queue[Any] | None, stop: Event, tokens: int) -> None:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = _socket(ctx, zmq.ROUTER if bind else zmq.DEALER)
+    if bind:
+        sock.bind(address)
+        assert q is not None
+        q.put(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    else:
+        sock.connect(address)
+        ready = Ready("echo", os.getpid(), time.time_ns(), 64, "none", 2048)
+        sock.send_multipart(control_frames(Kind.READY, ready.encode()))
+    beat = control_frames(Kind.HEARTBEAT, Heartbeat().encode())
+    next_beat = time.monotonic() + 1.0
+    while not stop.is_set():
+        if sock.poll(100):
+            for _ in range(256):
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if len(frames) in (5, 6):
+                    _echo(sock, frames, bind, tokens)
+        if not bind and time.monotonic() >= next_beat:
+            next_beat = time.monotonic() + 1.0
+            sock.send_multipart(beat)
+    sock.close()
+    ctx.term()
+
+
+# --- measurements -----------------------------------------------------------------------------
+
+
+def round_trips(sock: zmq.Socket[bytes], n: int) -> list[float]:
+    """``n`` sequential TURN -> END round trips on one session; seconds each."""
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        sock.send_multipart([TURN_H, b"lat", b"%d" % i, TURN_BODY])
+        while True:
+            assert sock.poll(5000), "no reply"
+            if sock.recv_multipart()[0] == END_H:
+                break
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def throughput(sock: zmq.Socket[bytes], window: int, seconds: float) -> dict[str, float]:
+    """Keep ``window`` sessions busy for ``seconds``; messages counted both ways."""
+    seq = [0] * window
+    for s in range(window):
+        sock.send_multipart([TURN_H, b"s%d" % s, b"0", TURN_BODY])
+    sent = received = turns = 0
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    while True:
+        if not sock.poll(5000):
+            raise RuntimeError("throughput run stalled")
+        header, sid, _, _ = sock.recv_multipart()
+        received += 1
+        if header == END_H:
+            turns += 1
+            now = time.perf_counter()
+            if now >= deadline:
+                break
+            s = int(sid[1:])
+            seq[s] += 1
+            sock.send_multipart([TURN_H, sid, b"%d" % seq[s], TURN_BODY])
+            sent += 1
+    elapsed = time.perf_counter() - t0
+    # Drain what is still in flight so the next run starts clean (not counted).
+    ends = 1
+    while ends < window and sock.poll(5000):
+        ends += sock.recv_multipart()[0] == END_H
+    return {
+        "frames_per_s": round((sent + received) / elapsed),
+        "turns_per_s": round(turns / elapsed),
+    }
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=3.0, help="Per throughput run.")
+    ap.add_argument("--samples", type=int, default=10_000, help="Round trips per path.")
+    ap.add_argument("--window", type=int, default=64, help="Sessions in flight.")
+    ap.add_argument("--tokens", type=int, default=16, help="TOKEN frames per turn (stream).")
+    ap.add_argument("--json", type=Path, help="Also write the result here.")
+    args = ap.parse_args()
+
+    mpc = mp.get_context("spawn")
+    stop = mpc.Event()
+    q: mp.Queue[Any] = mpc.Queue()
+    broker = mpc.Process(target=run_broker, args=(q, stop), name="broker")
+    broker.start()
+    frontend, backend = q.get(timeout=20)
+    direct_q: mp.Queue[Any] = mpc.Queue()
+    procs = [broker]
+    results: dict[str, Any] = {"cpus": os.cpu_count(), "window": args.window}
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        for tokens, name in ((0, "echo"), (args.tokens, "stream")):
+            stop_w = mpc.Event()
+            worker = mpc.Process(target=run_echo, args=(backend, False, None, stop_w, tokens))
+            direct_args = ("tcp://127.0.0.1:*", True, direct_q, stop_w, tokens)
+            direct = mpc.Process(target=run_echo, args=direct_args)
+            worker.start()
+            direct.start()
+            procs += [worker, direct]
+            direct_addr = direct_q.get(timeout=20)
+            via_broker, via_direct = _socket(ctx, zmq.DEALER), _socket(ctx, zmq.DEALER)
+            via_broker.connect(frontend)
+            via_direct.connect(direct_addr)
+            time.sleep(0.5)  # the worker registers
+            round_trips(via_broker, 500)  # warm-up
+            round_trips(via_direct, 500)
+            if name == "echo":
+                rtt_b: list[float] = []
+                rtt_d: list[float] = []
+                block = max(1, args.samples // 10)
+                for _ in range(10):
+                    rtt_b += round_trips(via_broker, block)
+                    rtt_d += round_trips(via_direct, block)
+                lat = {
+                    "direct_rtt_ms": {"p50": pct(rtt_d, 0.5) * 1e3, "p99": pct(rtt_d, 0.99) * 1e3},
+                    "broker_rtt_ms": {"p50": pct(rtt_b, 0.5) * 1e3, "p99": pct(rtt_b, 0.99) * 1e3},
+                }
+                lat["added_per_frame_ms"] = {
+                    q: (lat["broker_rtt_ms"][q] - lat["direct_rtt_ms"][q]) / 2
+                    for q in ("p50", "p99")
+                }
+                results["latency"] = {
+                    k: {q: round(v, 4) for q, v in d.items()} for k, d in lat.items()
+                }
+            proc = psutil.Process(broker.pid)
+            cpu0, t0 = proc.cpu_times(), time.perf_counter()
+            tp = throughput(via_broker, args.window, args.seconds)
+            cpu1, t1 = proc.cpu_times(), time.perf_counter()
+            busy = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (t1 - t0)
+            results[f"{name}_via_broker"] = {**tp, "broker_cpu": round(busy, 2)}
+            results[f"{name}_direct"] = throughput(via_direct, args.window, args.seconds)
+            via_broker.close()
+            via_direct.close()
+            stop_w.set()
+            worker.join(5)
+            direct.join(5)
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+        ctx.term()
+    frames = results["stream_via_broker"]["frames_per_s"]
+    added = results["latency"]["added_per_frame_ms"]["p50"]
+    results["targets"] = {
+        "frames_per_s>=50000": frames >= 50_000,
+        "added_p50_ms<=0.2": added <= 0.2,
+    }
+    text = json.dumps(results, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

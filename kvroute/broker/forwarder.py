@@ -1,0 +1,278 @@
+"""What the broker does with each message, given its two sockets: parse, ask the table, send.
+
+Every send is ``NOBLOCK`` on a ``ROUTER_MANDATORY`` socket and its failure means something:
+``zmq.Again`` is a peer whose queue is full (a slow client has its turn cancelled; a TURN for a
+full worker gets ERROR ``overloaded``), ``EHOSTUNREACH`` a peer that is gone (a vanished client
+has its turn cancelled; a vanished worker is lost, its turns end with SESSION_LOST).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from enum import Enum
+
+import zmq
+
+from kvroute.proto.control import Disconnect, ErrorReply, Heartbeat, LostReason, Ready, SessionLost
+from kvroute.proto.control import error_body as _error_body
+from kvroute.proto.errors import ErrorCode, ProtocolViolation
+from kvroute.proto.fields import EMPTY_BODY
+from kvroute.proto.frames import (
+    ClientRequest,
+    WorkerControl,
+    WorkerReply,
+    client_frames,
+    delivery_frames,
+    parse_backend,
+    parse_frontend,
+)
+from kvroute.proto.kinds import HEADERS, TERMINAL_KINDS, Kind
+
+from .config import BrokerStats
+from .routing import Action, InFlight, LostWorker, Orphan, Route, RoutingTable
+
+logger = logging.getLogger(__name__)
+
+
+class Sent(Enum):
+    """Outcome of a non-blocking send."""
+
+    OK = "ok"
+    FULL = "full"  # zmq.Again: the peer's queue is at its high-water mark
+    GONE = "gone"  # EHOSTUNREACH: no such peer (any more)
+
+
+def send(sock: zmq.Socket[bytes], frames: list[bytes]) -> Sent:
+    """Send without blocking; other errors than Again / EHOSTUNREACH propagate (bugs)."""
+    try:
+        sock.send_multipart(frames, zmq.NOBLOCK)
+        return Sent.OK
+    except zmq.Again:
+        return Sent.FULL
+    except zmq.ZMQError as exc:
+        if exc.errno != zmq.EHOSTUNREACH:
+            raise
+        return Sent.GONE
+
+
+class Forwarder:
+    """The broker's behaviour per message; owned by the broker thread.
+
+    Parameters
+    ----------
+    front, back
+        The bound frontend (clients) and backend (workers) ROUTER sockets.
+    table
+        The routing table.
+    stats
+        Counters to update.
+    on_worker_exit
+        Called with the worker id when a watched process exits.
+    """
+
+    def __init__(
+        self,
+        front: zmq.Socket[bytes],
+        back: zmq.Socket[bytes],
+        table: RoutingTable,
+        stats: BrokerStats,
+        on_worker_exit: Callable[[str], None] | None = None,
+    ) -> None:
+        self.front, self.back, self.table, self.stats = front, back, table, stats
+        self._on_worker_exit = on_worker_exit
+
+    # --- clients ----------------------------------------------------------------------------
+
+    # --- clients ----------------------------------------------------------------------------
+
+    def on_client(self, frames: list[bytes], now: float) -> None:
+        """Handle one message from the frontend (``frames[0]`` is the client's routing id)."""
+        self.stats.client_messages += 1
+        try:
+            req = parse_frontend(frames)
+        except ProtocolViolation as exc:
+            logger.debug("bad client message: %s", exc)
+            self._error_to_client(frames[0], exc.session_id, exc.request_id, exc.code, exc.message)
+            return
+        if req.kind is Kind.PING:
+            send(self.front, client_frames(req.client, Kind.PONG, req.session_id, req.request_id))
+            return
+        route = self.table.route(req.kind, req.session_id, req.request_id, req.client, now)
+        if route.action is Action.DELIVER:
+            self._deliver(req, route)
+        elif route.action is Action.REPLY:
+            assert route.kind is not None
+            frames = client_frames(req.client, route.kind, req.session_id, req.request_id)
+            send(self.front, frames)
+        elif route.action is Action.REJECT:
+            assert route.code is not None
+            self._error_to_client(
+                req.client, req.session_id, req.request_id, route.code, route.message
+            )
+
+    def _deliver(self, req: ClientRequest, route: Route) -> None:
+        frames = delivery_frames(
+            route.worker,
+            req.header,  # the client's own header: same version, same kind
+            req.client,
+            req.session_id,
+            req.request_id,
+            route.flags,
+            req.body,
+        )
+        sent = send(self.back, frames)
+        if sent is Sent.OK:
+            return
+        if sent is Sent.GONE:
+            # Gone without a goodbye: lose it now; its in-flight list includes this request.
+            self._lose(route.worker, LostReason.UNREACHABLE)
+        elif req.kind is Kind.CANCEL:
+            logger.warning("CANCEL for session %r dropped: worker queue full", req.session_id)
+        else:
+            self.table.abort(req.session_id)
+            self._error_to_client(
+                req.client,
+                req.session_id,
+                req.request_id,
+                ErrorCode.OVERLOADED,
+                "the session's worker has a full queue",
+            )
+
+    def _error_to_client(
+        self, client: bytes, session_id: bytes, request_id: bytes, code: ErrorCode, message: str
+    ) -> None:
+        self.stats.errors_sent += 1
+        body = _error_body(code, message)
+        send(self.front, client_frames(client, Kind.ERROR, session_id, request_id, body))
+
+    # --- workers ----------------------------------------------------------------------------
+
+    def on_worker(self, frames: list[bytes], now: float) -> None:
+        """Handle one message from the backend (``frames[0]`` is the worker's routing id)."""
+        self.stats.worker_messages += 1
+        try:
+            msg = parse_backend(frames)
+            if type(msg) is WorkerReply:
+                self._on_reply(msg, now)
+            else:
+                assert isinstance(msg, WorkerControl)
+                self._on_control(msg, now)
+        except ProtocolViolation as exc:
+            logger.warning("bad message from a worker: %s", exc)
+            self.stats.errors_sent += 1
+            self._to_worker(frames[0], Kind.ERROR, _error_body(exc.code, exc.message))
+
+    def _on_reply(self, msg: WorkerReply, now: float) -> None:
+        kind = msg.kind
+        fl = self.table.on_reply(msg.worker, kind, msg.session_id, msg.request_id, msg.client, now)
+        if fl is None:
+            if msg.worker not in self.table.workers:
+                self._to_worker(msg.worker, Kind.DISCONNECT, Disconnect("unknown worker").encode())
+            else:
+                logger.debug("stale %s for session %r dropped", kind.name, msg.session_id)
+            return
+        if fl.orphaned is not None:
+            if fl.orphaned is Orphan.SLOW_CLIENT and kind in TERMINAL_KINDS:
+                # Best effort: tell the client why its stream stopped (if its queue has room).
+                self._error_to_client(
+                    fl.client,
+                    fl.session_id,
+                    fl.request_id,
+                    ErrorCode.SLOW_CONSUMER,
+                    "client did not read its stream; the turn was cancelled",
+                )
+            return
+        sent = send(self.front, [fl.client, msg.header, msg.session_id, msg.request_id, msg.body])
+        if sent is Sent.OK:
+            return
+        reason = Orphan.SLOW_CLIENT if sent is Sent.FULL else Orphan.CLIENT_GONE
+        if kind in TERMINAL_KINDS:
+            logger.info("%s for session %r lost: %s", kind.name, fl.session_id, reason.value)
+        elif self.table.orphan(fl.session_id, reason) is not None:
+            logger.info("session %r: %s, cancelling its turn", fl.session_id, reason.value)
+            self._cancel_on_worker(fl)
+
+    def _cancel_on_worker(self, fl: InFlight) -> None:
+        self.stats.cancels_sent += 1
+        cancel = delivery_frames(
+            fl.worker, HEADERS[Kind.CANCEL], fl.client, fl.session_id, fl.request_id, 0, EMPTY_BODY
+        )
+        send(self.back, cancel)
+
+    def _on_control(self, msg: WorkerControl, now: float) -> None:
+        key, kind = msg.worker, msg.kind
+        if kind is Kind.READY:
+            for lost in self.table.register(key, Ready.decode(msg.body), now):
+                self._report_lost(lost)
+        elif kind is Kind.HEARTBEAT:
+            if not self.table.heartbeat(key, Heartbeat.decode(msg.body), now):
+                # Paranoid Pirate: a worker we do not know (we restarted, or declared it lost)
+                # must register again rather than believe it still owns sessions.
+                self._to_worker(key, Kind.DISCONNECT, Disconnect("unknown worker").encode())
+        elif kind is Kind.DISCONNECT:
+            self._lose(key, LostReason.DISCONNECTED)
+        else:  # ERROR answering something we sent: a bug on one side, worth a log line
+            self.table.touch(key, now)
+            err = ErrorReply.decode(msg.body)
+            logger.warning("worker %r reports %s: %s", key, err.code, err.message)
+
+    def _to_worker(self, key: bytes, kind: Kind, body: bytes) -> None:
+        if send(self.back, [key, HEADERS[kind], body]) is not Sent.OK:
+            logger.debug("%s to worker %r dropped", kind.name, key)
+
+    def beat(self) -> None:
+        """Send HEARTBEAT to every worker; a worker that is gone is lost at once."""
+        for key in list(self.table.workers):
+            # FULL is fine: a worker with a full queue has work, and will answer later.
+            if send(self.back, [key, HEADERS[Kind.HEARTBEAT], EMPTY_BODY]) is Sent.GONE:
+                self._lose(key, LostReason.UNREACHABLE)
+
+    def expire(self, now: float) -> None:
+        """Lose the workers silent for too long."""
+        for lost in self.table.expire(now):
+            self._report_lost(lost)
+
+    def worker_exited(self, worker_id: str) -> None:
+        """A watched worker process exited: lose it now, without waiting for heartbeats."""
+        logger.warning("worker %s process exited", worker_id)
+        key = self.table.worker_key(worker_id)
+        if key is not None:
+            self._lose(key, LostReason.EXITED)
+        if self._on_worker_exit is not None:
+            self._on_worker_exit(worker_id)
+
+    def _lose(self, key: bytes, reason: LostReason) -> None:
+        lost = self.table.remove(key, reason)
+        if lost is not None:
+            self._report_lost(lost)
+
+    def _report_lost(self, lost: LostWorker) -> None:
+        self.stats.workers_lost += 1
+        body = SessionLost(lost.worker.worker_id, lost.reason, retryable=True).encode()
+        for fl in lost.in_flight:
+            if fl.orphaned is None:
+                self.stats.sessions_lost_sent += 1
+                frames = client_frames(
+                    fl.client, Kind.SESSION_LOST, fl.session_id, fl.request_id, body
+                )
+                send(self.front, frames)
+        key = lost.worker.key
+        if lost.reason is LostReason.HEARTBEAT_TIMEOUT and key not in self.table.workers:
+            # It may only be hung: when it wakes it reads this first, drops its (re-pinned)
+            # sessions and registers again instead of streaming into the void.
+            self._to_worker(key, Kind.DISCONNECT, Disconnect("declared lost").encode())
+
+    def goodbye(self) -> None:
+        """On shutdown: end every request in flight (ERROR shutting_down) and cancel its turn."""
+        for fl in list(self.table.in_flight.values()):
+            if fl.orphaned is None:
+                self._error_to_client(
+                    fl.client,
+                    fl.session_id,
+                    fl.request_id,
+                    ErrorCode.SHUTTING_DOWN,
+                    "broker stopping",
+                )
+            if fl.kind is Kind.TURN:
+                self._cancel_on_worker(fl)

@@ -1,0 +1,211 @@
+"""The broker's lifetime and poll loop: two ROUTER sockets, a wake-up pipe, process sentinels.
+
+:class:`Broker` creates its context and sockets inside :meth:`Broker.run` (in the thread that
+uses them), polls the frontend (clients), the backend (workers), the wake-up pipe and any child
+process sentinels, drains each ready socket with non-blocking receives and hands every message
+to :class:`~kvroute.broker.forwarder.Forwarder`, which parses headers and sizes only (bodies are
+forwarded untouched, except control bodies addressed to the broker), asks the
+:class:`~kvroute.broker.routing.RoutingTable` and sends with ``NOBLOCK``. Every
+``heartbeat_interval`` it sends HEARTBEAT to each worker; every tick it expires silent workers.
+
+Both ROUTERs set ``ROUTER_MANDATORY`` (unroutable sends raise instead of vanishing), a linger
+(close never hangs) and ``MAXMSGSIZE`` (a hostile peer cannot make us buffer huge frames).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+import zmq
+
+from .config import BrokerConfig, BrokerStats
+from .forwarder import Forwarder
+from .routing import RoutingTable
+from .watch import Watch
+
+logger = logging.getLogger(__name__)
+
+
+class BrokerError(RuntimeError):
+    """The broker could not start (e.g. an address already in use)."""
+
+
+class Broker:
+    """Routes sessions between clients and workers. Run it in one thread; stop it from any.
+
+    Parameters
+    ----------
+    config
+        Addresses and knobs; defaults to :class:`BrokerConfig`.
+    sentinels
+        ``{fd: worker_id}`` of child processes (``multiprocessing.Process.sentinel``): when the fd
+        becomes readable the process exited and its worker is lost at once, without waiting
+        for heartbeats. More can be added while running with :meth:`watch`.
+    on_worker_exit
+        Called (in the broker thread) with the worker id whose sentinel fired.
+    """
+
+    def __init__(
+        self,
+        config: BrokerConfig | None = None,
+        *,
+        sentinels: Mapping[int, str] | None = None,
+        on_worker_exit: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config or BrokerConfig()
+        self.table = RoutingTable(self.config.expiry_s, self.config.lost_memory)
+        self.stats = BrokerStats()
+        self.endpoints: tuple[str, str] | None = None  # (frontend, backend) once bound
+        self._watch = Watch(sentinels)  # so close() and watch() take effect at once
+        self._on_worker_exit = on_worker_exit
+        self._stop = threading.Event()
+        self._bound = threading.Event()
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._started = False
+        self._front: zmq.Socket[bytes] | None = None
+        self._back: zmq.Socket[bytes] | None = None
+        self._forwarder: Forwarder | None = None
+
+    # --- control from other threads ---------------------------------------------------------
+
+    def wait_bound(self, timeout: float | None = None) -> tuple[str, str]:
+        """Block until both sockets are bound; returns the (frontend, backend) endpoints.
+
+        Raises
+        ------
+        BrokerError
+            If binding failed, or on timeout.
+        """
+        if not self._bound.wait(timeout):
+            raise BrokerError(f"broker not bound after {timeout} s")
+        if self._error is not None or self.endpoints is None:
+            raise BrokerError(f"broker failed to start: {self._error}") from self._error
+        return self.endpoints
+
+    def watch(self, fd: int, worker_id: str) -> None:
+        """Watch another child-process sentinel (thread-safe)."""
+        self._watch.watch(fd, worker_id)
+
+    def close(self) -> None:
+        """Stop the loop (idempotent, thread-safe); :meth:`run` closes its sockets on the way
+        out. A broker closed before it ran never runs."""
+        self._stop.set()
+        with self._lock:
+            if not self._started:
+                self._started = True
+                self._watch.close()
+                return
+        self._watch.wake()
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def run(self, stop_event: threading.Event | None = None) -> None:
+        """Bind, serve until :meth:`close` or ``stop_event``, then close every socket.
+
+        A Broker runs once. Raises :class:`BrokerError` if the sockets cannot be bound.
+        """
+        with self._lock:
+            if self._started:
+                raise BrokerError("a Broker runs once (and not after close())")
+            self._started = True
+        cfg = self.config
+        ctx = zmq.Context()
+        try:
+            self._front = self._router(ctx, cfg.frontend)
+            self._back = self._router(ctx, cfg.backend)
+            self.endpoints = (
+                self._front.getsockopt_string(zmq.LAST_ENDPOINT),
+                self._back.getsockopt_string(zmq.LAST_ENDPOINT),
+            )
+        except zmq.ZMQError as exc:
+            self._error = exc
+            self._bound.set()
+            self._shutdown(ctx)
+            raise BrokerError(f"cannot bind {cfg.frontend} / {cfg.backend}: {exc}") from exc
+        self._bound.set()
+        logger.info("broker frontend %s backend %s", *self.endpoints)
+        try:
+            self._loop(stop_event)
+        finally:
+            if self._forwarder is not None:
+                self._forwarder.goodbye()
+            self._shutdown(ctx)
+
+    def _router(self, ctx: zmq.Context[zmq.Socket[bytes]], addr: str) -> zmq.Socket[bytes]:
+        s = ctx.socket(zmq.ROUTER)
+        s.setsockopt(zmq.LINGER, self.config.linger_ms)
+        s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        s.setsockopt(zmq.MAXMSGSIZE, self.config.max_msg_size)
+        s.setsockopt(zmq.SNDHWM, self.config.hwm)
+        s.setsockopt(zmq.RCVHWM, self.config.hwm)
+        try:
+            s.bind(addr)
+        except zmq.ZMQError:
+            s.close()  # or ctx.term() waits for it forever
+            raise
+        return s
+
+    def _shutdown(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+        for s in (self._front, self._back):
+            if s is not None:
+                s.close()
+        ctx.term()  # waits at most linger_ms for goodbyes
+        self._watch.close()
+
+    def _loop(self, stop_event: threading.Event | None) -> None:
+        assert self._front is not None and self._back is not None
+        front, back, batch = self._front, self._back, self.config.batch
+        fw = Forwarder(front, back, self.table, self.stats, self._on_worker_exit)
+        self._forwarder = fw
+        poller = zmq.Poller()
+        poller.register(front, zmq.POLLIN)
+        poller.register(back, zmq.POLLIN)
+        wake_fd = self._watch.wake_fd
+        poller.register(wake_fd, zmq.POLLIN)
+        self._watch.refresh(poller)
+        interval = self.config.heartbeat_interval
+        # Expiry is checked every tick, so a silent worker is lost within expiry_s + tick.
+        tick = min(0.1, interval / 4)
+        now = time.monotonic()
+        next_tick, next_beat = now + tick, now
+        while not self._stop.is_set() and not (stop_event is not None and stop_event.is_set()):
+            events = poller.poll(max(0.0, next_tick - now) * 1000)
+            now = time.monotonic()
+            for sock, _ in events:
+                if sock is back:
+                    _drain(back, fw.on_worker, batch, now)
+                elif sock is front:
+                    _drain(front, fw.on_client, batch, now)
+                elif sock == wake_fd:
+                    self._watch.refresh(poller)
+                else:
+                    worker_id = self._watch.fired(poller, sock)
+                    if worker_id is not None:
+                        fw.worker_exited(worker_id)
+            if now >= next_tick:
+                next_tick = now + tick
+                fw.expire(now)
+                if now >= next_beat:
+                    next_beat = now + interval
+                    fw.beat()
+
+
+def _drain(
+    sock: zmq.Socket[bytes], handle: Callable[[list[bytes], float], None], batch: int, now: float
+) -> None:
+    """Receive and handle up to ``batch`` messages without blocking (then let the other socket
+    have a turn: one flooding peer must not starve the rest)."""
+    recv = sock.recv_multipart
+    for _ in range(batch):
+        try:
+            frames = recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        try:
+            handle(frames, now)
+        except Exception:  # a bug on one message must not take the service down
+            logger.exception("broker failed to handle a message; dropped it")

@@ -1,0 +1,314 @@
+"""Frame layouts, hop by hop: build and parse multipart messages without decoding bodies.
+
+Parsers check the frame count, the header (signature, version, kind allowed on this hop) and the
+sizes of the routing frames, and raise :class:`ProtocolViolation` carrying whatever session and
+request ids could be read, so the ERROR goes back on the right stream. They never decode the body
+(the broker forwards it as is); the body's consumer calls ``Cls.decode(msg.body)``.
+
+Layouts (identity frames are added/removed by the ROUTER sockets):
+
+=====================  ===========================================================================
+client -> broker       [header, session_id, request_id, body]
+broker -> worker       [header, client, session_id, request_id, flags, body]
+worker -> broker       [header, client, session_id, request_id, body]      (replies)
+worker <-> broker      [header, body]                                      (control)
+broker -> client       [header, session_id, request_id, body]
+=====================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ErrorCode, ProtocolViolation
+from .fields import EMPTY_BODY
+from .kinds import (
+    BROKER_CONTROL_KINDS,
+    CLIENT_KINDS,
+    CLIENT_REPLY_KINDS,
+    FLAG_BYTES,
+    FLAG_WORKER_LOST,
+    FORWARDED_KINDS,
+    HEADER_LEN,
+    HEADERS,
+    KIND_BY_BYTE,
+    REPLY_KINDS,
+    SIGNATURE,
+    VERSION,
+    WORKER_CONTROL_KINDS,
+    Kind,
+)
+from .limits import MAX_BODY_BYTES, MAX_REQUEST_ID_BYTES, MAX_SESSION_ID_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRequest:
+    """A client message as the broker's frontend ROUTER receives it."""
+
+    client: bytes  # routing id the ROUTER assigned to the client's DEALER
+    kind: Kind
+    session_id: bytes
+    request_id: bytes
+    header: bytes  # forwarded to the worker as is
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A forwarded request as the worker's DEALER receives it. Echo ``client``, ``session_id``
+    and ``request_id`` in every reply (see :func:`reply_frames`)."""
+
+    kind: Kind
+    client: bytes
+    session_id: bytes
+    request_id: bytes
+    flags: int
+    body: bytes
+
+    @property
+    def worker_lost(self) -> bool:
+        """Flags bit 0: drop any state held for the session; the turn is cold, worker_lost."""
+        return bool(self.flags & FLAG_WORKER_LOST)
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A two-frame control message (HEARTBEAT, DISCONNECT, ERROR, READY)."""
+
+    kind: Kind
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReply:
+    """A reply as the broker's backend ROUTER receives it."""
+
+    worker: bytes  # routing id of the worker's DEALER
+    kind: Kind
+    client: bytes
+    session_id: bytes
+    request_id: bytes
+    header: bytes  # forwarded to the client as is
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerControl:
+    """A control message as the broker's backend ROUTER receives it."""
+
+    worker: bytes
+    kind: Kind
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A message as the client's DEALER receives it."""
+
+    kind: Kind
+    session_id: bytes
+    request_id: bytes
+    body: bytes
+
+
+def parse_header(
+    frame: bytes,
+    allowed: frozenset[Kind],
+    *,
+    session_id: bytes = b"",
+    request_id: bytes = b"",
+) -> Kind:
+    """Check a header frame and return its kind.
+
+    Raises
+    ------
+    ProtocolViolation
+        ``bad_frame`` (length or signature), ``bad_version``, or ``unknown_kind`` (unknown byte,
+        or a kind not in ``allowed`` for this hop).
+    """
+    if len(frame) != HEADER_LEN or frame[:3] != SIGNATURE:
+        raise ProtocolViolation(
+            ErrorCode.BAD_FRAME,
+            f"header {frame[:8]!r} is not {SIGNATURE!r} + version + kind",
+            session_id=session_id,
+            request_id=request_id,
+        )
+    if frame[3] != VERSION:
+        raise ProtocolViolation(
+            ErrorCode.BAD_VERSION,
+            f"protocol version {frame[3]} not supported (this side speaks {VERSION})",
+            session_id=session_id,
+            request_id=request_id,
+        )
+    kind = KIND_BY_BYTE.get(frame[4])
+    if kind is None or kind not in allowed:
+        name = kind.name if kind is not None else f"0x{frame[4]:02x}"
+        raise ProtocolViolation(
+            ErrorCode.UNKNOWN_KIND,
+            f"kind {name} not accepted here",
+            session_id=session_id,
+            request_id=request_id,
+        )
+    return kind
+
+
+def _ids_for_echo(session_id: bytes, request_id: bytes) -> tuple[bytes, bytes]:
+    """Routing ids safe to echo in an ERROR (oversize ones are replaced by empty frames)."""
+    ok = len(session_id) <= MAX_SESSION_ID_BYTES and len(request_id) <= MAX_REQUEST_ID_BYTES
+    return (session_id, request_id) if ok else (b"", b"")
+
+
+def check_routing(kind: Kind, session_id: bytes, request_id: bytes, body: bytes) -> None:
+    """Check the sizes of the routing and body frames of a request or reply.
+
+    Raises
+    ------
+    ProtocolViolation
+        ``bad_frame`` for an empty or oversize session id (empty allowed for PING/PONG only) or
+        request id; ``too_large`` for a body above :data:`MAX_BODY_BYTES`.
+    """
+    if len(request_id) > MAX_REQUEST_ID_BYTES or not request_id:
+        raise ProtocolViolation(
+            ErrorCode.BAD_FRAME, f"request id must be 1..{MAX_REQUEST_ID_BYTES} bytes"
+        )
+    min_session = 0 if kind in (Kind.PING, Kind.PONG) else 1
+    if not min_session <= len(session_id) <= MAX_SESSION_ID_BYTES:
+        raise ProtocolViolation(
+            ErrorCode.BAD_FRAME,
+            f"session id must be {min_session}..{MAX_SESSION_ID_BYTES} bytes",
+            request_id=request_id,
+        )
+    if len(body) > MAX_BODY_BYTES:
+        raise ProtocolViolation(
+            ErrorCode.TOO_LARGE,
+            f"body of {len(body)} bytes > {MAX_BODY_BYTES}",
+            session_id=session_id,
+            request_id=request_id,
+        )
+
+
+# --- client side ------------------------------------------------------------------------------
+
+
+def request_frames(
+    kind: Kind, session_id: bytes, request_id: bytes, body: bytes = EMPTY_BODY
+) -> list[bytes]:
+    """Frames a client sends on its DEALER: TURN, CANCEL (request id of the turn), RESET, CLOSE,
+    PING. Raises ProtocolViolation for a kind clients may not send or bad routing frames."""
+    if kind not in CLIENT_KINDS:
+        raise ProtocolViolation(ErrorCode.UNKNOWN_KIND, f"clients do not send {kind.name}")
+    check_routing(kind, session_id, request_id, body)
+    return [HEADERS[kind], session_id, request_id, body]
+
+
+def parse_reply(frames: list[bytes]) -> Reply:
+    """Parse what a client's DEALER received (4 frames). Raises ProtocolViolation."""
+    if len(frames) != 4:
+        raise ProtocolViolation(ErrorCode.BAD_FRAME, f"{len(frames)} frames, expected 4")
+    header, session_id, request_id, body = frames
+    kind = parse_header(header, CLIENT_REPLY_KINDS)
+    return Reply(kind, session_id, request_id, body)
+
+
+# --- broker side ------------------------------------------------------------------------------
+
+
+def parse_frontend(frames: list[bytes]) -> ClientRequest:
+    """Parse a message received on the frontend ROUTER ([client, header, sid, rid, body]).
+
+    Raises
+    ------
+    ProtocolViolation
+        With the ids to echo when they were readable; the caller answers ERROR to ``frames[0]``.
+    """
+    if len(frames) != 5:
+        sid, rid = _ids_for_echo(*frames[2:4]) if len(frames) >= 4 else (b"", b"")
+        raise ProtocolViolation(
+            ErrorCode.BAD_FRAME,
+            f"{len(frames) - 1} frames, expected 4 (header, session, request, body)",
+            session_id=sid,
+            request_id=rid,
+        )
+    client, header, session_id, request_id, body = frames
+    sid, rid = _ids_for_echo(session_id, request_id)
+    kind = parse_header(header, CLIENT_KINDS, session_id=sid, request_id=rid)
+    check_routing(kind, session_id, request_id, body)
+    return ClientRequest(client, kind, session_id, request_id, header, body)
+
+
+def parse_backend(frames: list[bytes]) -> WorkerReply | WorkerControl:
+    """Parse a message received on the backend ROUTER: a 6-frame reply or a 3-frame control.
+
+    ERROR is a reply when it has an envelope and control otherwise. Raises ProtocolViolation.
+    """
+    n = len(frames)
+    if n < 3:
+        raise ProtocolViolation(ErrorCode.BAD_FRAME, f"{n - 1} frames, expected 2 or 5")
+    header = frames[1]
+    if n == 6:
+        kind = parse_header(header, REPLY_KINDS)
+        worker, _, client, session_id, request_id, body = frames
+        check_routing(kind, session_id, request_id, body)
+        return WorkerReply(worker, kind, client, session_id, request_id, header, body)
+    if n == 3:
+        kind = parse_header(header, WORKER_CONTROL_KINDS)
+        if len(frames[2]) > MAX_BODY_BYTES:
+            raise ProtocolViolation(ErrorCode.TOO_LARGE, f"body > {MAX_BODY_BYTES} bytes")
+        return WorkerControl(frames[0], kind, frames[2])
+    raise ProtocolViolation(ErrorCode.BAD_FRAME, f"{n - 1} frames, expected 2 or 5")
+
+
+def delivery_frames(
+    worker: bytes,
+    header: bytes,
+    client: bytes,
+    session_id: bytes,
+    request_id: bytes,
+    flags: int,
+    body: bytes,
+) -> list[bytes]:
+    """Frames the broker sends on its backend ROUTER to forward a request to ``worker``."""
+    return [worker, header, client, session_id, request_id, FLAG_BYTES[flags], body]
+
+
+def client_frames(
+    client: bytes, kind: Kind, session_id: bytes, request_id: bytes, body: bytes = EMPTY_BODY
+) -> list[bytes]:
+    """Frames the broker sends on its frontend ROUTER (its own replies: ERROR, BUSY, PONG...)."""
+    return [client, HEADERS[kind], session_id, request_id, body]
+
+
+# --- worker side ------------------------------------------------------------------------------
+
+
+def parse_delivery(frames: list[bytes]) -> Delivery | Control:
+    """Parse what a worker's DEALER received: a 6-frame delivery or a 2-frame control message
+    (HEARTBEAT, DISCONNECT, ERROR). Raises ProtocolViolation."""
+    n = len(frames)
+    if n == 6:
+        header, client, session_id, request_id, flags, body = frames
+        kind = parse_header(header, FORWARDED_KINDS)
+        check_routing(kind, session_id, request_id, body)
+        if len(flags) != 1:
+            raise ProtocolViolation(ErrorCode.BAD_FRAME, "flags frame must be 1 byte")
+        return Delivery(kind, client, session_id, request_id, flags[0], body)
+    if n == 2:
+        return Control(parse_header(frames[0], BROKER_CONTROL_KINDS), frames[1])
+    raise ProtocolViolation(ErrorCode.BAD_FRAME, f"{n} frames, expected 2 or 6")
+
+
+def reply_frames(
+    kind: Kind, client: bytes, session_id: bytes, request_id: bytes, body: bytes
+) -> list[bytes]:
+    """Frames a worker sends to answer a :class:`Delivery` (echoing its routing frames)."""
+    if kind not in REPLY_KINDS:
+        raise ProtocolViolation(ErrorCode.UNKNOWN_KIND, f"{kind.name} is not a reply kind")
+    return [HEADERS[kind], client, session_id, request_id, body]
+
+
+def control_frames(kind: Kind, body: bytes = EMPTY_BODY) -> list[bytes]:
+    """Frames of a control message: READY / HEARTBEAT / DISCONNECT / ERROR (worker side) or
+    HEARTBEAT / DISCONNECT / ERROR (broker side, after the worker's routing id)."""
+    if kind not in WORKER_CONTROL_KINDS | BROKER_CONTROL_KINDS:
+        raise ProtocolViolation(ErrorCode.UNKNOWN_KIND, f"{kind.name} is not a control kind")
+    return [HEADERS[kind], body]

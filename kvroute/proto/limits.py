@@ -1,0 +1,52 @@
+"""Every size and range limit of the protocol, in one place.
+
+Frame-level limits are checked by the broker without decoding bodies (a length comparison);
+body-level limits are checked by whoever decodes the body (the worker for requests, the client
+for replies). The socket-level :data:`MAX_MSG_SIZE` is enforced by ZeroMQ itself: a peer that sends
+a bigger frame is disconnected and the frame dropped, with no ERROR (there is no one to tell).
+"""
+
+from __future__ import annotations
+
+# --- frames (checked by the broker on every message) ---
+MAX_SESSION_ID_BYTES: int = 64
+"""Session id frame: 1..64 bytes (0 allowed only on PING). Clients pick them, e.g. uuid4 hex."""
+MAX_REQUEST_ID_BYTES: int = 32
+"""Request id frame: 1..32 bytes, unique per session among requests in flight."""
+MAX_BODY_BYTES: int = 1 << 20
+"""Body frame (msgpack map) at most 1 MiB; above it the broker answers ERROR ``too_large``."""
+MAX_MSG_SIZE: int = 4 << 20
+"""Socket ``MAXMSGSIZE`` default: frames above 4 MiB are dropped by ZeroMQ (peer disconnected),
+so a hostile peer cannot make the broker allocate without bound."""
+
+# --- TURN body ---
+MAX_MESSAGES: int = 1024
+"""Chat messages per TURN."""
+MAX_TEXT_CHARS: int = 256 * 1024
+"""Characters of ``content`` summed over all messages of a TURN (n_ctx overflows long before)."""
+MAX_MAX_TOKENS: int = 32768
+"""Upper bound of ``max_tokens`` (lower bound 1); the worker's n_ctx is the real cap (OVERFLOW)."""
+MAX_TEMPERATURE: float = 100.0
+"""``temperature`` in [0, 100], finite; 0 means greedy."""
+MAX_TOP_K: int = 1 << 20
+"""``top_k`` in [0, 2**20]; 0 disables top-k."""
+MAX_SEED: int = (1 << 64) - 1
+"""``seed`` in [0, 2**64 - 1] or nil (nil: the worker picks)."""
+
+# --- replies and control ---
+MAX_TOKEN_IDS: int = 4096
+"""Token ids carried by one TOKEN frame (a worker may coalesce several tokens)."""
+MAX_TOKEN_ID: int = (1 << 31) - 1
+MAX_TOKEN_TEXT_CHARS: int = 64 * 1024
+"""Characters of ``text`` in one TOKEN frame."""
+MAX_SEQ: int = (1 << 32) - 1
+MAX_COUNT: int = (1 << 63) - 1
+"""Upper bound of token counts, byte counts, loads, epochs and pids."""
+MAX_MS: float = 1e9
+"""Upper bound of the millisecond timings in turn stats (about 11 days)."""
+MAX_NAME_CHARS: int = 128
+"""Worker ids, model names and DISCONNECT reasons."""
+MAX_ERROR_MESSAGE_CHARS: int = 1024
+MAX_CAPACITY: int = 4096
+"""READY ``capacity``: turns the worker runs concurrently (>= 1)."""
+MAX_N_CTX: int = 1 << 24

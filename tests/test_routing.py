@@ -1,0 +1,205 @@
+"""The broker's I/O-free routing table: placement, stickiness, busy, liveness, loss."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvroute.broker.routing import Action, Orphan, Route, RoutingTable
+from kvroute.proto import ErrorCode, Heartbeat, Kind, LostReason, Ready
+from kvroute.proto.kinds import FLAG_WORKER_LOST
+
+EXPIRY = 3.0
+
+
+def ready(worker: str, epoch: int = 1, capacity: int = 4) -> Ready:
+    return Ready(worker=worker, pid=100, epoch=epoch, capacity=capacity, model="m", n_ctx=2048)
+
+
+@pytest.fixture
+def table() -> RoutingTable:
+    t = RoutingTable(EXPIRY)
+    assert t.register(b"A", ready("a"), 0.0) == []
+    assert t.register(b"B", ready("b"), 0.0) == []
+    return t
+
+
+def turn(t: RoutingTable, session: bytes, request: bytes = b"r", now: float = 0.0) -> Route:
+    return t.route(Kind.TURN, session, request, b"client", now)
+
+
+def end(t: RoutingTable, session: bytes, request: bytes = b"r", kind: Kind = Kind.END) -> None:
+    worker = t.in_flight[session].worker
+    assert t.on_reply(worker, kind, session, request, b"client", 0.0) is not None
+
+
+def test_new_sessions_spread_then_stick(table: RoutingTable) -> None:
+    first = turn(table, b"s1")
+    second = turn(table, b"s2")
+    assert first.action is second.action is Action.DELIVER
+    assert {first.worker, second.worker} == {b"A", b"B"}  # least loaded: in flight, then sessions
+    for _ in range(5):
+        end(table, b"s1")
+        again = turn(table, b"s1")
+        assert again.worker == first.worker  # sticky
+        assert again.flags == 0
+
+
+def test_placement_order(table: RoutingTable) -> None:
+    # Idle workers: fewer pinned sessions wins, then fewer KV bytes.
+    turn(table, b"s1")
+    end(table, b"s1")
+    owner = table.owner(b"s1")
+    assert owner is not None
+    other = b"B" if owner.key == b"A" else b"A"
+    assert turn(table, b"s2").worker == other
+    end(table, b"s2")
+    table.heartbeat(other, Heartbeat(load=0, sessions=1, kv_bytes=10**9), 0.0)
+    table.heartbeat(owner.key, Heartbeat(load=0, sessions=1, kv_bytes=10), 0.0)
+    assert turn(table, b"s3").worker == owner.key  # same sessions: fewer KV bytes
+    # Turns in flight come first, relative to capacity.
+    t = RoutingTable(EXPIRY)
+    t.register(b"small", ready("small", capacity=1), 0.0)
+    t.register(b"big", ready("big", capacity=8), 0.0)
+    assert turn(t, b"x").worker == b"small"  # tie on everything: registration order
+    assert turn(t, b"y").worker == b"big"  # small is full (1/1), big is at 0/8
+    assert turn(t, b"z").worker == b"big"  # 1/8 < 1/1 even though big has more sessions
+
+
+def test_busy_and_cancel(table: RoutingTable) -> None:
+    first = turn(table, b"s1", b"r1")
+    assert turn(table, b"s1", b"r2").kind is Kind.BUSY
+    assert table.route(Kind.RESET, b"s1", b"r3", b"client", 0.0).kind is Kind.BUSY
+    cancel = table.route(Kind.CANCEL, b"s1", b"r1", b"client", 0.0)
+    assert (cancel.action, cancel.worker) == (Action.DELIVER, first.worker)
+    assert table.route(Kind.CANCEL, b"s1", b"other", b"client", 0.0).action is Action.DROP
+    assert table.route(Kind.CANCEL, b"s9", b"r1", b"client", 0.0).action is Action.DROP
+    # Tokens do not end the turn; the terminal does.
+    assert table.on_reply(first.worker, Kind.TOKEN, b"s1", b"r1", b"client", 0.0) is not None
+    assert b"s1" in table.in_flight
+    end(table, b"s1", b"r1")
+    assert table.route(Kind.CANCEL, b"s1", b"r1", b"client", 0.0).action is Action.DROP
+    assert turn(table, b"s1", b"r2").action is Action.DELIVER
+
+
+def test_stale_and_foreign_replies_are_refused(table: RoutingTable) -> None:
+    r = turn(table, b"s1", b"r1")
+    other = b"B" if r.worker == b"A" else b"A"
+    assert table.on_reply(other, Kind.END, b"s1", b"r1", b"client", 0.0) is None
+    assert table.on_reply(r.worker, Kind.END, b"s1", b"r0", b"client", 0.0) is None
+    assert table.on_reply(r.worker, Kind.END, b"s1", b"r1", b"someone", 0.0) is None
+    assert table.on_reply(b"ghost", Kind.END, b"s1", b"r1", b"client", 0.0) is None
+    assert b"s1" in table.in_flight
+
+
+def test_no_worker() -> None:
+    t = RoutingTable(EXPIRY)
+    r = turn(t, b"s1")
+    assert (r.action, r.code) == (Action.REJECT, ErrorCode.NO_WORKER)
+    assert not t.pins and not t.in_flight
+
+
+def test_reset_and_close(table: RoutingTable) -> None:
+    # Unpinned: the broker answers itself.
+    assert table.route(Kind.RESET, b"new", b"r", b"c", 0.0).kind is Kind.RESET_OK
+    assert table.route(Kind.CLOSE, b"new", b"r", b"c", 0.0).kind is Kind.CLOSE_OK
+    assert b"new" not in table.pins
+    # Pinned: forwarded to the owner; CLOSE_OK unpins, RESET_OK keeps the pin.
+    owner = turn(table, b"s1").worker
+    end(table, b"s1")
+    reset = table.route(Kind.RESET, b"s1", b"r2", b"client", 0.0)
+    assert (reset.action, reset.worker) == (Action.DELIVER, owner)
+    end(table, b"s1", b"r2", Kind.RESET_OK)
+    assert table.owner(b"s1") is not None
+    close = table.route(Kind.CLOSE, b"s1", b"r3", b"client", 0.0)
+    assert close.worker == owner
+    end(table, b"s1", b"r3", Kind.CLOSE_OK)
+    assert table.owner(b"s1") is None
+    assert all(b"s1" not in w.sessions for w in table.workers.values())
+
+
+def test_liveness_expiry(table: RoutingTable) -> None:
+    r = turn(table, b"s1", b"r1", now=0.0)
+    table.touch(b"A" if r.worker == b"B" else b"B", 2.0)
+    table.on_reply(r.worker, Kind.TOKEN, b"s1", b"r1", b"client", 1.0)  # traffic counts
+    assert table.expire(1.0 + EXPIRY) == []
+    lost = table.expire(1.0 + EXPIRY + 0.01)
+    assert [lw.worker.key for lw in lost] == [r.worker]
+    assert lost[0].reason is LostReason.HEARTBEAT_TIMEOUT
+    assert [(f.session_id, f.request_id) for f in lost[0].in_flight] == [(b"s1", b"r1")]
+    assert lost[0].sessions == (b"s1",)
+    assert r.worker not in table.workers and not table.in_flight
+
+
+def test_worker_lost_flag_follows_the_session(table: RoutingTable) -> None:
+    first = turn(table, b"s1", b"r1")
+    turn(table, b"s2", b"r1")
+    end(table, b"s2", b"r1")  # s2 idle on the other worker
+    lost = table.remove(first.worker, LostReason.EXITED)
+    assert lost is not None and lost.sessions == (b"s1",)
+    assert table.is_lost(b"s1") and not table.is_lost(b"s2")
+    # The retry lands on the survivor with the flag, which stays until a turn ENDs there.
+    retry = turn(table, b"s1", b"r2")
+    assert retry.worker != first.worker and retry.flags == FLAG_WORKER_LOST
+    end(table, b"s1", b"r2", Kind.OVERFLOW)
+    again = turn(table, b"s1", b"r3")
+    assert again.flags == FLAG_WORKER_LOST
+    end(table, b"s1", b"r3")
+    assert turn(table, b"s1", b"r4").flags == 0
+
+
+def test_reset_forgets_lost_mark(table: RoutingTable) -> None:
+    r = turn(table, b"s1")
+    end(table, b"s1")
+    table.remove(r.worker, LostReason.DISCONNECTED)
+    assert table.route(Kind.RESET, b"s1", b"r", b"c", 0.0).kind is Kind.RESET_OK
+    assert turn(table, b"s1").flags == 0
+
+
+def test_lost_memory_is_bounded() -> None:
+    t = RoutingTable(EXPIRY, lost_memory=2)
+    t.register(b"A", ready("a"), 0.0)
+    for s in (b"s1", b"s2", b"s3"):
+        turn(t, s)
+        end(t, s)
+    t.remove(b"A", LostReason.EXITED)
+    assert sum(t.is_lost(s) for s in (b"s1", b"s2", b"s3")) == 2
+
+
+def test_restart_with_new_epoch(table: RoutingTable) -> None:
+    r = turn(table, b"s1", b"r1")
+    name = table.workers[r.worker].worker_id
+    # Same key, same epoch: a retransmitted READY changes nothing.
+    assert table.register(r.worker, ready(name, epoch=1), 1.0) == []
+    assert b"s1" in table.in_flight
+    # Same id, new epoch, new connection: the old incarnation is lost.
+    lost = table.register(b"A2", ready(name, epoch=2), 2.0)
+    assert [lw.reason for lw in lost] == [LostReason.RESTARTED]
+    assert lost[0].worker.key == r.worker and len(lost[0].in_flight) == 1
+    assert table.worker_key(name) == b"A2" and r.worker not in table.workers
+    assert table.workers[b"A2"].epoch == 2 and not table.workers[b"A2"].sessions
+    # Same key, new epoch (the worker re-sent READY after DISCONNECT on the same socket).
+    lost = table.register(b"A2", ready(name, epoch=3), 3.0)
+    assert [lw.worker.epoch for lw in lost] == [2]
+    assert table.workers[b"A2"].epoch == 3
+
+
+def test_abort_and_orphan(table: RoutingTable) -> None:
+    r = turn(table, b"s1", b"r1")
+    table.abort(b"s1")
+    assert b"s1" not in table.in_flight and table.owner(b"s1") is not None
+    assert not table.workers[r.worker].turns
+    turn(table, b"s1", b"r2")
+    fl = table.orphan(b"s1", Orphan.CLIENT_GONE)
+    assert fl is not None and fl.orphaned is Orphan.CLIENT_GONE
+    assert table.orphan(b"s1", Orphan.SLOW_CLIENT) is None  # cancel only once
+    assert table.route(Kind.CANCEL, b"s1", b"r2", b"client", 0.0).action is Action.DROP
+    end(table, b"s1", b"r2")  # the worker's END (cancelled) still clears it
+    assert not table.in_flight
+
+
+def test_expired_worker_is_not_placed_before_the_sweep() -> None:
+    t = RoutingTable(EXPIRY)
+    t.register(b"A", ready("a"), 0.0)
+    t.register(b"B", ready("b"), 10.0)
+    assert turn(t, b"s1", now=10.0).worker == b"B"
+    assert turn(t, b"s2", now=10.0).worker == b"B"  # A is past its deadline though not swept
