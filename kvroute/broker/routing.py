@@ -25,6 +25,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 from kvroute.proto.control import Heartbeat, LostReason, Ready
 from kvroute.proto.errors import ErrorCode
@@ -100,9 +101,8 @@ class Action(Enum):
     DROP = "drop"  # nothing to do (e.g. CANCEL of a turn that already ended)
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    """The table's answer to a client request."""
+class Route(NamedTuple):
+    """The table's answer to a client request (a NamedTuple: cheap to build per message)."""
 
     action: Action
     worker: bytes = b""

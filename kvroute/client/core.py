@@ -136,6 +136,11 @@ class Attempt:
             raise ValueError(f"on_overflow is 'raise' or 'drop_oldest', not {self.on_overflow!r}")
         self.rebuild()
 
+    def refresh(self, history: Iterable[Mapping[str, str]]) -> None:
+        """Take the session's history as it is now (when the turn really starts)."""
+        self.history = [_checked_message(m) for m in history]
+        self.rebuild()
+
     def rebuild(self) -> None:
         """Encode the TURN body for the current history (raises ValueError for bad arguments)."""
         user = {"role": str(Role.USER), "content": self.text}

@@ -1,29 +1,23 @@
-"""The blocking client: :class:`Client` owns one ZeroMQ context and DEALER; :class:`Session`
-streams turns over it.
+"""The blocking client: :class:`Client` owns one ZeroMQ context and DEALER; each
+:class:`Session` streams its turns over it.
 
-Thread-safety: a :class:`Client` may be shared by threads, each driving its own sessions. Every
-use of the socket happens under one lock; whichever thread waits for a reply *reads for everyone*
-(it polls, receives with ``NOBLOCK`` and files each message under its request), while the others
-wait on a condition for their queue to fill. A socket pair wakes the reading thread when another
-thread has something to send, so nobody waits for a poll to time out. A :class:`Session` is driven
-by one thread at a time (a second concurrent ``send`` raises :class:`SessionBusy`), except
-:meth:`Session.cancel`, which takes no lock and may be called from any thread or a signal handler.
+Thread-safety: a :class:`Client` may be shared by threads, each driving its own sessions (the
+socket is shared under a lock, see :mod:`~kvroute.client.transport`; replies are routed to the
+request awaiting them). A :class:`Session` is driven by one thread at a time: a second request
+on it while one runs raises :class:`~kvroute.client.errors.SessionBusy` at once. The exception is
+:meth:`Session.cancel`, which takes no blocking lock and may be called from any thread, from a
+signal handler, or from inside the loop over :meth:`Session.send`.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 
-import zmq
-
-from kvroute.proto import EMPTY_BODY, Kind, Reply, TurnEnd, request_frames
-from kvroute.proto.limits import MAX_MSG_SIZE
+from kvroute.proto import EMPTY_BODY, Kind, TurnEnd, request_frames
 
 from .core import (
     DEFAULT_LINGER,
@@ -31,19 +25,16 @@ from .core import (
     DEFAULT_TIMEOUT,
     Attempt,
     Conversation,
-    Demux,
     Key,
     OnOverflow,
-    RequestIds,
     TurnStream,
     check_ack,
 )
 from .errors import ContextOverflow, KvrouteError, SessionBusy, Timeout
 from .result import TurnResult
+from .transport import Transport
 
 logger = logging.getLogger(__name__)
-
-_DRAIN_BATCH = 1024  # messages read per wake-up before letting waiting threads look
 
 
 class Client:
@@ -60,34 +51,17 @@ class Client:
         Seconds unsent frames may delay :meth:`close`.
 
     Options after ``timeout`` are keyword-only, so new ones (e.g. CURVE keys) can be added
-    without breaking callers. See the module docstring for thread-safety.
+    without breaking callers. Thread-safe: see the module docstring.
     """
 
     def __init__(
         self, url: str, timeout: float = DEFAULT_TIMEOUT, *, linger: float = DEFAULT_LINGER
     ) -> None:
-        if timeout <= 0:
+        if not timeout > 0:
             raise ValueError("timeout must be positive")
         self.url: str = url
         self.timeout: float = timeout
-        self._ids = RequestIds()
-        self._demux = Demux()
-        self._cond = threading.Condition()  # guards _demux and _reading
-        self._reading = False  # a thread is polling the socket for everyone
-        self._io = threading.Lock()  # guards the socket: one thread uses it at a time
-        self._outbox: deque[list[bytes]] = deque()  # frames any thread may post without a lock
-        self._closed = False
-        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, int(linger * 1000))
-        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MSG_SIZE)
-        self._sock.connect(url)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._poller = zmq.Poller()
-        self._poller.register(self._sock, zmq.POLLIN)
-        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._t = Transport(url, timeout, linger)
 
     def __enter__(self) -> Client:
         return self
@@ -98,16 +72,8 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Close the socket and context (idempotent). Sessions of this client stop working."""
-        if self._closed:
-            return
-        self._closed = True
-        self._wake()
-        with self._io:
-            self._sock.close()
-            self._ctx.term()
-            self._wake_r.close()
-            self._wake_w.close()
+        """Close the socket and context (idempotent); this client's sessions stop working."""
+        self._t.close()
 
     def session(
         self,
@@ -115,18 +81,23 @@ class Client:
         system: str | None = None,
         history: Iterable[Mapping[str, str]] | None = None,
     ) -> Session:
-        """A chat session over this client (no message is sent until the first turn).
+        """A chat session over this client (nothing is sent until its first request).
 
         Parameters
         ----------
         session_id
-            Resume a session by id; None for a new random one.
+            Resume a session by id (1..64 bytes of UTF-8); None for a new random one.
         system
             A system prompt (becomes the first history message).
         history
-            Earlier ``{"role", "content"}`` messages to start from.
+            Earlier ``{"role", "content"}`` messages to start from, e.g. a saved chat.
+
+        Raises
+        ------
+        ValueError
+            A bad session id or history entry.
         """
-        return Session(self, Conversation(session_id, system, history))
+        return Session(self._t, Conversation(session_id, system, history))
 
     def ping(self) -> float:
         """Round-trip time to the broker in seconds (checks the broker, not the workers).
@@ -136,109 +107,16 @@ class Client:
         Timeout
             No PONG within ``timeout``.
         """
-        rid = self._ids.next()
+        t, rid = self._t, self._t.ids.next()
         key = (b"", rid)
         t0 = time.perf_counter()
-        self._open(key)
+        t.open(key)
         try:
-            self._send(request_frames(Kind.PING, b"", rid))
-            check_ack(self._recv(key, "PONG"), Kind.PONG, "")
+            t.send(request_frames(Kind.PING, b"", rid))
+            check_ack(t.recv(key, "PONG"), Kind.PONG, "")
         finally:
-            self._close(key)
+            t.discard(key)
         return time.perf_counter() - t0
-
-    # --- plumbing used by Session ---------------------------------------------------------
-
-    def _open(self, key: Key) -> None:
-        with self._cond:
-            self._demux.open(key)
-
-    def _close(self, key: Key) -> None:
-        with self._cond:
-            self._demux.close(key)
-
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:  # buffer full (already awake) or closed: either way nothing to do
-            pass
-
-    def _send(self, frames: list[bytes]) -> None:
-        """Queue frames and send them now if the socket is free; else the thread holding it is
-        woken and sends them. Lock-free until the try-acquire, so safe from signal handlers."""
-        if self._closed:
-            raise KvrouteError("client is closed")
-        self._outbox.append(frames)
-        self._wake()
-        if self._io.acquire(blocking=False):
-            try:
-                self._flush()
-            finally:
-                self._io.release()
-
-    def _post_quietly(self, frames: list[bytes]) -> None:
-        try:
-            self._send(frames)
-        except KvrouteError:  # closed meanwhile: nothing left to tell
-            pass
-
-    def _flush(self) -> None:
-        """Send queued frames (caller holds ``_io``)."""
-        while self._outbox and not self._closed:
-            frames = self._outbox.popleft()
-            try:
-                self._sock.send_multipart(frames, zmq.NOBLOCK)
-            except zmq.Again:
-                # 1000 messages queued towards a broker that never took them: it is gone. The
-                # waiting caller gets Timeout; dropping here keeps memory bounded.
-                logger.warning("send queue to %s full; dropped a message", self.url)
-
-    def _recv(self, key: Key, waiting_for: str) -> Reply:
-        """The next reply for ``key``, reading the socket for everyone if nobody else is."""
-        deadline = time.monotonic() + self.timeout
-        while True:
-            with self._cond:
-                reply = self._demux.pop(key)
-                if reply is not None:
-                    return reply
-                if self._closed:
-                    raise KvrouteError("client is closed")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise Timeout(self.timeout, waiting_for, self.url)
-                if self._reading:
-                    self._cond.wait(remaining)
-                    continue
-                self._reading = True
-            got: list[list[bytes]] = []
-            try:
-                self._pump(remaining, got)
-            finally:
-                with self._cond:
-                    for frames in got:
-                        self._demux.dispatch(frames)
-                    self._reading = False
-                    self._cond.notify_all()
-
-    def _pump(self, seconds: float, got: list[list[bytes]]) -> None:
-        with self._io:
-            if self._closed:
-                return
-            self._flush()
-            events = dict(self._poller.poll(seconds * 1000))
-            if self._wake_r in events:
-                try:
-                    while self._wake_r.recv(4096):
-                        pass
-                except BlockingIOError:
-                    pass
-                self._flush()  # what woke us: frames another thread posted
-            if self._sock in events:
-                for _ in range(_DRAIN_BATCH):
-                    try:
-                        got.append(self._sock.recv_multipart(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
 
 
 class _Active:
@@ -261,18 +139,20 @@ class Session:
     (messages dropped so far by ``on_overflow="drop_oldest"``).
     """
 
-    def __init__(self, client: Client, conversation: Conversation) -> None:
-        self._client = client
+    def __init__(self, transport: Transport, conversation: Conversation) -> None:
+        self._t = transport
         self._conv = conversation
         self._claim = threading.Lock()  # held while a request of this session is running
         self._active: _Active | None = None
 
     @property
     def id(self) -> str:
+        """The session id."""
         return self._conv.id
 
     @property
     def history(self) -> list[dict[str, str]]:
+        """The messages sent with every turn (editable between turns)."""
         return self._conv.history
 
     @history.setter
@@ -281,10 +161,12 @@ class Session:
 
     @property
     def last(self) -> TurnResult | None:
+        """Result of the last finished turn (None before the first)."""
         return self._conv.last
 
     @property
     def dropped(self) -> int:
+        """Messages dropped so far by ``on_overflow="drop_oldest"``."""
         return self._conv.dropped
 
     def send(
@@ -344,7 +226,7 @@ class Session:
             return False
         active.cancel_requested = True
         if active.sent:
-            self._client._send(active.frames)
+            self._t.send_quietly(active.frames)
         return True
 
     def reset(self, *, keep_history: bool = False) -> None:
@@ -362,22 +244,23 @@ class Session:
     # --- internals --------------------------------------------------------------------------
 
     def _request(self, kind: Kind, ok: Kind) -> None:
-        c, sid = self._client, self._conv.key
+        t, sid = self._t, self._conv.key
         if not self._claim.acquire(blocking=False):
             raise SessionBusy(self.id)
-        key = (sid, c._ids.next())
+        key = (sid, t.ids.next())
         try:
-            c._open(key)
-            c._send(request_frames(kind, sid, key[1]))
-            check_ack(c._recv(key, f"{ok.name} reply"), ok, self.id)
+            t.open(key)
+            t.send(request_frames(kind, sid, key[1]))
+            check_ack(t.recv(key, f"{ok.name} reply"), ok, self.id)
         finally:
-            c._close(key)
+            t.discard(key)
             self._claim.release()
 
     def _stream(self, attempt: Attempt) -> Iterator[str]:
         if not self._claim.acquire(blocking=False):
             raise SessionBusy(self.id)
         try:
+            attempt.refresh(self._conv.history)  # as it is now, not when send() was called
             while True:
                 try:
                     yield from self._turn(attempt)
@@ -390,22 +273,22 @@ class Session:
             self._claim.release()
 
     def _turn(self, attempt: Attempt) -> Iterator[str]:
-        c, sid = self._client, self._conv.key
-        rid = c._ids.next()
+        t, sid = self._t, self._conv.key
+        rid = t.ids.next()
         key = (sid, rid)
         stream = TurnStream(self.id)
         active = _Active(request_frames(Kind.CANCEL, sid, rid, EMPTY_BODY))
         self._active = active
         t0 = time.perf_counter()
         ttft: float | None = None
-        c._open(key)
+        t.open(key)
         try:
-            c._send(request_frames(Kind.TURN, sid, rid, attempt.body))
+            t.send(request_frames(Kind.TURN, sid, rid, attempt.body))
             active.sent = True
             if active.cancel_requested:  # cancel() ran before the TURN was out
-                c._send(active.frames)
+                t.send(active.frames)
             while True:
-                out = stream.feed(c._recv(key, "TURN reply"))
+                out = stream.feed(t.recv(key, "TURN reply"))
                 if isinstance(out, TurnEnd):
                     elapsed = (time.perf_counter() - t0) * 1e3
                     self._conv.commit(attempt, out, stream.text, ttft, elapsed)
@@ -415,7 +298,7 @@ class Session:
                         ttft = (time.perf_counter() - t0) * 1e3
                     yield out
         except Timeout:
-            c._post_quietly(active.frames)  # best effort: the broker is probably gone
+            t.send_quietly(active.frames)  # best effort: the broker is probably gone
             raise
         except BaseException as exc:  # GeneratorExit (break), KeyboardInterrupt, client checks
             if not stream.done:
@@ -423,7 +306,7 @@ class Session:
                 self._drain(key, stream, attempt, active, t0, healthy=healthy)
             raise
         finally:
-            c._close(key)
+            t.discard(key)
 
     def _drain(
         self,
@@ -438,11 +321,10 @@ class Session:
         """Cancel a turn the caller walked away from and wait for its end, so the session is
         free for the next request. A healthy stream's partial reply is committed (the worker
         kept it); a broken one (client-side check failed) is only drained."""
-        c = self._client
         try:
-            c._send(active.frames)
+            self._t.send(active.frames)
             while not stream.done:
-                reply = c._recv(key, "END after CANCEL")
+                reply = self._t.recv(key, "END after CANCEL")
                 if not healthy:
                     stream.done = reply.kind is not Kind.TOKEN
                     continue
