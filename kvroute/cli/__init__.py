@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .app import main
 from .broker_cmd import broker
+from .chat_cmd import chat
 from .generate_cmd import generate, tokenize
 from .model_cmd import model
 from .serve_cmd import serve, worker
@@ -18,5 +19,6 @@ main.add_command(generate)
 main.add_command(tokenize)
 main.add_command(serve)
 main.add_command(worker)
+main.add_command(chat)
 
 __all__ = ["main"]

@@ -46,7 +46,9 @@ class GGUFFile:
         try:
             self._reader = gguf.GGUFReader(self.path, "r")
         except Exception as exc:  # the reader raises ValueError, IndexError, struct errors...
-            raise ModelLoadError(f"{self.path}: unreadable GGUF ({exc})") from exc
+            raise ModelLoadError(
+                f"{self.path}: unreadable GGUF, truncated or corrupt ({exc})"
+            ) from exc
         self._tensors = {t.name: t for t in self._reader.tensors}
         self.meta: dict[str, Any] = {}
         for key, field in self._reader.fields.items():
