@@ -5,7 +5,10 @@
 Three processes on loopback TCP: the broker (``kvroute.broker.Broker``), an echo worker (a DEALER
 on the backend that answers each TURN with ``--tokens`` TOKEN frames and an END, without decoding
 anything) and, for the baseline, a direct echo server (a ROUTER answering the same way). The
-client runs in this process and never decodes bodies either, so the figures are the broker's.
+client runs in this process and never decodes bodies either, and client and echo processes use
+the broker's own lean multipart calls (``kvroute.broker.wire``), so on a 2-core machine they take
+as little CPU from the broker as possible. ``cpu_*`` fields say who used the cores during each
+run (``cpu_foreign``: other processes on the machine, which make the figures pessimistic).
 
 - throughput: ``--window`` sessions each keep one turn in flight for ``--seconds``; frames/s
   counts every message through the broker (requests in + replies out). Two shapes: ``echo``
@@ -34,7 +37,7 @@ from typing import Any
 import psutil
 import zmq
 
-from kvroute.broker import Broker, BrokerConfig
+from kvroute.broker import Broker, BrokerConfig, wire
 from kvroute.proto import (
     CachePath,
     ChatMessage,
@@ -62,6 +65,24 @@ END_BODY = TurnEnd(
     reply_sha256("x"),
     TurnStats(20, 0, 20, 16, CachePath.COLD, ColdReason.NEW, 1.0, 2.0, "echo"),
 ).encode()
+
+
+# How the fake peers send and receive: the broker's lean calls, or stock pyzmq (--plain-peers).
+send_multipart: Any = wire.send_multipart
+recv_multipart: Any = wire.recv_multipart
+
+
+def _plain_send(sock: zmq.Socket[bytes], frames: list[bytes], flags: int = 0) -> None:
+    sock.send_multipart(frames, flags)
+
+
+def _plain_recv(sock: zmq.Socket[bytes], flags: int = zmq.NOBLOCK) -> list[bytes]:
+    return sock.recv_multipart(flags)
+
+
+def use_plain_pyzmq() -> None:
+    global send_multipart, recv_multipart
+    send_multipart, recv_multipart = _plain_send, _plain_recv
 
 
 def _socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int) -> zmq.Socket[bytes]:
@@ -95,11 +116,15 @@ def _echo(sock: zmq.Socket[bytes], frames: list[bytes], routed: bool, tokens: in
     if header != TURN_H:
         return
     for _ in range(tokens):
-        sock.send_multipart(token)
-    sock.send_multipart(end)
+        send_multipart(sock, token, 0)
+    send_multipart(sock, end, 0)
 
 
-def run_echo(address: str, bind: bool, q: mp.Queue[Any] | None, stop: Event, tokens: int) -> None:
+def run_echo(
+    address: str, bind: bool, q: mp.Queue[Any] | None, stop: Event, tokens: int, plain: bool
+) -> None:
+    if plain:
+        use_plain_pyzmq()
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     sock = _socket(ctx, zmq.ROUTER if bind else zmq.DEALER)
     if bind:
@@ -116,7 +141,7 @@ def run_echo(address: str, bind: bool, q: mp.Queue[Any] | None, stop: Event, tok
         if sock.poll(100):
             for _ in range(256):
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                    frames = recv_multipart(sock)
                 except zmq.Again:
                     break
                 if len(frames) in (5, 6):
@@ -154,9 +179,12 @@ def throughput(sock: zmq.Socket[bytes], window: int, seconds: float) -> dict[str
     t0 = time.perf_counter()
     deadline = t0 + seconds
     while True:
-        if not sock.poll(5000):
-            raise RuntimeError("throughput run stalled")
-        header, sid, _, _ = sock.recv_multipart()
+        try:
+            header, sid, _, _ = recv_multipart(sock)
+        except zmq.Again:  # poll only when the queue is empty: the client must stay cheap
+            if not sock.poll(5000):
+                raise RuntimeError("throughput run stalled") from None
+            continue
         received += 1
         if header == END_H:
             turns += 1
@@ -165,7 +193,7 @@ def throughput(sock: zmq.Socket[bytes], window: int, seconds: float) -> dict[str
                 break
             s = int(sid[1:])
             seq[s] += 1
-            sock.send_multipart([TURN_H, sid, b"%d" % seq[s], TURN_BODY])
+            send_multipart(sock, [TURN_H, sid, b"%d" % seq[s], TURN_BODY], 0)
             sent += 1
     elapsed = time.perf_counter() - t0
     # Drain what is still in flight so the next run starts clean (not counted).
@@ -176,6 +204,35 @@ def throughput(sock: zmq.Socket[bytes], window: int, seconds: float) -> dict[str
         "frames_per_s": round((sent + received) / elapsed),
         "turns_per_s": round(turns / elapsed),
     }
+
+
+class CpuMeter:
+    """CPU used during a block: by the first process (the broker, or the direct server), by all
+    of ours, and by everything else on the machine (other work makes the figures pessimistic)."""
+
+    def __init__(self, procs: list[psutil.Process]) -> None:
+        self.procs = procs
+        self.result: dict[str, float] = {}
+
+    @staticmethod
+    def _busy(t: Any) -> float:
+        return float(t.user + t.system + getattr(t, "nice", 0.0))
+
+    def __enter__(self) -> CpuMeter:
+        self.t0 = time.perf_counter()
+        self.sys0 = self._busy(psutil.cpu_times())
+        self.p0 = [self._busy(p.cpu_times()) for p in self.procs]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        dt = time.perf_counter() - self.t0
+        used = [self._busy(p.cpu_times()) - c for p, c in zip(self.procs, self.p0, strict=True)]
+        system = self._busy(psutil.cpu_times()) - self.sys0
+        self.result = {
+            "cpu_first": round(used[0] / dt, 2),
+            "cpu_ours": round(sum(used) / dt, 2),
+            "cpu_foreign": round(max(0.0, system - sum(used)) / dt, 2),
+        }
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -189,8 +246,15 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=10_000, help="Round trips per path.")
     ap.add_argument("--window", type=int, default=64, help="Sessions in flight.")
     ap.add_argument("--tokens", type=int, default=16, help="TOKEN frames per turn (stream).")
+    ap.add_argument(
+        "--plain-peers",
+        action="store_true",
+        help="Fake client and worker use stock pyzmq send/recv_multipart (they cost more CPU).",
+    )
     ap.add_argument("--json", type=Path, help="Also write the result here.")
     args = ap.parse_args()
+    if args.plain_peers:
+        use_plain_pyzmq()
 
     mpc = mp.get_context("spawn")
     stop = mpc.Event()
@@ -200,13 +264,19 @@ def main() -> None:
     frontend, backend = q.get(timeout=20)
     direct_q: mp.Queue[Any] = mpc.Queue()
     procs = [broker]
-    results: dict[str, Any] = {"cpus": os.cpu_count(), "window": args.window}
+    results: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "window": args.window,
+        "tokens_per_turn": args.tokens,
+        "peers": "pyzmq" if args.plain_peers else "wire",
+    }
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         for tokens, name in ((0, "echo"), (args.tokens, "stream")):
             stop_w = mpc.Event()
-            worker = mpc.Process(target=run_echo, args=(backend, False, None, stop_w, tokens))
-            direct_args = ("tcp://127.0.0.1:*", True, direct_q, stop_w, tokens)
+            worker_args = (backend, False, None, stop_w, tokens, args.plain_peers)
+            worker = mpc.Process(target=run_echo, args=worker_args)
+            direct_args = ("tcp://127.0.0.1:*", True, direct_q, stop_w, tokens, args.plain_peers)
             direct = mpc.Process(target=run_echo, args=direct_args)
             worker.start()
             direct.start()
@@ -236,13 +306,13 @@ def main() -> None:
                 results["latency"] = {
                     k: {q: round(v, 4) for q, v in d.items()} for k, d in lat.items()
                 }
-            proc = psutil.Process(broker.pid)
-            cpu0, t0 = proc.cpu_times(), time.perf_counter()
-            tp = throughput(via_broker, args.window, args.seconds)
-            cpu1, t1 = proc.cpu_times(), time.perf_counter()
-            busy = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (t1 - t0)
-            results[f"{name}_via_broker"] = {**tp, "broker_cpu": round(busy, 2)}
-            results[f"{name}_direct"] = throughput(via_direct, args.window, args.seconds)
+            ours = [psutil.Process(p.pid) for p in (broker, worker)] + [psutil.Process()]
+            with CpuMeter(ours) as cpu:
+                tp = throughput(via_broker, args.window, args.seconds)
+            results[f"{name}_via_broker"] = {**tp, **cpu.result}
+            with CpuMeter([psutil.Process(direct.pid), psutil.Process()]) as cpu:
+                tp = throughput(via_direct, args.window, args.seconds)
+            results[f"{name}_direct"] = {**tp, **cpu.result}
             via_broker.close()
             via_direct.close()
             stop_w.set()

@@ -62,25 +62,11 @@ from kvroute.proto.kinds import (
     VERSION,
 )
 
-STATS = TurnStats(
-    prompt_tokens=40,
-    cached_tokens=30,
-    prefill_tokens=10,
-    generated_tokens=5,
-    path=CachePath.TEXT_PREFIX,
-    cold_reason=None,
-    ttft_ms=12.5,
-    decode_ms=80.0,
-    worker="w0",
-)
-TURN = TurnRequest(
-    messages=(ChatMessage(Role.SYSTEM, "be brief"), ChatMessage(Role.USER, "héllo ✓")),
-    max_tokens=64,
-    temperature=0.7,
-    top_p=0.9,
-    top_k=40,
-    seed=2**64 - 1,
-)
+# prompt, cached, prefill, generated, path, cold_reason, ttft_ms, decode_ms, worker
+STATS = TurnStats(40, 30, 10, 5, CachePath.TEXT_PREFIX, None, 12.5, 80.0, "w0")
+HISTORY = (ChatMessage(Role.SYSTEM, "be brief"), ChatMessage(Role.USER, "héllo ✓"))
+TURN = TurnRequest(HISTORY, max_tokens=64, temperature=0.7, top_p=0.9, top_k=40, seed=2**64 - 1)
+_DELETE = object()  # marks a field to remove in turn_map()
 BODIES: list[Body] = [
     TURN,
     TurnRequest(messages=[ChatMessage(Role.USER, "")], max_tokens=1),  # defaults, seed nil
@@ -96,9 +82,7 @@ BODIES: list[Body] = [
     Overflow(prompt_tokens=2000, max_tokens=100, n_ctx=2048),
     ErrorReply(ErrorCode.NO_WORKER, "no live worker"),
     SessionLost("w0", LostReason.HEARTBEAT_TIMEOUT, retryable=True),
-    Ready(
-        worker="w0", pid=1234, epoch=1_700_000_000_000_000_000, capacity=8, model="m", n_ctx=2048
-    ),
+    Ready("w0", pid=1234, epoch=1_700_000_000_000_000_000, capacity=8, model="m", n_ctx=2048),
     Heartbeat(load=2, sessions=10, kv_bytes=123456789),
     Disconnect("unknown worker"),
 ]
@@ -114,9 +98,6 @@ def turn_map(**changes: Any) -> dict[str, Any]:
     body = TURN.to_map()
     body.update(changes)
     return {k: v for k, v in body.items() if v is not _DELETE}
-
-
-_DELETE = object()
 
 
 # --- round trips ----------------------------------------------------------------------------
@@ -166,14 +147,7 @@ def test_broker_to_worker_round_trip(kind: Kind, flags: int) -> None:
 @pytest.mark.parametrize("kind", sorted(REPLY_KINDS))
 def test_worker_reply_round_trip(kind: Kind) -> None:
     msg = parse_backend([b"W", *reply_frames(kind, b"C", b"sess", b"req", b"\x80")])
-    assert isinstance(msg, WorkerReply)
-    assert (msg.worker, msg.kind, msg.client, msg.session_id, msg.request_id) == (
-        b"W",
-        kind,
-        b"C",
-        b"sess",
-        b"req",
-    )
+    assert msg == WorkerReply(b"W", kind, b"C", b"sess", b"req", HEADERS[kind], b"\x80")
 
 
 @pytest.mark.parametrize("kind", [Kind.READY, Kind.HEARTBEAT, Kind.DISCONNECT, Kind.ERROR])
@@ -400,7 +374,6 @@ msgpack_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner),
     max_leaves=12,
 )
-TURN_KEYS = list(TURN.to_map())
 
 
 @settings(max_examples=300, deadline=None)
@@ -412,7 +385,7 @@ def test_fuzz_random_bytes(frame: bytes) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from([*TURN_KEYS, "x"]), msgpack_values, max_size=8))
+@given(st.dictionaries(st.sampled_from([*TURN.to_map(), "x"]), msgpack_values, max_size=8))
 def test_fuzz_turn_maps(body: dict[str, Any]) -> None:
     with contextlib.suppress(ProtocolViolation):
         TurnRequest.decode(msgpack.packb(body))

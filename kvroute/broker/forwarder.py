@@ -31,6 +31,7 @@ from kvroute.proto.kinds import HEADERS, TERMINAL_KINDS, Kind
 
 from .config import BrokerStats
 from .routing import Action, InFlight, LostWorker, Orphan, Route, RoutingTable
+from .wire import send_multipart
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class Sent(Enum):
 def send(sock: zmq.Socket[bytes], frames: list[bytes]) -> Sent:
     """Send without blocking; other errors than Again / EHOSTUNREACH propagate (bugs)."""
     try:
-        sock.send_multipart(frames, zmq.NOBLOCK)
+        send_multipart(sock, frames)
         return Sent.OK
     except zmq.Again:
         return Sent.FULL
@@ -81,8 +82,6 @@ class Forwarder:
     ) -> None:
         self.front, self.back, self.table, self.stats = front, back, table, stats
         self._on_worker_exit = on_worker_exit
-
-    # --- clients ----------------------------------------------------------------------------
 
     # --- clients ----------------------------------------------------------------------------
 
@@ -185,8 +184,8 @@ class Forwarder:
             return
         # The hot path (every TOKEN): send inline rather than through send().
         try:
-            self.front.send_multipart(
-                [fl.client, msg.header, msg.session_id, msg.request_id, msg.body], zmq.NOBLOCK
+            send_multipart(
+                self.front, [fl.client, msg.header, msg.session_id, msg.request_id, msg.body]
             )
             return
         except zmq.Again:

@@ -157,7 +157,17 @@ class RoutingTable:
             old.last_seen = now
             return []
         lost = []
-        for stale in {key, self._by_id.get(ready.worker)}:
+        other = self._by_id.get(ready.worker)
+        if (
+            other is not None
+            and other != key
+            and now - self.workers[other].last_seen < self.expiry_s / 3
+        ):
+            # A restart normally comes after the old connection went quiet; one heard from in
+            # the last heartbeat interval or so usually means two workers share an id (they
+            # will keep replacing each other).
+            logger.warning("worker id %s registered from a second, live connection", ready.worker)
+        for stale in {key, other}:
             if stale is not None and stale in self.workers:
                 lost.append(self._drop(stale, LostReason.RESTARTED))
         self._order += 1

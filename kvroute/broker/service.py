@@ -25,6 +25,7 @@ from .config import BrokerConfig, BrokerStats
 from .forwarder import Forwarder
 from .routing import RoutingTable
 from .watch import Watch
+from .wire import recv_multipart
 
 logger = logging.getLogger(__name__)
 
@@ -199,10 +200,9 @@ def _drain(
 ) -> None:
     """Receive and handle up to ``batch`` messages without blocking (then let the other socket
     have a turn: one flooding peer must not starve the rest)."""
-    recv = sock.recv_multipart
     for _ in range(batch):
         try:
-            frames = recv(zmq.NOBLOCK)
+            frames = recv_multipart(sock)
         except zmq.Again:
             return
         try:

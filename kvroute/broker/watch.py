@@ -63,7 +63,8 @@ class Watch:
             poller.register(fd, zmq.POLLIN)
 
     def fired(self, poller: zmq.Poller, fd: int) -> str | None:
-        """A sentinel became readable: stop watching it; returns its worker id."""
+        """A sentinel became readable (or was closed: poll reports an error, which counts the
+        same): stop watching it; returns its worker id."""
         poller.unregister(fd)
         return self._sentinels.pop(fd, None)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import signal
 import threading
 from types import FrameType
@@ -13,22 +13,27 @@ from kvroute.broker import Broker, BrokerConfig, BrokerError
 
 from .app import echo_err, user_errors
 
+logger = logging.getLogger(__name__)
 _DEFAULTS = BrokerConfig()
 
 
 @click.command()
-@click.option("--frontend", default=_DEFAULTS.frontend, show_default=True, help="Clients bind.")
-@click.option("--backend", default=_DEFAULTS.backend, show_default=True, help="Workers bind.")
+@click.option(
+    "--frontend", default=_DEFAULTS.frontend, show_default=True, help="Bind here for clients."
+)
+@click.option(
+    "--backend", default=_DEFAULTS.backend, show_default=True, help="Bind here for workers."
+)
 @click.option(
     "--heartbeat",
-    type=float,
+    type=click.FloatRange(min=0.01),
     default=_DEFAULTS.heartbeat_interval,
     show_default=True,
     help="Seconds between heartbeats.",
 )
 @click.option(
     "--liveness",
-    type=int,
+    type=click.IntRange(min=1),
     default=_DEFAULTS.liveness,
     show_default=True,
     help="Silent heartbeat intervals before a worker is declared lost.",
@@ -57,6 +62,8 @@ def broker(frontend: str, backend: str, heartbeat: float, liveness: int) -> None
             )
             while not stop.wait(0.2) and thread.is_alive():
                 pass
+            if not stop.is_set():
+                raise BrokerError("the broker stopped unexpectedly (see the log above)")
     finally:
         b.close()
         thread.join(timeout=5.0)
@@ -65,5 +72,9 @@ def broker(frontend: str, backend: str, heartbeat: float, liveness: int) -> None
 
 
 def _run(b: Broker) -> None:
-    with contextlib.suppress(BrokerError):  # wait_bound reports it in the main thread
+    try:
         b.run()
+    except BrokerError:
+        pass  # wait_bound reports it in the main thread
+    except Exception:
+        logger.exception("broker failed")

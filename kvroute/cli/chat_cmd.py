@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from types import FrameType
 
 import click
@@ -23,6 +24,7 @@ from kvroute.client import (
     DEFAULT_TIMEOUT,
     Client,
     KvrouteError,
+    OnOverflow,
     ServiceUnavailable,
     Session,
     SessionLost,
@@ -106,6 +108,15 @@ def _cancel_on_ctrl_c(session: Session) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+@dataclass(frozen=True)
+class ReplyOptions:
+    """What every turn of the REPL asks for."""
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 0.0
+    on_overflow: OnOverflow = "drop_oldest"  # a chat should go on, not stop at the context end
+
+
 class ChatRepl:
     """The read-eval-print loop over one session.
 
@@ -113,18 +124,18 @@ class ChatRepl:
     ----------
     session
         The chat session.
-    send_options
-        Keyword arguments for every :meth:`Session.send`.
+    options
+        Sampling and overflow policy of every turn.
     read_line
         Returns the next line without its newline; raises EOFError at the end of input and
         KeyboardInterrupt on Ctrl-C.
     """
 
     def __init__(
-        self, session: Session, send_options: dict[str, object], read_line: Callable[[str], str]
+        self, session: Session, options: ReplyOptions, read_line: Callable[[str], str]
     ) -> None:
         self.session = session
-        self.send_options = send_options
+        self.options = options
         self.read_line = read_line
 
     def run(self) -> None:
@@ -197,7 +208,11 @@ class ChatRepl:
 
     def _stream(self, text: str) -> None:
         with _cancel_on_ctrl_c(self.session):
-            for piece in self.session.send(text, **self.send_options):  # type: ignore[arg-type]
+            o = self.options
+            stream = self.session.send(
+                text, max_tokens=o.max_tokens, temperature=o.temperature, on_overflow=o.on_overflow
+            )
+            for piece in stream:
                 click.echo(piece, nl=False)
         last = self.session.last
         assert last is not None, "a turn that ended normally has a result"
@@ -241,14 +256,14 @@ def _line_reader() -> Callable[[str], str]:
 @click.option(
     "--max-tokens",
     type=click.IntRange(1, MAX_MAX_TOKENS),
-    default=DEFAULT_MAX_TOKENS,
+    default=ReplyOptions.max_tokens,
     show_default=True,
     help="Longest reply, in tokens.",
 )
 @click.option(
     "--temperature",
     type=click.FloatRange(0.0, MAX_TEMPERATURE),
-    default=0.0,
+    default=ReplyOptions.temperature,
     show_default=True,
     help="Sampling temperature (0: greedy).",
 )
@@ -262,7 +277,7 @@ def _line_reader() -> Callable[[str], str]:
 @click.option(
     "--overflow",
     type=click.Choice(["drop_oldest", "raise"]),
-    default="drop_oldest",
+    default=ReplyOptions.on_overflow,
     show_default=True,
     help="When the conversation outgrows the context: drop the oldest turns, or stop.",
 )
@@ -275,11 +290,9 @@ def chat(
     overflow: str,
 ) -> None:
     """Chat with a kvroute service: streaming replies, /reset, /stats, /exit."""
-    options: dict[str, object] = {
-        "max_tokens": max_tokens,
-        "temperature": temperature,
-        "on_overflow": overflow,
-    }
+    options = ReplyOptions(
+        max_tokens, temperature, "raise" if overflow == "raise" else "drop_oldest"
+    )
     with Client(url, timeout=timeout) as client:
         session = client.session(system=system)
         click.echo(f"kvroute chat · {url} · session {session.id} · /help for commands", err=True)

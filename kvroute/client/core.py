@@ -164,6 +164,7 @@ class Attempt:
             turn = _oldest_turn(self.history)
             if not turn:
                 break
+            # +1: template markup adds tokens per message; guessing low only costs a retry.
             freed += sum(len(self.history[i]["content"]) for i in turn) / chars_per_token + 1
             for i in reversed(turn):
                 del self.history[i]

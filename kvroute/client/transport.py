@@ -111,12 +111,15 @@ class Transport:
         if self._closed:
             raise KvrouteError("client is closed")
         self._outbox.append(frames)
-        self._wake()
         if self._io.acquire(blocking=False):
             try:
                 self._flush()
             finally:
                 self._io.release()
+        else:
+            # The holder is most likely in poll: wake it and it flushes; if it is past its last
+            # flush, the next receive of any thread flushes first thing.
+            self._wake()
 
     def send_quietly(self, frames: list[bytes]) -> None:
         """Best-effort :meth:`send` (e.g. a CANCEL on the way out of an error)."""

@@ -61,9 +61,20 @@ Errors and limits
 -----------------
 Untrusted bytes are validated at the edge and answered with ERROR to their sender only; a frame
 above the socket's ``MAXMSGSIZE`` (4 MiB) is dropped by ZeroMQ. Validation raises
-:class:`ProtocolViolation` (``code``, ``message``); codes are in :class:`ErrorCode`, limits in
-:mod:`kvroute.proto.limits`. Unknown body fields are rejected (a typo must not become a default);
-a new field means a new version.
+:class:`ProtocolViolation` (``code``, ``message``); codes are in :class:`ErrorCode`: bad_frame,
+bad_version, unknown_kind, bad_body, out_of_range, too_large, no_worker, overloaded,
+slow_consumer, shutting_down, internal (not_owner and limit are reserved for issue 7). Unknown
+body fields are rejected (a typo must not become a default); a new field means a new version.
+
+Limits (:mod:`kvroute.proto.limits`): session id 1..64 bytes, request id 1..32 bytes, body
+<= 1 MiB; TURN: 1..1024 messages, <= 256 Ki characters of content in total, last message from
+the user, max_tokens 1..32768, temperature finite 0..100, 0 < top_p <= 1, top_k 0..2**20, seed
+0..2**64-1 or nil; TOKEN: <= 4096 ids, <= 64 Ki characters; names (worker, model, reason) <= 128
+characters; ERROR message <= 1024 characters; READY capacity 1..4096, n_ctx 1..2**24.
+
+Who checks what: the broker checks headers and routing-frame sizes of every message (cheap
+length comparisons) and decodes only control bodies addressed to it; a request's body is
+validated by the worker, a reply's by the client.
 """
 
 from .control import Disconnect, ErrorReply, Heartbeat, LostReason, Ready, SessionLost, error_body
