@@ -20,6 +20,7 @@ Definitions (all client-side unless marked worker-side):
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -31,7 +32,7 @@ from kvroute.proto import ColdReason
 ERROR_KINDS: tuple[str, ...] = ("overflow", "busy", "lost", "timeout", "other")
 """How failed requests are counted (see :func:`classify_error`)."""
 QUANTILES: tuple[int, ...] = (50, 90, 99)
-TIMELINE_MAX_BINS = 120  # enough resolution for a plot, few enough to keep the JSON small
+TIMELINE_BINS = 60  # enough resolution for a plot, few enough to keep the JSON small
 
 
 def classify_error(exc: BaseException) -> str:
@@ -112,7 +113,7 @@ class TurnRecord:
     def itl_ms(self) -> list[float]:
         """Gaps between consecutive pieces."""
         p = self.pieces
-        return [(b - a) * 1e3 for a, b in zip(p, p[1:], strict=False)]
+        return [(b - a) * 1e3 for a, b in itertools.pairwise(p)]
 
     @property
     def tpot_ms(self) -> float | None:
@@ -193,6 +194,7 @@ class Summary:
     per_turn: list[TurnIndexStats]
     workers: dict[str, WorkerLoad]
     timeline: list[tuple[float, float]]  # (bin start s, output tok/s in the bin)
+    timeline_bin_s: float
     error_examples: dict[str, str]  # one message per error kind, to tell the user what failed
 
 
@@ -305,18 +307,17 @@ def _workers(warm: list[TurnRecord], probes: list[TurnRecord]) -> dict[str, Work
     return dict(sorted(load.items()))
 
 
-def _timeline(warm: list[TurnRecord], t0: float, duration: float) -> list[tuple[float, float]]:
-    """Output tok/s per time bin; a turn's tokens are spread evenly over its pieces (a piece can
-    carry several tokens when a character spans them)."""
-    if duration <= 0:
+def _timeline(warm: list[TurnRecord], t0: float, width: float) -> list[tuple[float, float]]:
+    """Output tok/s per time bin of ``width`` s; a turn's tokens are spread evenly over its
+    pieces (a piece can carry several tokens when a character spans them)."""
+    if width <= 0:
         return []
-    width = max(1.0, duration / TIMELINE_MAX_BINS)
-    bins = [0.0] * (int(duration / width) + 1)
+    bins = [0.0] * TIMELINE_BINS
     for r in warm:
         if r.ok and r.pieces:
             per_piece = r.generated_tokens / len(r.pieces)
             for t in r.pieces:
-                bins[min(int((t - t0) / width), len(bins) - 1)] += per_piece
+                bins[min(int((t - t0) / width), TIMELINE_BINS - 1)] += per_piece
     return [(i * width, n / width) for i, n in enumerate(bins)]
 
 
@@ -361,6 +362,7 @@ def summarize(records: Iterable[TurnRecord]) -> Summary:
         finish_reasons=dict(Counter(r.finish_reason for r in ok if r.finish_reason is not None)),
         per_turn=_per_turn(warm, probes),
         workers=_workers(warm, probes),
-        timeline=_timeline(warm, t0, duration),
+        timeline=_timeline(warm, t0, duration / TIMELINE_BINS),
+        timeline_bin_s=duration / TIMELINE_BINS,
         error_examples=examples,
     )

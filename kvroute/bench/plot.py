@@ -43,6 +43,7 @@ def write_plot(summary: Summary, path: str | Path, title: str = "kvroute bench")
 
     matplotlib.use("Agg")  # no display needed; must precede pyplot's first import
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
     fig, (ax_ttft, ax_tps) = plt.subplots(1, 2, figsize=(12, 4.5))
     try:
@@ -65,11 +66,15 @@ def write_plot(summary: Summary, path: str | Path, title: str = "kvroute bench")
             ylabel="TTFT (ms, client-side)",
         )
         ax_ttft.set_yscale("log")  # warm and cold differ by an order of magnitude or more
+        ax_ttft.yaxis.set_major_formatter(ScalarFormatter())  # 100, 1000 rather than 10^2, 10^3
+        ax_ttft.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax_ttft.grid(True, which="both", alpha=0.3)
         ax_ttft.legend()
 
-        ts = [t for t, _ in summary.timeline]
-        ax_tps.step(ts, [v for _, v in summary.timeline], where="post")
+        edges = [t for t, _ in summary.timeline]
+        if edges:
+            edges.append(edges[-1] + summary.timeline_bin_s)
+            ax_tps.stairs([v for _, v in summary.timeline], edges, label="per bin")
         ax_tps.axhline(summary.output_tok_s, color="gray", ls=":", label="run average")
         ax_tps.set(
             title="Output tokens per second over time",

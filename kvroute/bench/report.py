@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.table import Table
 
 from .metrics import Summary
@@ -24,7 +25,7 @@ MAX_VIOLATIONS_SHOWN = 10
 def to_json(summary: Summary, meta: Mapping[str, Any]) -> dict[str, Any]:
     """The summary as a JSON-ready dict, with ``meta`` (options, service, versions) attached."""
     doc = dataclasses.asdict(summary)
-    doc["timeline"] = [{"t_s": t, "tok_s": v} for t, v in summary.timeline]
+    doc["timeline"] = [{"t_s": t, "tok_s": v} for t, v in summary.timeline]  # self-describing
     return {"schema": SCHEMA, "meta": dict(meta), **doc}
 
 
@@ -82,44 +83,41 @@ def overview(s: Summary) -> Table:
         t.add_row("probe errors", _counts(s.probe_errors))
     style = "red" if s.violations else "green"
     t.add_row("stickiness violations", f"[{style}]{len(s.violations)}[/{style}]")
-    t.add_row("error rate", f"{100 * s.error_rate:.1f}%  ({failed} failed + violations)")
+    t.add_row(
+        "error rate",
+        f"{100 * s.error_rate:.1f}%  ({failed} failed + {len(s.violations)} violations"
+        f" of {s.requests} requests)",
+    )
     return t
 
 
 def per_turn(s: Summary) -> Table:
-    """TTFT and cache reuse against turn index (and cold TTFT with ``--compare-cold``)."""
-    t = Table(title="per turn index", title_justify="left")
-    for name in ("turn", "n", "err", "prompt tok", "cache hit", "TTFT p50/p90/p99", "worker p50"):
-        t.add_column(name, justify="right")
+    """TTFT and cache reuse against turn index (and cold TTFT with ``--compare-cold``).
+
+    ``worker`` columns are the workers' own TTFT (TURN received -> first token), without the
+    client's and broker's share; ``cold/warm`` is cold p50 over warm p50 TTFT.
+    """
+    t = Table(title="per turn index (TTFT in ms)", title_justify="left", box=box.SIMPLE_HEAD)
+    names = ["turn", "n", "err", "prompt tok", "cache hit", "TTFT p50", "p90", "p99", "worker"]
     cold = s.probes > 0
     if cold:
-        for name in ("cold TTFT p50", "cold worker p50", "cold/warm", "worker cold/warm"):
-            t.add_column(name, justify="right")
+        names += ["cold p50", "cold worker", "cold/warm", "worker c/w"]
+    for name in names:
+        t.add_column(name, justify="right")
     for r in s.per_turn:
         prompt = "-" if r.prompt_tokens is None else f"{r.prompt_tokens:.0f}"
-        row = [
-            str(r.turn),
-            str(r.n),
-            str(r.errors),
-            prompt,
-            _pct(r.cache_hit),
-            _pcts(r.ttft_ms),
-            _ms(r.worker_ttft_ms),
-        ]
+        row = [str(r.turn), str(r.n), str(r.errors), prompt, _pct(r.cache_hit)]
+        row += [_ms(v) for v in r.ttft_ms.values()] + [_ms(r.worker_ttft_ms)]
         if cold:
-            row += [
-                _ms(r.cold_ttft_ms["p50"]),
-                _ms(r.cold_worker_ttft_ms),
-                _x(r.speedup),
-                _x(r.worker_speedup),
-            ]
+            row += [_ms(r.cold_ttft_ms["p50"]), _ms(r.cold_worker_ttft_ms)]
+            row += [_x(r.speedup), _x(r.worker_speedup)]
         t.add_row(*row)
     return t
 
 
 def workers(s: Summary) -> Table:
     """What each worker served: the balance the broker's placement achieved."""
-    t = Table(title="per worker", title_justify="left")
+    t = Table(title="per worker", title_justify="left", box=box.SIMPLE_HEAD)
     for name in ("worker", "sessions", "turns", "share", "generated tok", "prefill tok", "probes"):
         t.add_column(name, justify="right")
     total = sum(w.turns for w in s.workers.values()) or 1

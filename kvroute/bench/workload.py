@@ -214,7 +214,7 @@ def _parse_line(line: str, where: str) -> Script:
 def file_workload(
     scripts: list[Script], n_sessions: int, n_turns: int, first: int = 0
 ) -> list[Script]:
-    """Scripts of sessions ``first ..`` from file conversations (cycled), each cut to ``n_turns``."""
+    """Scripts of sessions ``first ..``: file conversations, cycled, cut to ``n_turns`` turns."""
     assert scripts, "load_jsonl never returns an empty list"
     chosen = (scripts[(first + i) % len(scripts)] for i in range(n_sessions))
     return [Script(s.system, s.turns[:n_turns]) for s in chosen]
