@@ -113,3 +113,11 @@ def test_top_p_one_keeps_everything() -> None:
     logits = np.zeros(6, dtype=np.float32)
     counts = draw(SamplingParams(temperature=1.0, top_p=1.0, seed=11), logits, 6_000)
     assert chi_square(counts, np.full(6, 1 / 6)) < CHI2_999[5]
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-310, 1e-308, 1e-30])
+def test_tiny_temperature_is_greedy_not_nan(temperature: float) -> None:
+    """Dividing raw logits by a subnormal temperature overflowed to inf (NaN probabilities)."""
+    logits = np.random.default_rng(3).standard_normal(64).astype(np.float32) * 20
+    sampler = Sampler(SamplingParams(temperature=temperature, seed=0, top_k=8, top_p=0.9))
+    assert sampler(logits) == int(np.argmax(logits))

@@ -221,15 +221,17 @@ def apart(model_path: Path, tmp_path: Path) -> Iterator[tuple[str, dict[str, Pro
         )
         for wid in ("wa", "wb")
     }
-    deadline = time.monotonic() + 120
-    while not all(f"worker {wid} pid" in w.log.read_text() for wid, w in workers.items()):
-        assert time.monotonic() < deadline, "workers did not start"
-        time.sleep(0.2)
-    time.sleep(3 * HEARTBEAT)
-    yield front, workers
-    for w in workers.values():
-        w.stop()
-    broker.stop()
+    try:
+        deadline = time.monotonic() + 120
+        while not all(f"worker {wid} pid" in w.log.read_text() for wid, w in workers.items()):
+            assert time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.2)
+        time.sleep(3 * HEARTBEAT)
+        yield front, workers
+    finally:  # also when start-up failed: never leave processes behind
+        for w in workers.values():
+            w.stop()
+        broker.stop()
 
 
 @pytest.mark.model

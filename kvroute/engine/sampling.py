@@ -47,7 +47,12 @@ class Sampler:
         p = self.params
         if p.temperature <= 0.0:
             return int(np.argmax(logits))
-        scaled = logits.astype(np.float64) / p.temperature
+        # Shift before dividing: a tiny temperature (even a subnormal one) then sends every
+        # logit but the best towards -inf instead of overflowing them all to +inf (NaN probs).
+        logits = logits.astype(np.float64)
+        with np.errstate(over="ignore", divide="ignore"):
+            scaled = (logits - logits.max()) / p.temperature
+        scaled = np.nan_to_num(scaled, nan=-np.inf, neginf=-np.inf)
         ids = np.arange(scaled.shape[0])
         if 0 < p.top_k < scaled.shape[0]:
             ids = np.argpartition(scaled, -p.top_k)[-p.top_k :]

@@ -158,7 +158,13 @@ class Scheduler:
                 events.append(self._fail(turn))
             return events
         for turn, row in zip(batch, logits, strict=True):
-            piece = turn.on_logits(row)
+            try:
+                piece = turn.on_logits(row)
+            except Exception:
+                # A bug in one turn's sampling must not take the worker and the others down.
+                logger.exception("sampling failed for session %r", turn.session.session_id)
+                events.append(self._fail(turn))
+                continue
             if piece is not None:
                 events.append(piece)
             if turn.done:
