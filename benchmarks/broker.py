@@ -156,12 +156,15 @@ def run_echo(
 # --- measurements -----------------------------------------------------------------------------
 
 
-def round_trips(sock: zmq.Socket[bytes], n: int) -> list[float]:
-    """``n`` sequential TURN -> END round trips on one session; seconds each."""
+def round_trips(sock: zmq.Socket[bytes], n: int, tag: bytes = b"") -> list[float]:
+    """``n`` sequential TURN -> END round trips on one session; seconds each.
+
+    ``tag`` prefixes session ids: each client socket needs its own, as sessions belong to the
+    client that created them (issue 7) and a new socket is a new client."""
     out = []
     for i in range(n):
         t0 = time.perf_counter()
-        sock.send_multipart([TURN_H, b"lat", b"%d" % i, TURN_BODY])
+        sock.send_multipart([TURN_H, tag + b"lat", b"%d" % i, TURN_BODY])
         while True:
             assert sock.poll(5000), "no reply"
             if sock.recv_multipart()[0] == END_H:
@@ -170,11 +173,15 @@ def round_trips(sock: zmq.Socket[bytes], n: int) -> list[float]:
     return out
 
 
-def throughput(sock: zmq.Socket[bytes], window: int, seconds: float) -> dict[str, float]:
-    """Keep ``window`` sessions busy for ``seconds``; messages counted both ways."""
+def throughput(
+    sock: zmq.Socket[bytes], window: int, seconds: float, tag: bytes = b""
+) -> dict[str, float]:
+    """Keep ``window`` sessions busy for ``seconds``; messages counted both ways (``tag``: as
+    in :func:`round_trips`)."""
     seq = [0] * window
-    for s in range(window):
-        sock.send_multipart([TURN_H, b"s%d" % s, b"0", TURN_BODY])
+    index = {tag + b"s%d" % s: s for s in range(window)}
+    for sid in index:
+        sock.send_multipart([TURN_H, sid, b"0", TURN_BODY])
     sent = received = turns = 0
     t0 = time.perf_counter()
     deadline = t0 + seconds
@@ -191,7 +198,7 @@ def throughput(sock: zmq.Socket[bytes], window: int, seconds: float) -> dict[str
             now = time.perf_counter()
             if now >= deadline:
                 break
-            s = int(sid[1:])
+            s = index[sid]
             seq[s] += 1
             send_multipart(sock, [TURN_H, sid, b"%d" % seq[s], TURN_BODY], 0)
             sent += 1
@@ -286,14 +293,14 @@ def main() -> None:
             via_broker.connect(frontend)
             via_direct.connect(direct_addr)
             time.sleep(0.5)  # the worker registers
-            round_trips(via_broker, 500)  # warm-up
+            round_trips(via_broker, 500, name.encode())  # warm-up
             round_trips(via_direct, 500)
             if name == "echo":
                 rtt_b: list[float] = []
                 rtt_d: list[float] = []
                 block = max(1, args.samples // 10)
                 for _ in range(10):
-                    rtt_b += round_trips(via_broker, block)
+                    rtt_b += round_trips(via_broker, block, name.encode())
                     rtt_d += round_trips(via_direct, block)
                 lat = {
                     "direct_rtt_ms": {"p50": pct(rtt_d, 0.5) * 1e3, "p99": pct(rtt_d, 0.99) * 1e3},
@@ -308,7 +315,7 @@ def main() -> None:
                 }
             ours = [psutil.Process(p.pid) for p in (broker, worker)] + [psutil.Process()]
             with CpuMeter(ours) as cpu:
-                tp = throughput(via_broker, args.window, args.seconds)
+                tp = throughput(via_broker, args.window, args.seconds, name.encode())
             results[f"{name}_via_broker"] = {**tp, **cpu.result}
             with CpuMeter([psutil.Process(direct.pid), psutil.Process()]) as cpu:
                 tp = throughput(via_direct, args.window, args.seconds)

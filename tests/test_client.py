@@ -25,6 +25,7 @@ from kvroute import (
     Client,
     ContextOverflow,
     KvrouteError,
+    NotOwner,
     ProtocolError,
     ServiceUnavailable,
     SessionBusy,
@@ -215,6 +216,26 @@ def test_session_busy_locally(tiny_service: Harness) -> None:
         list(s.send("two", max_tokens=2))  # free again once the first turn ended
 
 
+def test_another_client_is_not_the_owner(tiny_service: Harness) -> None:
+    url = tiny_service.frontend
+    with Client(url, timeout=TIMEOUT) as one, Client(url, timeout=TIMEOUT) as two:
+        mine = one.session()
+        list(mine.send("hello", max_tokens=3))
+        theirs = two.session(session_id=mine.id, history=mine.history)
+        for act in (lambda: list(theirs.send("mine now")), theirs.reset, theirs.close):
+            with pytest.raises(NotOwner):
+                act()
+        assert len(theirs.history) == 2  # unchanged, like the session on the service
+        list(mine.send("still mine", max_tokens=3))
+        assert mine.last is not None and mine.last.path == CachePath.TEXT_PREFIX
+    assert one.owner_token != two.owner_token
+    # The owner token resumes the sessions from another client (one connection at a time).
+    with Client(url, timeout=TIMEOUT, owner_token=one.owner_token) as resumed:
+        again = resumed.session(session_id=mine.id, history=mine.history)
+        list(again.send("back again", max_tokens=3))
+        assert again.last is not None and again.last.path == CachePath.TEXT_PREFIX
+
+
 def test_no_worker_is_service_unavailable(tiny_engine: Engine) -> None:
     h = start_harness(tiny_engine, 0)
     try:
@@ -327,13 +348,13 @@ def test_cancel_keeps_the_partial_reply(real_service: Harness, how: str) -> None
 
 
 @pytest.mark.model
-def test_service_busy_for_a_second_client_on_the_session(real_service: Harness) -> None:
+def test_service_not_owner_for_a_second_client_on_the_session(real_service: Harness) -> None:
     with Client(real_service.frontend, timeout=30) as one, Client(real_service.frontend) as two:
         a = one.session()
         b = two.session(session_id=a.id)  # the same session from another client
         stream = a.send("Count to twenty.", max_tokens=40)
         next(stream)
-        with pytest.raises(SessionBusy):
+        with pytest.raises(NotOwner):  # not SessionBusy: a stranger learns nothing
             list(b.send("Me too."))
         assert b.history == []
         stream.close()  # cancels and waits for END

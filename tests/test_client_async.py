@@ -21,6 +21,8 @@ from kvroute import (
     Client,
     ContextOverflow,
     KvrouteError,
+    LimitReached,
+    NotOwner,
     ProtocolError,
     ServiceUnavailable,
     SessionBusy,
@@ -272,6 +274,8 @@ FLAVOURS = pytest.mark.parametrize("flavour", ["sync", "async"])
         (ErrorCode.SHUTTING_DOWN, ServiceUnavailable),
         (ErrorCode.BAD_BODY, ProtocolError),
         (ErrorCode.INTERNAL, ProtocolError),
+        (ErrorCode.NOT_OWNER, NotOwner),
+        (ErrorCode.LIMIT, LimitReached),
     ],
 )
 def test_error_codes_map_to_types(

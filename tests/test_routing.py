@@ -151,7 +151,7 @@ def test_reset_forgets_lost_mark(table: RoutingTable) -> None:
     r = turn(table, b"s1")
     end(table, b"s1")
     table.remove(r.worker, LostReason.DISCONNECTED)
-    assert table.route(Kind.RESET, b"s1", b"r", b"c", 0.0).kind is Kind.RESET_OK
+    assert table.route(Kind.RESET, b"s1", b"r", b"client", 0.0).kind is Kind.RESET_OK
     assert turn(table, b"s1").flags == 0
 
 
@@ -203,3 +203,160 @@ def test_expired_worker_is_not_placed_before_the_sweep() -> None:
     t.register(b"B", ready("b"), 10.0)
     assert turn(t, b"s1", now=10.0).worker == b"B"
     assert turn(t, b"s2", now=10.0).worker == b"B"  # A is past its deadline though not swept
+
+
+# --- ownership, limits and forgetting (issue 7) ------------------------------------------------
+
+
+def snapshot(t: RoutingTable) -> tuple[object, ...]:
+    """Everything a rejected request must leave as it was."""
+    return (
+        {s: (p.worker, p.principal, p.lost) for s, p in t.pins.items()},
+        dict(t.in_flight),
+        dict(t.sessions_of.counts),
+        dict(t.requests_of.counts),
+        {k: (set(w.sessions), set(w.turns)) for k, w in t.workers.items()},
+    )
+
+
+def test_only_the_owner_drives_a_session(table: RoutingTable) -> None:
+    first = turn(table, b"s1", b"r1")  # created by b"client", in flight
+    before = snapshot(table)
+    for kind in (Kind.TURN, Kind.RESET, Kind.CLOSE, Kind.CANCEL):
+        r = table.route(kind, b"s1", b"r1", b"stranger", 0.0)
+        assert (r.action, r.code) == (Action.REJECT, ErrorCode.NOT_OWNER), kind  # not BUSY
+    assert snapshot(table) == before
+    assert table.principal(b"s1") == b"client"
+    end(table, b"s1", b"r1")
+    before = snapshot(table)
+    for kind in (Kind.TURN, Kind.RESET, Kind.CLOSE, Kind.CANCEL):  # idle: same answer
+        assert table.route(kind, b"s1", b"r2", b"stranger", 0.0).code is ErrorCode.NOT_OWNER
+    assert snapshot(table) == before
+    assert turn(table, b"s1", b"r3").worker == first.worker  # the owner still can
+
+
+def test_principal_is_the_key_not_the_connection(table: RoutingTable) -> None:
+    # Under CURVE two connections (routing ids) with the same key are one owner.
+    r = table.route(Kind.TURN, b"s1", b"r1", b"conn-1", 0.0, principal=b"KEY")
+    assert r.action is Action.DELIVER
+    assert table.on_reply(r.worker, Kind.END, b"s1", b"r1", b"conn-1", 0.0) is not None
+    again = table.route(Kind.TURN, b"s1", b"r2", b"conn-2", 0.0, principal=b"KEY")
+    assert (again.action, again.worker) == (Action.DELIVER, r.worker)
+    cancel = table.route(Kind.CANCEL, b"s1", b"r2", b"conn-3", 0.0, principal=b"KEY")
+    assert cancel.action is Action.DELIVER
+    other = table.route(Kind.TURN, b"s1", b"r3", b"conn-2", 0.0, principal=b"OTHER")
+    assert other.code is ErrorCode.NOT_OWNER
+    # Without the key, the connection that created the session is a stranger to it.
+    assert table.route(Kind.CANCEL, b"s1", b"r2", b"conn-1", 0.0).code is ErrorCode.NOT_OWNER
+
+
+def test_ownership_survives_worker_loss(table: RoutingTable) -> None:
+    r = turn(table, b"s1")
+    end(table, b"s1")
+    table.remove(r.worker, LostReason.EXITED)
+    assert table.principal(b"s1") == b"client" and not table.pins
+    assert table.route(Kind.TURN, b"s1", b"r", b"stranger", 0.0).code is ErrorCode.NOT_OWNER
+    assert table.route(Kind.RESET, b"s1", b"r", b"stranger", 0.0).code is ErrorCode.NOT_OWNER
+    assert table.is_lost(b"s1")  # the stranger's attempts changed nothing
+    retry = turn(table, b"s1", b"r2")
+    assert retry.action is Action.DELIVER and retry.flags == FLAG_WORKER_LOST
+
+
+def test_close_frees_the_session_id(table: RoutingTable) -> None:
+    turn(table, b"s1")
+    end(table, b"s1")
+    assert table.route(Kind.CLOSE, b"s1", b"r2", b"client", 0.0).action is Action.DELIVER
+    end(table, b"s1", b"r2", Kind.CLOSE_OK)
+    assert table.principal(b"s1") is None
+    r = table.route(Kind.TURN, b"s1", b"r3", b"newcomer", 0.0)
+    assert r.action is Action.DELIVER and table.principal(b"s1") == b"newcomer"
+
+
+def test_session_limit_per_client() -> None:
+    t = RoutingTable(EXPIRY, max_sessions_per_client=2)
+    t.register(b"A", ready("a"), 0.0)
+    for s in (b"s1", b"s2"):
+        turn(t, s)
+        end(t, s)
+    before = snapshot(t)
+    r = turn(t, b"s3")
+    assert (r.action, r.code) == (Action.REJECT, ErrorCode.LIMIT)
+    assert "2 sessions (limit 2)" in r.message
+    assert snapshot(t) == before and t.principal(b"s3") is None
+    assert turn(t, b"s1").action is Action.DELIVER  # existing sessions go on
+    end(t, b"s1")
+    assert t.route(Kind.TURN, b"s3", b"r", b"other-client", 0.0).action is Action.DELIVER
+    # Closing one makes room; so does losing the worker (the lost ones no longer count).
+    t.route(Kind.CLOSE, b"s2", b"r", b"client", 0.0)
+    end(t, b"s2", b"r", Kind.CLOSE_OK)
+    assert turn(t, b"s3b").action is Action.DELIVER
+    assert turn(t, b"s4").code is ErrorCode.LIMIT
+    end(t, b"s3b")
+    t.remove(b"A", LostReason.EXITED)
+    assert not t.sessions_of.counts and not t.requests_of.counts
+
+
+def test_requests_in_flight_limit_per_client() -> None:
+    t = RoutingTable(EXPIRY, max_requests_per_client=2)
+    t.register(b"A", ready("a"), 0.0)
+    turn(t, b"s0")
+    end(t, b"s0")
+    turn(t, b"s1")
+    turn(t, b"s2")
+    before = snapshot(t)
+    for kind, sid in ((Kind.TURN, b"s3"), (Kind.TURN, b"s0"), (Kind.CLOSE, b"s0")):
+        r = t.route(kind, sid, b"r", b"client", 0.0)  # a new session, and a pinned idle one
+        assert (r.action, r.code) == (Action.REJECT, ErrorCode.LIMIT), (kind, sid)
+        assert "2 requests in flight (limit 2)" in r.message
+    assert snapshot(t) == before
+    assert t.route(Kind.TURN, b"x", b"r", b"other-client", 0.0).action is Action.DELIVER
+    assert t.on_reply(b"A", Kind.END, b"x", b"r", b"other-client", 0.0) is not None
+    end(t, b"s2")
+    assert t.route(Kind.RESET, b"s2", b"r2", b"client", 0.0).action is Action.DELIVER
+    assert t.route(Kind.RESET, b"s9", b"r", b"client", 0.0).kind is Kind.RESET_OK  # broker's own
+    assert t.route(Kind.CANCEL, b"s1", b"r", b"client", 0.0).action is Action.DELIVER
+    assert turn(t, b"s5").code is ErrorCode.LIMIT
+    # A delivery that could not be sent gives its slot back, as do a terminal and a loss.
+    t.abort(b"s2")
+    assert turn(t, b"s5").action is Action.DELIVER
+    t.remove(b"A", LostReason.EXITED)
+    assert not t.requests_of.counts and not t.sessions_of.counts
+
+
+def test_sweep_forgets_idle_pins_after_the_ttl() -> None:
+    t = RoutingTable(1000.0, pin_ttl_s=10.0)  # (a long expiry: the worker stays live)
+    t.register(b"A", ready("a"), 0.0)
+    for s, now in ((b"old", 0.0), (b"busy", 1.0), (b"new", 5.0)):
+        turn(t, s, now=now)
+        if s != b"busy":
+            end(t, s)
+    assert t.sweep(10.0) == []
+    forgotten = t.sweep(12.0)  # old idle for 12 s; busy older but in flight; new idle for 7 s
+    assert [(f.session_id, f.worker) for f in forgotten] == [(b"old", b"A")]
+    assert t.owner(b"old") is None and t.principal(b"old") is None
+    assert b"old" not in t.workers[b"A"].sessions
+    assert t.sessions_of[b"client"] == 2
+    # The id is free: whoever creates it next owns it, as a new session.
+    r = t.route(Kind.TURN, b"old", b"r", b"someone-else", 12.0)
+    assert r.action is Action.DELIVER and r.flags == 0
+    # A pin with a request in flight counts as used when the sweep meets it.
+    end(t, b"busy")
+    assert [f.session_id for f in t.sweep(20.0)] == [b"new"]
+    assert t.owner(b"busy") is not None
+    assert [f.session_id for f in t.sweep(22.1)] == [b"busy"]
+
+
+def test_sweep_keeps_at_most_max_pins_least_recently_used_first() -> None:
+    t = RoutingTable(1000.0, max_pins=2)
+    t.register(b"A", ready("a"), 0.0)
+    for i, s in enumerate((b"s1", b"s2", b"s3")):
+        turn(t, s, now=float(i))
+        end(t, s)
+    turn(t, b"s1", now=5.0)  # s1 used again: now s2 is the least recently used
+    end(t, b"s1")
+    assert [f.session_id for f in t.sweep(6.0)] == [b"s2"]
+    assert list(t.pins) == [b"s3", b"s1"] and t.sweep(7.0) == []
+    turn(t, b"s4", now=8.0)  # in flight: never forgotten, even over the count
+    turn(t, b"s3", now=9.0)
+    assert [f.session_id for f in t.sweep(9.0)] == [b"s1"]
+    assert set(t.pins) == {b"s3", b"s4"}

@@ -1,7 +1,9 @@
 """The broker: pins each chat session to one worker and forwards its frames both ways.
 
 :mod:`~kvroute.broker.routing` is the I/O-free core (placement, stickiness, in-flight requests,
-liveness); :mod:`~kvroute.broker.service` is the ZeroMQ adapter around it.
+liveness, session ownership and per-client limits; its records in :mod:`~kvroute.broker.records`);
+:mod:`~kvroute.broker.service` is the ZeroMQ adapter around it, :mod:`~kvroute.broker.forwarder`
+its per-message behaviour and :mod:`~kvroute.broker.curve` its CURVE authentication.
 """
 
 from .config import BrokerConfig, BrokerStats

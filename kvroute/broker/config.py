@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvroute.proto.limits import MAX_MSG_SIZE
+from kvroute.proto.limits import MAX_BODY_BYTES, MAX_MSG_SIZE
 
 
 @dataclass
 class BrokerConfig:
-    """Addresses and knobs of the broker (the CLI takes its defaults from here)."""
+    """Addresses and knobs of the broker (the CLI takes its defaults from here).
+
+    Raises ValueError at construction for settings that cannot work together.
+    """
 
     frontend: str = "tcp://127.0.0.1:5555"  # clients' DEALERs connect here
     backend: str = "tcp://127.0.0.1:5556"  # workers' DEALERs connect here
@@ -20,11 +23,41 @@ class BrokerConfig:
     linger_ms: int = 100  # time given to goodbye messages when the sockets close
     batch: int = 256  # messages drained from one socket before looking at the other
     lost_memory: int = 65536  # lost sessions remembered for the worker_lost flag
+    # --- limits (issue 7). A client is its CURVE key, or without CURVE its connection identity
+    # (the library client's owner token), so without CURVE they bound accidents, not attackers.
+    max_body_bytes: int = MAX_BODY_BYTES  # request bodies above get ERROR too_large (<= 1 MiB)
+    max_sessions_per_client: int = 4096  # sessions pinned per client; a new one beyond: limit
+    max_requests_per_client: int = 256  # TURN/RESET/CLOSE in flight per client; beyond: limit
+    pin_ttl_s: float = 3600.0  # a session idle this long is forgotten (and closed on its worker)
+    max_pins: int = 100_000  # sessions pinned in all; the least recently used idle ones go first
+    # --- CURVE (issue 7): both or neither.
+    curve_secret: str | None = None  # the broker's secret certificate (NAME.key_secret)
+    allow_keys: str | None = None  # directory of the public certificates let in (clients, workers)
+    extra_worker_keys: tuple[bytes, ...] = ()  # z85 keys also let in on the backend (serve's own)
+
+    def __post_init__(self) -> None:
+        if (self.curve_secret is None) != (self.allow_keys is None):
+            raise ValueError("CURVE needs both curve_secret and allow_keys (or neither)")
+        if not 0 < self.max_body_bytes <= MAX_BODY_BYTES:
+            raise ValueError(f"max_body_bytes must be 1..{MAX_BODY_BYTES}")
+        if self.max_msg_size < self.max_body_bytes:
+            # Bodies in between would vanish with the connection instead of getting an ERROR.
+            raise ValueError("max_msg_size must be >= max_body_bytes")
+        for name in ("max_sessions_per_client", "max_requests_per_client", "max_pins"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if not self.pin_ttl_s > 0:
+            raise ValueError("pin_ttl_s must be positive")
 
     @property
     def expiry_s(self) -> float:
         """Silence after which a worker is lost."""
         return self.heartbeat_interval * self.liveness
+
+    @property
+    def curve(self) -> bool:
+        """Whether both ROUTERs are CURVE servers with ZAP authentication."""
+        return self.curve_secret is not None
 
 
 @dataclass
@@ -37,3 +70,5 @@ class BrokerStats:
     workers_lost: int = 0
     sessions_lost_sent: int = 0
     cancels_sent: int = 0  # on behalf of vanished or slow clients
+    pins_forgotten: int = 0  # idle sessions forgotten (pin_ttl_s / max_pins)
+    keys_refused: int = 0  # CURVE handshakes refused by ZAP (updated by the ZAP thread)

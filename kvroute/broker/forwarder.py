@@ -4,6 +4,9 @@ Every send is ``NOBLOCK`` on a ``ROUTER_MANDATORY`` socket and its failure means
 ``zmq.Again`` is a peer whose queue is full (a slow client has its turn cancelled; a TURN for a
 full worker gets ERROR ``overloaded``), ``EHOSTUNREACH`` a peer that is gone (a vanished client
 has its turn cancelled; a vanished worker is lost, its turns end with SESSION_LOST).
+
+Ownership costs nothing here without CURVE: a client's identity is its routing id, the first
+frame the ROUTER hands over anyway. With CURVE the service passes the authenticated key along.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from kvroute.proto.frames import (
     parse_frontend,
 )
 from kvroute.proto.kinds import HEADERS, TERMINAL_KINDS, Kind
+from kvroute.proto.limits import MAX_BODY_BYTES
 
 from .config import BrokerStats
-from .routing import Action, InFlight, LostWorker, Orphan, Route, RoutingTable
+from .records import Action, Forgotten, InFlight, LostWorker, Orphan, Route
+from .routing import RoutingTable
 from .wire import send_multipart
 
 logger = logging.getLogger(__name__)
@@ -70,6 +75,8 @@ class Forwarder:
         Counters to update.
     on_worker_exit
         Called with the worker id when a watched process exits.
+    max_body_bytes
+        Request bodies above this get ERROR ``too_large`` (the protocol's own cap is 1 MiB).
     """
 
     def __init__(
@@ -79,14 +86,19 @@ class Forwarder:
         table: RoutingTable,
         stats: BrokerStats,
         on_worker_exit: Callable[[str], None] | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self.front, self.back, self.table, self.stats = front, back, table, stats
         self._on_worker_exit = on_worker_exit
+        self._max_body = max_body_bytes
 
     # --- clients ----------------------------------------------------------------------------
 
-    def on_client(self, frames: list[bytes], now: float) -> None:
-        """Handle one message from the frontend (``frames[0]`` is the client's routing id)."""
+    def on_client(self, frames: list[bytes], now: float, principal: bytes | None = None) -> None:
+        """Handle one message from the frontend (``frames[0]`` is the client's routing id).
+
+        ``principal`` is the sender's authenticated CURVE key; None means its routing id.
+        """
         self.stats.client_messages += 1
         try:
             req = parse_frontend(frames)
@@ -97,7 +109,15 @@ class Forwarder:
         if req.kind is Kind.PING:
             send(self.front, client_frames(req.client, Kind.PONG, req.session_id, req.request_id))
             return
-        route = self.table.route(req.kind, req.session_id, req.request_id, req.client, now)
+        if len(req.body) > self._max_body:
+            message = f"body of {len(req.body)} bytes > {self._max_body}"
+            self._error_to_client(
+                req.client, req.session_id, req.request_id, ErrorCode.TOO_LARGE, message
+            )
+            return
+        route = self.table.route(
+            req.kind, req.session_id, req.request_id, req.client, now, principal
+        )
         if route.action is Action.DELIVER:
             self._deliver(req, route)
         elif route.action is Action.REPLY:
@@ -236,9 +256,25 @@ class Forwarder:
                 self._lose(key, LostReason.UNREACHABLE)
 
     def expire(self, now: float) -> None:
-        """Lose the workers silent for too long."""
+        """Lose the workers silent for too long; forget idle pins (and close them on workers)."""
         for lost in self.table.expire(now):
             self._report_lost(lost)
+        for f in self.table.sweep(now):
+            self._close_forgotten(f)
+
+    def _close_forgotten(self, f: Forgotten) -> None:
+        # CLOSE frees the worker's KV at once, and makes sure nobody who later creates this
+        # session id (maybe another client) can reuse what the old owner left in the cache. No
+        # client waits for the CLOSE_OK (client frame empty): on_reply drops it as stale.
+        self.stats.pins_forgotten += 1
+        close = delivery_frames(
+            f.worker, HEADERS[Kind.CLOSE], b"", f.session_id, b"forget", 0, EMPTY_BODY
+        )
+        sent = send(self.back, close)
+        if sent is Sent.GONE:
+            self._lose(f.worker, LostReason.UNREACHABLE)
+        elif sent is Sent.FULL:
+            logger.warning("CLOSE of forgotten session %r dropped: worker queue full", f.session_id)
 
     def worker_exited(self, worker_id: str) -> None:
         """A watched worker process exited: lose it now, without waiting for heartbeats."""

@@ -1,146 +1,110 @@
-"""The broker's I/O-free core: which worker owns which session, and what is in flight.
+"""The broker's I/O-free core: which worker holds which session, who owns it, what is in flight.
 
 The socket adapter (:mod:`kvroute.broker.service`) polls, parses frames, asks this table what to
 do, and sends what it says. Nothing here touches a socket or a clock: every method takes ``now``
 (seconds, any monotonic origin), so tests drive time by hand.
 
-Vocabulary:
+Vocabulary (the records are in :mod:`kvroute.broker.records`):
 
 - a *worker* is one registration: a ROUTER routing id (``key``) announced by READY with a worker
   id and an epoch. A READY reusing a live worker id with another epoch is a restart: the old
   registration is lost and the new one starts empty.
-- a *pin* maps a session id to the worker holding its KV cache. Every request of a pinned
-  session goes to that worker (stickiness); new sessions are placed on the least-loaded live
-  worker.
+- a *pin* maps a session id to the worker holding its KV cache and to its owner, the *principal*
+  that created it. Every request of a pinned session goes to that worker (stickiness); new
+  sessions are placed on the least-loaded live worker.
+- *ownership*: TURN, RESET, CLOSE and CANCEL on a session owned by another principal are
+  rejected with ``not_owner`` before anything else is looked at (a stranger learns nothing, not
+  even BUSY). A session nobody owns (never created, closed, forgotten) belongs to whoever
+  creates it with a TURN.
+- *limits* per principal: sessions pinned (a new one beyond gets ``limit``) and requests in
+  flight (``limit``).
 - an *in-flight* record is a TURN, RESET or CLOSE forwarded and not yet answered by a terminal
   reply. One per session: another request on the session gets BUSY.
 - when a worker is lost, its in-flight requests are returned (the adapter ends each with
-  SESSION_LOST), its sessions are unpinned and remembered, so the next request of each carries
-  the ``worker_lost`` flag to whichever worker it lands on.
+  SESSION_LOST), its sessions are unpinned and remembered with their owner, so the next request
+  of each carries the ``worker_lost`` flag to whichever worker it lands on and only the owner
+  can make it.
+- *forgetting*: pins are kept in least-recently-used order; :meth:`RoutingTable.sweep` drops
+  idle ones unused for ``pin_ttl_s``, or the oldest idle ones beyond ``max_pins``, together
+  with their owner. The adapter sends CLOSE for each to its worker, so no KV state outlives
+  the broker's memory of its owner: the session's next TURN creates it anew, placed on the
+  least-loaded worker and cold (``new``), and whoever sends it owns it.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import NamedTuple
 
 from kvroute.proto.control import Heartbeat, LostReason, Ready
-from kvroute.proto.errors import ErrorCode
 from kvroute.proto.kinds import FLAG_WORKER_LOST, Kind
+
+from .records import (
+    BUSY,
+    CLOSE_OK,
+    DROP,
+    NO_WORKER,
+    NOT_OWNER,
+    RESET_OK,
+    Action,
+    Forgotten,
+    InFlight,
+    LostWorker,
+    Orphan,
+    Pin,
+    Route,
+    Tally,
+    WorkerState,
+)
+
+__all__ = ["Action", "Forgotten", "InFlight", "LostWorker", "Orphan", "Route", "RoutingTable"]
 
 logger = logging.getLogger(__name__)
 
-
-class Orphan(Enum):
-    """Why a request's replies can no longer reach its client."""
-
-    CLIENT_GONE = "client_gone"  # EHOSTUNREACH: the client's connection is gone
-    SLOW_CLIENT = "slow_client"  # zmq.Again: the client's queue is full (it stopped reading)
-
-
-@dataclass(slots=True)
-class InFlight:
-    """A forwarded request awaiting its terminal reply."""
-
-    session_id: bytes
-    request_id: bytes
-    client: bytes  # frontend routing id to send replies to
-    kind: Kind  # TURN, RESET or CLOSE
-    worker: bytes  # backend routing id of the worker running it
-    orphaned: Orphan | None = None  # set once replies cannot be delivered: drop them
-
-
-@dataclass(slots=True)
-class Pin:
-    """A session's owner. ``lost`` stays set until the new owner ENDs a turn (or resets), so a
-    request that failed before reaching a fresh worker still carries the flag next time."""
-
-    worker: bytes
-    lost: bool = False
-
-
-@dataclass(slots=True)
-class WorkerState:
-    """One registered worker, as the broker sees it."""
-
-    key: bytes  # backend routing id
-    worker_id: str
-    epoch: int
-    pid: int
-    capacity: int
-    model: str
-    n_ctx: int
-    last_seen: float
-    order: int  # registration order: the last tie-breaker of placement
-    kv_bytes: int = 0  # from HEARTBEAT
-    reported_load: int = 0  # from HEARTBEAT (informational; placement uses broker counts)
-    reported_sessions: int = 0  # from HEARTBEAT
-    sessions: set[bytes] = field(default_factory=set)  # pinned here
-    turns: set[bytes] = field(default_factory=set)  # sessions with a request in flight here
-
-
-@dataclass(frozen=True, slots=True)
-class LostWorker:
-    """What a lost worker leaves behind for the adapter to clean up."""
-
-    worker: WorkerState
-    reason: LostReason
-    in_flight: tuple[InFlight, ...]  # end each (unless orphaned) with SESSION_LOST
-    sessions: tuple[bytes, ...]  # unpinned; their next request carries the worker_lost flag
-
-
-class Action(Enum):
-    """What the adapter does with a client request."""
-
-    DELIVER = "deliver"  # forward to ``Route.worker`` with ``Route.flags``
-    REPLY = "reply"  # answer the client with ``Route.kind`` (empty body)
-    REJECT = "reject"  # answer the client with ERROR ``Route.code``
-    DROP = "drop"  # nothing to do (e.g. CANCEL of a turn that already ended)
-
-
-class Route(NamedTuple):
-    """The table's answer to a client request (a NamedTuple: cheap to build per message)."""
-
-    action: Action
-    worker: bytes = b""
-    flags: int = 0
-    kind: Kind | None = None
-    code: ErrorCode | None = None
-    message: str = ""
-
-
-# Preallocated answers: the hot path returns these instead of building new objects.
-_DROP = Route(Action.DROP)
-_BUSY = Route(Action.REPLY, kind=Kind.BUSY)
-_RESET_OK = Route(Action.REPLY, kind=Kind.RESET_OK)
-_CLOSE_OK = Route(Action.REPLY, kind=Kind.CLOSE_OK)
-_NO_WORKER = Route(Action.REJECT, code=ErrorCode.NO_WORKER, message="no live worker")
+UNLIMITED: int = sys.maxsize
 
 
 class RoutingTable:
-    """Sessions, workers and requests in flight; placement, stickiness, liveness.
+    """Sessions, owners, workers and requests in flight; placement, stickiness, liveness, limits.
 
     Parameters
     ----------
     expiry_s
         A worker silent for longer than this is lost (heartbeat interval x liveness).
     lost_memory
-        How many unpinned lost sessions to remember for the ``worker_lost`` flag (oldest
-        forgotten first; a forgotten one just reports cold ``new`` instead).
+        How many unpinned lost sessions to remember for the ``worker_lost`` flag and their owner
+        (oldest forgotten first; a forgotten one reports cold ``new`` instead, and is free).
+    max_sessions_per_client, max_requests_per_client
+        Limits per principal (see :mod:`kvroute.broker.records`); unlimited by default.
+    pin_ttl_s, max_pins
+        When :meth:`sweep` forgets idle pins; never by default.
     """
 
-    def __init__(self, expiry_s: float, lost_memory: int = 65536) -> None:
+    def __init__(
+        self,
+        expiry_s: float,
+        lost_memory: int = 65536,
+        *,
+        max_sessions_per_client: int = UNLIMITED,
+        max_requests_per_client: int = UNLIMITED,
+        pin_ttl_s: float = float("inf"),
+        max_pins: int = UNLIMITED,
+    ) -> None:
         assert expiry_s > 0, "expiry must be positive"
         self.expiry_s = expiry_s
         self.lost_memory = lost_memory
+        self.pin_ttl_s = pin_ttl_s
+        self.max_pins = max_pins
         self.workers: dict[bytes, WorkerState] = {}
-        self.pins: dict[bytes, Pin] = {}
+        # Least recently used first: a request moves its pin to the end, so sweep() reads the
+        # idlest pins off the front without scanning.
+        self.pins: OrderedDict[bytes, Pin] = OrderedDict()
         self.in_flight: dict[bytes, InFlight] = {}
+        self.sessions_of = Tally(max_sessions_per_client, "sessions")  # pins per principal
+        self.requests_of = Tally(max_requests_per_client, "requests in flight")
         self._by_id: dict[str, bytes] = {}
-        self._lost: OrderedDict[bytes, None] = OrderedDict()
+        self._lost: OrderedDict[bytes, bytes] = OrderedDict()  # session -> its principal
         self._order = 0
 
     # --- workers ----------------------------------------------------------------------------
@@ -229,9 +193,12 @@ class RoutingTable:
         if self._by_id.get(w.worker_id) == key:
             del self._by_id[w.worker_id]
         in_flight = tuple(self.in_flight.pop(s) for s in w.turns)
+        for fl in in_flight:
+            self.requests_of.remove(fl.principal)
         for s in w.sessions:
-            del self.pins[s]
-            self._remember_lost(s)
+            pin = self.pins.pop(s)
+            self.sessions_of.remove(pin.principal)
+            self._remember_lost(s, pin.principal)
         logger.warning(
             "worker %s lost (%s): %d requests in flight, %d sessions unpinned",
             w.worker_id,
@@ -241,8 +208,8 @@ class RoutingTable:
         )
         return LostWorker(w, reason, in_flight, tuple(w.sessions))
 
-    def _remember_lost(self, session_id: bytes) -> None:
-        self._lost[session_id] = None
+    def _remember_lost(self, session_id: bytes, principal: bytes) -> None:
+        self._lost[session_id] = principal
         if len(self._lost) > self.lost_memory:
             self._lost.popitem(last=False)
 
@@ -265,41 +232,70 @@ class RoutingTable:
     # --- client requests --------------------------------------------------------------------
 
     def route(
-        self, kind: Kind, session_id: bytes, request_id: bytes, client: bytes, now: float
+        self,
+        kind: Kind,
+        session_id: bytes,
+        request_id: bytes,
+        client: bytes,
+        now: float,
+        principal: bytes | None = None,
     ) -> Route:
         """Decide what to do with a TURN, RESET, CLOSE or CANCEL from a client.
 
-        TURN: BUSY if the session has a request in flight; else deliver to its pinned worker or
-        place it (ERROR ``no_worker`` if none is live). RESET / CLOSE of an unpinned session are
-        answered by the broker. CANCEL goes to the worker running that very request, else drops.
-        Delivered TURN / RESET / CLOSE are recorded in flight until :meth:`on_reply` sees their
-        terminal (or :meth:`abort` undoes the delivery).
+        ``principal`` is the sender's identity (its CURVE key); None means its routing id
+        ``client``. First ownership: any request on a session another principal owns is
+        rejected ``not_owner``. TURN: BUSY if the session has a request in flight; ``limit`` if
+        the principal has too many requests in flight (or, for a new session, too many
+        sessions); else deliver to its pinned worker or place it (ERROR ``no_worker`` if none
+        is live). RESET / CLOSE of an unpinned session are answered by the broker. CANCEL goes
+        to the worker running that very request, else drops. Delivered TURN / RESET / CLOSE are
+        recorded in flight until :meth:`on_reply` sees their terminal (or :meth:`abort` undoes
+        the delivery).
         """
+        if principal is None:
+            principal = client
+        pin = self.pins.get(session_id)
+        if pin is not None:
+            if pin.principal != principal:
+                return NOT_OWNER
+        elif self._lost.get(session_id, principal) != principal:
+            return NOT_OWNER
         if kind is Kind.CANCEL:
             fl = self.in_flight.get(session_id)
             if fl is None or fl.request_id != request_id or fl.orphaned is not None:
-                return _DROP
+                return DROP
             return Route(Action.DELIVER, worker=fl.worker)
         if session_id in self.in_flight:
-            return _BUSY
-        pin = self.pins.get(session_id)
+            return BUSY
         if pin is None:
             if kind is not Kind.TURN:
                 # Nothing to forget anywhere; a RESET also clears the worker_lost memory (the
-                # next turn is cold either way).
+                # next turn is cold either way) and with it the owner: the id is free again.
                 self._lost.pop(session_id, None)
-                return _RESET_OK if kind is Kind.RESET else _CLOSE_OK
+                return RESET_OK if kind is Kind.RESET else CLOSE_OK
+            if self.requests_of.full(principal):
+                return self.requests_of.reject(principal)
+            if self.sessions_of.full(principal):
+                return self.sessions_of.reject(principal)
             w = self._place(now)
             if w is None:
-                return _NO_WORKER
+                return NO_WORKER
             was_lost = session_id in self._lost
             if was_lost:
                 del self._lost[session_id]
-            pin = self.pins[session_id] = Pin(w.key, lost=was_lost)
+            pin = self.pins[session_id] = Pin(w.key, principal, now, lost=was_lost)
+            self.sessions_of.add(principal)
             w.sessions.add(session_id)
         else:
+            if self.requests_of.full(principal):
+                return self.requests_of.reject(principal)
             w = self.workers[pin.worker]
-        self.in_flight[session_id] = InFlight(session_id, request_id, client, kind, w.key)
+            pin.last_used = now
+            self.pins.move_to_end(session_id)
+        self.requests_of.add(principal)
+        self.in_flight[session_id] = InFlight(
+            session_id, request_id, client, kind, w.key, principal
+        )
         w.turns.add(session_id)
         return Route(Action.DELIVER, worker=w.key, flags=FLAG_WORKER_LOST if pin.lost else 0)
 
@@ -308,6 +304,7 @@ class RoutingTable:
         fl = self.in_flight.pop(session_id, None)
         if fl is not None:
             self.workers[fl.worker].turns.discard(session_id)
+            self.requests_of.remove(fl.principal)
 
     def orphan(self, session_id: bytes, reason: Orphan) -> InFlight | None:
         """Mark a request's client unreachable; returns it if it was in flight and not yet
@@ -317,6 +314,30 @@ class RoutingTable:
             return None
         fl.orphaned = reason
         return fl
+
+    def sweep(self, now: float) -> list[Forgotten]:
+        """Forget idle pins unused for more than ``pin_ttl_s``, and the least recently used idle
+        ones beyond ``max_pins``; returns them (the adapter sends CLOSE to each worker).
+
+        A pin with a request in flight is never forgotten: it counts as used now.
+        """
+        out: list[Forgotten] = []
+        pins, deadline = self.pins, now - self.pin_ttl_s
+        for _ in range(len(pins)):  # each pin looked at once at most
+            session_id, pin = next(iter(pins.items()))
+            if len(pins) <= self.max_pins and pin.last_used >= deadline:
+                break  # the rest were used more recently
+            if session_id in self.in_flight:
+                pin.last_used = now
+                pins.move_to_end(session_id)
+                continue
+            del pins[session_id]
+            self.sessions_of.remove(pin.principal)
+            self.workers[pin.worker].sessions.discard(session_id)
+            out.append(Forgotten(session_id, pin.worker))
+        if out:
+            logger.info("forgot %d idle sessions (%d pinned)", len(out), len(pins))
+        return out
 
     # --- worker replies ---------------------------------------------------------------------
 
@@ -334,7 +355,7 @@ class RoutingTable:
         A reply is accepted only from the worker running that request, for that client: frames
         from a worker declared lost, or for a request already ended, are stale. A terminal reply
         clears the in-flight record; END and RESET_OK clear the pin's ``lost`` flag; CLOSE_OK
-        unpins the session.
+        unpins the session (and frees its id).
         """
         w = self.workers.get(key)
         if w is None:
@@ -347,10 +368,12 @@ class RoutingTable:
             return fl
         del self.in_flight[session_id]
         w.turns.discard(session_id)
+        self.requests_of.remove(fl.principal)
         if kind is Kind.END or kind is Kind.RESET_OK:
             self.pins[session_id].lost = False
         elif kind is Kind.CLOSE_OK and fl.kind is Kind.CLOSE:
-            del self.pins[session_id]
+            pin = self.pins.pop(session_id)
+            self.sessions_of.remove(pin.principal)
             w.sessions.discard(session_id)
         return fl
 
@@ -360,6 +383,11 @@ class RoutingTable:
         """The worker a session is pinned to, if any."""
         pin = self.pins.get(session_id)
         return self.workers[pin.worker] if pin is not None else None
+
+    def principal(self, session_id: bytes) -> bytes | None:
+        """The client identity owning a session (None: nobody, the id is free)."""
+        pin = self.pins.get(session_id)
+        return pin.principal if pin is not None else self._lost.get(session_id)
 
     def is_lost(self, session_id: bytes) -> bool:
         """Whether the session's next request will carry the ``worker_lost`` flag."""

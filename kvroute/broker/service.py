@@ -9,7 +9,10 @@ forwarded untouched, except control bodies addressed to the broker), asks the
 ``heartbeat_interval`` it sends HEARTBEAT to each worker; every tick it expires silent workers.
 
 Both ROUTERs set ``ROUTER_MANDATORY`` (unroutable sends raise instead of vanishing), a linger
-(close never hangs) and ``MAXMSGSIZE`` (a hostile peer cannot make us buffer huge frames).
+(close never hangs) and ``MAXMSGSIZE`` (a hostile peer cannot make us buffer huge frames). With
+CURVE configured both are CURVE servers behind a ZAP handler (:mod:`kvroute.broker.curve`), and
+each client message is received with its authenticated key, which owns the sessions it creates.
+Every tick also forgets idle session pins (``pin_ttl_s``, ``max_pins``).
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from collections.abc import Callable, Mapping
 import zmq
 
 from .config import BrokerConfig, BrokerStats
+from .curve import BACKEND_DOMAIN, FRONTEND_DOMAIN, CurveServer
 from .forwarder import Forwarder
 from .routing import RoutingTable
 from .watch import Watch
-from .wire import recv_multipart
+from .wire import recv_multipart, recv_multipart_user
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,11 @@ class Broker:
         for heartbeats. More can be added while running with :meth:`watch`.
     on_worker_exit
         Called (in the broker thread) with the worker id whose sentinel fired.
+
+    Raises
+    ------
+    KeyFileError
+        CURVE is configured and a key file or the allowed-keys directory cannot be used.
     """
 
     def __init__(
@@ -56,9 +65,18 @@ class Broker:
         sentinels: Mapping[int, str] | None = None,
         on_worker_exit: Callable[[str], None] | None = None,
     ) -> None:
-        self.config = config or BrokerConfig()
-        self.table = RoutingTable(self.config.expiry_s, self.config.lost_memory)
+        cfg = self.config = config or BrokerConfig()
+        self.table = RoutingTable(
+            cfg.expiry_s,
+            cfg.lost_memory,
+            max_sessions_per_client=cfg.max_sessions_per_client,
+            max_requests_per_client=cfg.max_requests_per_client,
+            pin_ttl_s=cfg.pin_ttl_s,
+            max_pins=cfg.max_pins,
+        )
         self.stats = BrokerStats()
+        # Keys are read here, in the caller's thread: a bad file is an exception at once.
+        self.curve: CurveServer | None = CurveServer.load(cfg, self.stats)
         self.endpoints: tuple[str, str] | None = None  # (frontend, backend) once bound
         self._watch = Watch(sentinels)  # so close() and watch() take effect at once
         self._on_worker_exit = on_worker_exit
@@ -116,8 +134,10 @@ class Broker:
         cfg = self.config
         ctx = zmq.Context()
         try:
-            self._front = self._router(ctx, cfg.frontend)
-            self._back = self._router(ctx, cfg.backend)
+            if self.curve is not None:
+                self.curve.start(ctx)  # ZAP must answer from the first handshake on
+            self._front = self._router(ctx, cfg.frontend, FRONTEND_DOMAIN)
+            self._back = self._router(ctx, cfg.backend, BACKEND_DOMAIN)
             self.endpoints = (
                 self._front.getsockopt_string(zmq.LAST_ENDPOINT),
                 self._back.getsockopt_string(zmq.LAST_ENDPOINT),
@@ -136,13 +156,17 @@ class Broker:
                 self._forwarder.goodbye()
             self._shutdown(ctx)
 
-    def _router(self, ctx: zmq.Context[zmq.Socket[bytes]], addr: str) -> zmq.Socket[bytes]:
+    def _router(
+        self, ctx: zmq.Context[zmq.Socket[bytes]], addr: str, domain: str
+    ) -> zmq.Socket[bytes]:
         s = ctx.socket(zmq.ROUTER)
         s.setsockopt(zmq.LINGER, self.config.linger_ms)
         s.setsockopt(zmq.ROUTER_MANDATORY, 1)
         s.setsockopt(zmq.MAXMSGSIZE, self.config.max_msg_size)
         s.setsockopt(zmq.SNDHWM, self.config.hwm)
         s.setsockopt(zmq.RCVHWM, self.config.hwm)
+        if self.curve is not None:
+            self.curve.apply(s, domain)
         try:
             s.bind(addr)
         except zmq.ZMQError:
@@ -154,13 +178,18 @@ class Broker:
         for s in (self._front, self._back):
             if s is not None:
                 s.close()
+        if self.curve is not None:
+            self.curve.stop()  # its sockets live in ctx: stop it before term() waits for them
         ctx.term()  # waits at most linger_ms for goodbyes
         self._watch.close()
 
     def _loop(self, stop_event: threading.Event | None) -> None:
         assert self._front is not None and self._back is not None
         front, back, batch = self._front, self._back, self.config.batch
-        fw = Forwarder(front, back, self.table, self.stats, self._on_worker_exit)
+        fw = Forwarder(
+            front, back, self.table, self.stats, self._on_worker_exit, self.config.max_body_bytes
+        )
+        curve = self.curve is not None
         self._forwarder = fw
         poller = zmq.Poller()
         poller.register(front, zmq.POLLIN)
@@ -180,7 +209,10 @@ class Broker:
                 if sock is back:
                     _drain(back, fw.on_worker, batch, now)
                 elif sock is front:
-                    _drain(front, fw.on_client, batch, now)
+                    if curve:
+                        _drain_authenticated(front, fw.on_client, batch, now)
+                    else:
+                        _drain(front, fw.on_client, batch, now)
                 elif sock == wake_fd:
                     self._watch.refresh(poller)
                 else:
@@ -208,4 +240,25 @@ def _drain(
         try:
             handle(frames, now)
         except Exception:  # a bug on one message must not take the service down
+            logger.exception("broker failed to handle a message; dropped it")
+
+
+def _drain_authenticated(
+    sock: zmq.Socket[bytes],
+    handle: Callable[[list[bytes], float, bytes], None],
+    batch: int,
+    now: float,
+) -> None:
+    """:func:`_drain` for a CURVE frontend: each message comes with its sender's key."""
+    for _ in range(batch):
+        try:
+            frames, user = recv_multipart_user(sock)
+        except zmq.Again:
+            return
+        except zmq.ZMQError:  # no User-Id: cannot happen behind ZAP; never guess an owner
+            logger.exception("client message without an authenticated key; dropped it")
+            continue
+        try:
+            handle(frames, now, user)
+        except Exception:
             logger.exception("broker failed to handle a message; dropped it")

@@ -37,3 +37,27 @@ def recv_multipart(sock: zmq.Socket[bytes], flags: int = zmq.NOBLOCK) -> list[by
     while _get(sock, _RCVMORE):
         frames.append(_recv(sock, flags))
     return frames
+
+
+def recv_multipart_user(
+    sock: zmq.Socket[bytes], flags: int = zmq.NOBLOCK
+) -> tuple[list[bytes], bytes]:
+    """Like :func:`recv_multipart`, plus the ``User-Id`` ZAP gave the sender's connection.
+
+    Every frame of a message carries its connection's metadata, the routing id the ROUTER
+    prepends included, so only the first frame is received as a ``Frame`` (about 0.7 us more
+    than a copy). Read per message, not cached per routing id: a routing id a client chose can
+    come back later on another connection with another key.
+
+    Raises
+    ------
+    zmq.Again
+        No message queued.
+    zmq.ZMQError
+        ``EINVAL`` if the connection has no ``User-Id`` (no ZAP handler authenticated it).
+    """
+    first = _recv(sock, flags, False)
+    frames = [first.bytes]
+    while _get(sock, _RCVMORE):
+        frames.append(_recv(sock, flags))
+    return frames, first.get("User-Id").encode()

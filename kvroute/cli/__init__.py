@@ -7,9 +7,11 @@ one-line message and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 from .app import main
+from .bench_cmd import bench
 from .broker_cmd import broker
 from .chat_cmd import chat
 from .generate_cmd import generate, tokenize
+from .keys_cmd import keys
 from .model_cmd import model
 from .serve_cmd import serve, worker
 
@@ -20,5 +22,7 @@ main.add_command(tokenize)
 main.add_command(serve)
 main.add_command(worker)
 main.add_command(chat)
+main.add_command(bench)
+main.add_command(keys)
 
 __all__ = ["main"]

@@ -11,6 +11,7 @@ import click
 
 from kvroute import __version__
 from kvroute.engine.errors import EngineError
+from kvroute.proto.identity import KeyFileError
 
 
 @click.group()
@@ -24,10 +25,11 @@ def main(verbose: int) -> None:
 
 @contextmanager
 def user_errors(*extra: type[Exception]) -> Iterator[None]:
-    """Turn expected errors into ``error: <message>`` on stderr and exit status 1."""
+    """Turn expected errors into ``error: <message>`` on stderr and exit status 1 (a model
+    that cannot load and a CURVE key that cannot be used always count as expected)."""
     try:
         yield
-    except (EngineError, *extra) as exc:
+    except (EngineError, KeyFileError, *extra) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
 
@@ -46,3 +48,21 @@ model_option: ModelOption = click.option(
     show_default=True,
     help="A GGUF path, or 'default' for SmolLM2-135M-Instruct Q4_1 (fetched on first use).",
 )
+
+
+def curve_client_options(f: Callable[..., object]) -> Callable[..., object]:
+    """``--server-key`` and ``--key``: CURVE for a connecting side (chat, bench, worker)."""
+    f = click.option(
+        "--key",
+        "key",
+        default=None,
+        metavar="FILE",
+        help="This side's secret certificate (NAME.key_secret); with --server-key.",
+    )(f)
+    return click.option(
+        "--server-key",
+        "server_key",
+        default=None,
+        metavar="FILE|Z85",
+        help="The broker's public key (server.key, or its z85 text): talk CURVE. With --key.",
+    )(f)

@@ -1,20 +1,115 @@
-"""``kvroute broker``: run the broker alone (workers on this or other hosts connect to it)."""
+"""``kvroute broker``: run the broker alone (workers on this or other hosts connect to it).
+
+Also the options ``broker`` and ``serve`` share: CURVE (``--curve-secret``, ``--allow-keys``) and
+the per-client limits, collected by :func:`broker_options` into ``BrokerConfig`` keywords.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 import click
 
 from kvroute.broker import Broker, BrokerConfig, BrokerError
+from kvroute.proto.limits import MAX_BODY_BYTES
 
 from .app import echo_err, user_errors
 
 logger = logging.getLogger(__name__)
 _DEFAULTS = BrokerConfig()
+
+_BROKER_OPTIONS = (
+    click.option(
+        "--curve-secret",
+        metavar="FILE",
+        default=None,
+        help="The broker's secret certificate (server.key_secret): clients and workers must "
+        "speak CURVE with a key from --allow-keys. Needs --allow-keys.",
+    ),
+    click.option(
+        "--allow-keys",
+        metavar="DIR",
+        default=None,
+        help="Directory of the public certificates (*.key) of the clients and workers let in.",
+    ),
+    click.option(
+        "--max-sessions-per-client",
+        type=click.IntRange(min=1),
+        default=_DEFAULTS.max_sessions_per_client,
+        show_default=True,
+        help="Sessions one client (CURVE key, or connection) may have open.",
+    ),
+    click.option(
+        "--max-requests-per-client",
+        type=click.IntRange(min=1),
+        default=_DEFAULTS.max_requests_per_client,
+        show_default=True,
+        help="Turns (and resets, closes) one client may have in flight.",
+    ),
+    click.option(
+        "--max-body-bytes",
+        type=click.IntRange(1, MAX_BODY_BYTES),
+        default=_DEFAULTS.max_body_bytes,
+        show_default=True,
+        help="Largest request body; bigger ones get ERROR too_large.",
+    ),
+    click.option(
+        "--max-msg-size",
+        type=click.IntRange(min=1),
+        default=_DEFAULTS.max_msg_size,
+        show_default=True,
+        help="Socket limit per frame: ZeroMQ drops bigger ones and the peer's connection.",
+    ),
+    click.option(
+        "--pin-ttl",
+        "pin_ttl_s",
+        type=click.FloatRange(min=0, min_open=True),
+        default=_DEFAULTS.pin_ttl_s,
+        show_default=True,
+        help="Seconds an idle session stays pinned; then it is forgotten and closed.",
+    ),
+    click.option(
+        "--max-pins",
+        type=click.IntRange(min=1),
+        default=_DEFAULTS.max_pins,
+        show_default=True,
+        help="Sessions pinned in all; beyond it the least recently used idle ones are closed.",
+    ),
+)
+_BROKER_KEYWORDS = (
+    "curve_secret",
+    "allow_keys",
+    "max_sessions_per_client",
+    "max_requests_per_client",
+    "max_body_bytes",
+    "max_msg_size",
+    "pin_ttl_s",
+    "max_pins",
+)
+
+
+def broker_options(f: Callable[..., None]) -> Callable[..., None]:
+    """Add the shared broker options; the command receives them as ``broker_kw``, a dict of
+    :class:`BrokerConfig` keywords checked for consistency (a usage error otherwise)."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        kw = {k: kwargs.pop(k) for k in _BROKER_KEYWORDS}
+        if (kw["curve_secret"] is None) != (kw["allow_keys"] is None):
+            raise click.UsageError("--curve-secret and --allow-keys go together")
+        if kw["max_msg_size"] < kw["max_body_bytes"]:
+            raise click.UsageError("--max-msg-size must be at least --max-body-bytes")
+        f(*args, broker_kw=kw, **kwargs)
+
+    for option in reversed(_BROKER_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 @click.command()
@@ -38,27 +133,36 @@ _DEFAULTS = BrokerConfig()
     show_default=True,
     help="Silent heartbeat intervals before a worker is declared lost.",
 )
-def broker(frontend: str, backend: str, heartbeat: float, liveness: int) -> None:
+@broker_options
+def broker(
+    frontend: str, backend: str, heartbeat: float, liveness: int, broker_kw: dict[str, Any]
+) -> None:
     """Route chat sessions from clients (FRONTEND) to workers (BACKEND) until SIGINT/SIGTERM."""
     config = BrokerConfig(
-        frontend=frontend, backend=backend, heartbeat_interval=heartbeat, liveness=liveness
+        frontend=frontend,
+        backend=backend,
+        heartbeat_interval=heartbeat,
+        liveness=liveness,
+        **broker_kw,
     )
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
+    with user_errors():
+        b = Broker(config)  # reads the CURVE keys: a bad file is one line, before any thread
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    b = Broker(config)
     # The broker owns its sockets in its own thread; the main thread keeps the signals.
     thread = threading.Thread(target=_run, args=(b,), name="kvroute-broker", daemon=True)
     thread.start()
     try:
         with user_errors(BrokerError):
             front, back = b.wait_bound(timeout=10.0)
+            curve = " curve on" if config.curve else ""
             echo_err(
                 f"broker frontend {front} backend {back}"
-                f" heartbeat {config.heartbeat_interval}s liveness {config.liveness}"
+                f" heartbeat {config.heartbeat_interval}s liveness {config.liveness}{curve}"
             )
             while not stop.wait(0.2) and thread.is_alive():
                 pass

@@ -33,6 +33,8 @@ from kvroute.client import (
 )
 from kvroute.proto.limits import MAX_MAX_TOKENS, MAX_TEMPERATURE
 
+from .app import curve_client_options, user_errors
+
 PROMPT = ">>> "
 HELP = """commands:
   /reset   forget the conversation (the system prompt stays)
@@ -281,6 +283,7 @@ def _line_reader() -> Callable[[str], str]:
     show_default=True,
     help="When the conversation outgrows the context: drop the oldest turns, or stop.",
 )
+@curve_client_options
 def chat(
     url: str,
     system: str | None,
@@ -288,12 +291,16 @@ def chat(
     temperature: float,
     timeout: float,
     overflow: str,
+    server_key: str | None,
+    key: str | None,
 ) -> None:
     """Chat with a kvroute service: streaming replies, /reset, /stats, /exit."""
     options = ReplyOptions(
         max_tokens, temperature, "raise" if overflow == "raise" else "drop_oldest"
     )
-    with Client(url, timeout=timeout) as client:
+    with user_errors():
+        client = Client(url, timeout=timeout, server_key=server_key, key=key)
+    with client:
         session = client.session(system=system)
         click.echo(f"kvroute chat · {url} · session {session.id} · /help for commands", err=True)
         ChatRepl(session, options, _line_reader()).run()

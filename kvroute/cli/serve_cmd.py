@@ -1,4 +1,10 @@
-"""``kvroute serve`` (broker + N worker processes) and ``kvroute worker`` (one worker alone)."""
+"""``kvroute serve`` (broker + N worker processes) and ``kvroute worker`` (one worker alone).
+
+With ``--curve-secret`` and ``--allow-keys``, ``serve`` makes a throwaway CURVE key pair for its
+own workers and lets that key in on the backend only (see :class:`.supervisor.Supervisor`), so
+the allowed directory needs the clients' keys alone. A ``kvroute worker`` started separately
+authenticates with ``--server-key`` and ``--key``, and its public key must be in the directory.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import os
 import signal
 import threading
 from types import FrameType
+from typing import Any
 
 import click
 
@@ -15,7 +22,8 @@ from kvroute.engine.model_store import resolve_model
 from kvroute.worker.config import WorkerConfig
 from kvroute.worker.service import WorkerService, serve_worker
 
-from .app import echo_err, model_option, user_errors
+from .app import curve_client_options, echo_err, model_option, user_errors
+from .broker_cmd import broker_options
 from .supervisor import ServeError, Supervisor
 
 _B = BrokerConfig()
@@ -99,6 +107,7 @@ class _Signals:
     help="Seconds between heartbeats.",
 )
 @worker_options
+@broker_options
 def serve(
     n_workers: int,
     frontend: str,
@@ -109,6 +118,7 @@ def serve(
     kv_budget_mb: float | None,
     threads: int,
     prefill_chunk: int,
+    broker_kw: dict[str, Any],
 ) -> None:
     """Start a broker and N workers; print a line per worker, then `ready`; stop on SIGINT/TERM."""
     with user_errors(BrokerError, ServeError):
@@ -122,7 +132,9 @@ def serve(
             prefill_chunk=prefill_chunk,
             heartbeat_interval=heartbeat,
         )
-        bcfg = BrokerConfig(frontend=frontend, backend=backend, heartbeat_interval=heartbeat)
+        bcfg = BrokerConfig(
+            frontend=frontend, backend=backend, heartbeat_interval=heartbeat, **broker_kw
+        )
         sup = Supervisor(n_workers, bcfg, wcfg)
         with _Signals() as stop:
             try:
@@ -156,6 +168,7 @@ def serve(
     help="Seconds between heartbeats (match the broker's).",
 )
 @worker_options
+@curve_client_options
 def worker(
     connect: str,
     worker_id: str,
@@ -165,6 +178,8 @@ def worker(
     kv_budget_mb: float | None,
     threads: int,
     prefill_chunk: int,
+    server_key: str | None,
+    key: str | None,
 ) -> None:
     """Run one worker connected to a broker (this host or another) until SIGINT/SIGTERM."""
     with user_errors():
@@ -177,6 +192,8 @@ def worker(
             threads=threads,
             prefill_chunk=prefill_chunk,
             heartbeat_interval=heartbeat,
+            server_key=server_key,
+            key=key,
         )
         serve_worker(cfg, on_loaded=_announce)
 

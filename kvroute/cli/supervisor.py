@@ -5,6 +5,12 @@ separate processes started with the ``spawn`` method, each creating its own Zero
 it starts. Their process sentinels go to the broker, so a worker that exits is declared lost at
 once rather than after the heartbeat window; the supervisor then starts a replacement with the
 same id, which registers with a new epoch.
+
+Under CURVE (``broker_config.curve``) the supervisor makes a throwaway key pair for its workers,
+unless the worker config brings one: the broker lets its public key in on the backend only
+(``extra_worker_keys``), and each worker gets it with the broker's public key in its config
+(the secret travels to the child through the spawn pipe, never to disk). The ``--allow-keys``
+directory then needs only the keys of clients and of workers started elsewhere.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from multiprocessing.process import BaseProcess
+
+import zmq
 
 from kvroute.broker import Broker, BrokerConfig, BrokerError
 from kvroute.worker.config import WorkerConfig
@@ -52,6 +60,11 @@ class Supervisor:
         Template for every worker (``connect`` and ``worker_id`` are filled in here).
     restart:
         Start a replacement when a worker exits unexpectedly.
+
+    Raises
+    ------
+    KeyFileError
+        CURVE is configured and a key file cannot be used.
     """
 
     def __init__(
@@ -62,7 +75,14 @@ class Supervisor:
         restart: bool = True,
     ) -> None:
         self.n_workers = n_workers
+        if broker_config.curve and worker_config.key is None:
+            public, secret = zmq.curve_keypair()
+            extra = (*broker_config.extra_worker_keys, public)
+            broker_config = replace(broker_config, extra_worker_keys=extra)
+            worker_config = replace(worker_config, key=(public, secret))
         self.broker = Broker(broker_config)
+        if self.broker.curve is not None and worker_config.server_key is None:
+            worker_config = replace(worker_config, server_key=self.broker.curve.public.decode())
         self.worker_config = worker_config
         self.restart = restart
         self.workers: dict[str, WorkerProcess] = {}

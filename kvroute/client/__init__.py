@@ -18,6 +18,8 @@ from .core import DEFAULT_MAX_TOKENS, DEFAULT_TIMEOUT, OnOverflow
 from .errors import (
     ContextOverflow,
     KvrouteError,
+    LimitReached,
+    NotOwner,
     ProtocolError,
     ServiceUnavailable,
     SessionBusy,
@@ -35,6 +37,8 @@ __all__ = [
     "Client",
     "ContextOverflow",
     "KvrouteError",
+    "LimitReached",
+    "NotOwner",
     "OnOverflow",
     "ProtocolError",
     "ServiceUnavailable",

@@ -1,11 +1,8 @@
 """The asyncio client: :class:`AsyncClient` and :class:`AsyncSession`, the same API as
 :mod:`kvroute.client.sync` with ``async for`` and ``await``.
 
-Receiving follows the rule for ``zmq.asyncio`` (DESIGN §3): a pending ``recv`` is never
-cancelled, because a cancelled receive can lose a message. One task at a time awaits ``poll``
-(cancelling a poll loses nothing) and then receives with ``NOBLOCK`` for everyone, filing each
-message under its request; the other tasks wait on an event. Every wait is bounded by
-``timeout``.
+The socket is :class:`~kvroute.client.aio_transport.AsyncTransport`'s, which receives for every
+task without ever cancelling a pending ``recv``. Every wait is bounded by ``timeout``.
 
 Concurrency: use a client from one event loop; any number of tasks may drive its sessions. A
 session runs one request at a time: a second one waits for the first to end (up to ``timeout``)
@@ -24,112 +21,26 @@ import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
 
-import zmq
-import zmq.asyncio
+from kvroute.proto import EMPTY_BODY, Kind, TurnEnd, request_frames
+from kvroute.proto.identity import KeyPair, KeyPath
 
-from kvroute.proto import EMPTY_BODY, Kind, Reply, TurnEnd, request_frames
-
+from .aio_transport import AsyncTransport
 from .core import (
     DEFAULT_LINGER,
     DEFAULT_MAX_TOKENS,
     DEFAULT_TIMEOUT,
     Attempt,
     Conversation,
-    Demux,
     Key,
     OnOverflow,
-    RequestIds,
     TurnStream,
     check_ack,
 )
 from .errors import ContextOverflow, KvrouteError, SessionBusy, Timeout
 from .result import TurnResult
-from .transport import configure_dealer
+from .transport import client_identity
 
 logger = logging.getLogger(__name__)
-
-_DRAIN_BATCH = 1024
-
-
-class _AsyncTransport:
-    """A ``zmq.asyncio`` DEALER shared by the tasks of one loop; replies routed per request."""
-
-    def __init__(self, url: str, timeout: float, linger: float) -> None:
-        self.url, self.timeout = url, timeout
-        self.ids = RequestIds()
-        self.closed = False
-        self._demux = Demux()
-        self._reading = False  # a task is polling the socket for everyone
-        self._arrived: asyncio.Event | None = None  # set after each read; made in the loop
-        self._ctx = zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        configure_dealer(self._sock, url, linger)
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self._sock.close()
-        self._ctx.term()
-        self._notify()
-
-    def open(self, key: Key) -> None:
-        self._demux.open(key)
-
-    def discard(self, key: Key) -> None:
-        self._demux.close(key)
-
-    def send(self, frames: list[bytes]) -> None:
-        """Send without blocking (a plain call: usable from callbacks and sync code)."""
-        if self.closed:
-            raise KvrouteError("client is closed")
-        try:
-            self._sock.send_multipart(frames, flags=zmq.NOBLOCK).result()
-        except zmq.Again:
-            # The send queue towards a broker that never took it is full: it is gone, and the
-            # waiting caller gets Timeout.
-            logger.warning("send queue to %s is full; dropped a message", self.url)
-
-    def send_quietly(self, frames: list[bytes]) -> None:
-        with contextlib.suppress(KvrouteError):
-            self.send(frames)
-
-    async def recv(self, key: Key, waiting_for: str) -> Reply:
-        """The next reply for ``key``; raises Timeout after ``timeout`` seconds of silence."""
-        deadline = time.monotonic() + self.timeout
-        while True:
-            reply = self._demux.pop(key)
-            if reply is not None:
-                return reply
-            if self.closed:
-                raise KvrouteError("client is closed")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise Timeout(self.timeout, waiting_for, self.url)
-            if self._reading:
-                if self._arrived is None:
-                    self._arrived = asyncio.Event()
-                # Cancelling this wait is harmless: it is an Event, not a socket receive.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
-                continue
-            self._reading = True
-            try:
-                if await self._sock.poll(remaining * 1000, zmq.POLLIN):
-                    for _ in range(_DRAIN_BATCH):
-                        try:  # NOBLOCK: the future is already done; nothing is left pending
-                            frames = self._sock.recv_multipart(flags=zmq.NOBLOCK).result()
-                        except zmq.Again:
-                            break
-                        self._demux.dispatch(frames)
-            finally:
-                self._reading = False
-                self._notify()
-
-    def _notify(self) -> None:
-        if self._arrived is not None:
-            self._arrived.set()
-            self._arrived = None
 
 
 class AsyncClient:
@@ -144,19 +55,48 @@ class AsyncClient:
         :class:`~kvroute.client.errors.Timeout`.
     linger
         Seconds unsent frames may delay :meth:`close`.
+    server_key
+        The broker's public CURVE key: its certificate file (``server.key``) or z85 text. With
+        ``key``, for a broker run with ``--curve-secret``. A broker that does not allow ``key``
+        answers nothing at all: every request ends in :class:`~kvroute.client.errors.Timeout`.
+    key
+        This client's CURVE key pair: its secret certificate (``client.key_secret``) or
+        ``(public, secret)`` z85 bytes. Under CURVE, sessions belong to this key: any client
+        holding it may drive them, from any process.
+    owner_token
+        Without CURVE, the secret that owns the sessions this client creates (it is the
+        connection's routing id); None makes a random one, readable as ``owner_token``. Pass a
+        saved token to drive the same sessions from another process later, but to one connected
+        client at a time: ZeroMQ ignores a second connection presenting the same routing id.
+        Another client's request on a session gets :class:`~kvroute.client.errors.NotOwner`.
+
+    Raises
+    ------
+    ValueError
+        A bad timeout or owner token; ``KeyFileError`` (a ValueError) for an unusable key file,
+        or only one of ``server_key`` and ``key``.
 
     Options after ``timeout`` are keyword-only (new ones, e.g. CURVE keys, will not break
     callers). See the module docstring for concurrency.
     """
 
     def __init__(
-        self, url: str, timeout: float = DEFAULT_TIMEOUT, *, linger: float = DEFAULT_LINGER
+        self,
+        url: str,
+        timeout: float = DEFAULT_TIMEOUT,
+        *,
+        linger: float = DEFAULT_LINGER,
+        server_key: KeyPath | bytes | None = None,
+        key: KeyPath | KeyPair | None = None,
+        owner_token: bytes | None = None,
     ) -> None:
         if not timeout > 0:
             raise ValueError("timeout must be positive")
         self.url: str = url
         self.timeout: float = timeout
-        self._t = _AsyncTransport(url, timeout, linger)
+        token, curve = client_identity(server_key, key, owner_token)
+        self.owner_token: bytes = token
+        self._t = AsyncTransport(url, timeout, linger, token, curve)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -197,7 +137,7 @@ class AsyncSession:
     """One chat session over an :class:`AsyncClient`; see :class:`kvroute.client.sync.Session`
     for the attributes (``id``, ``history``, ``last``, ``dropped``) and the semantics."""
 
-    def __init__(self, transport: _AsyncTransport, conversation: Conversation) -> None:
+    def __init__(self, transport: AsyncTransport, conversation: Conversation) -> None:
         self._t = transport
         self._conv = conversation
         self._busy = False

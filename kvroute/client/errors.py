@@ -150,6 +150,41 @@ class ServiceUnavailable(KvrouteError):
         super().__init__(f"service unavailable ({code}): {message}")
 
 
+class NotOwner(KvrouteError):
+    """The session belongs to another client identity; the request changed nothing.
+
+    A session belongs to whoever created it: the CURVE key of that client, or without CURVE its
+    owner token (``Client.owner_token``, random per client unless given). Use a session id of
+    your own, or resume with the same key / owner token.
+
+    Parameters
+    ----------
+    message
+        The service's explanation.
+    """
+
+    def __init__(self, message: str) -> None:
+        self.code: ErrorCode = ErrorCode.NOT_OWNER
+        self.message: str = message
+        super().__init__(f"not the session's owner: {message}")
+
+
+class LimitReached(KvrouteError):
+    """A per-client limit of the service was reached (sessions open, or requests in flight);
+    the request was not run. Close sessions, or wait for turns to end, then retry.
+
+    Parameters
+    ----------
+    message
+        The service's explanation, with the count and the limit.
+    """
+
+    def __init__(self, message: str) -> None:
+        self.code: ErrorCode = ErrorCode.LIMIT
+        self.message: str = message
+        super().__init__(f"client limit reached: {message}")
+
+
 _UNAVAILABLE_CODES = frozenset({ErrorCode.NO_WORKER, ErrorCode.OVERLOADED, ErrorCode.SHUTTING_DOWN})
 
 
@@ -157,4 +192,8 @@ def error_for_code(code: ErrorCode, message: str) -> KvrouteError:
     """The exception for an ERROR reply from the service."""
     if code in _UNAVAILABLE_CODES:
         return ServiceUnavailable(code, message)
+    if code is ErrorCode.NOT_OWNER:
+        return NotOwner(message)
+    if code is ErrorCode.LIMIT:
+        return LimitReached(message)
     return ProtocolError(code, message)

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 
 from kvroute.proto import EMPTY_BODY, Kind, TurnEnd, request_frames
+from kvroute.proto.identity import KeyPair, KeyPath
 
 from .core import (
     DEFAULT_LINGER,
@@ -32,7 +33,7 @@ from .core import (
 )
 from .errors import ContextOverflow, KvrouteError, SessionBusy, Timeout
 from .result import TurnResult
-from .transport import Transport
+from .transport import Transport, client_identity
 
 logger = logging.getLogger(__name__)
 
@@ -49,19 +50,48 @@ class Client:
         raising :class:`~kvroute.client.errors.Timeout`: a dead broker never hangs a caller.
     linger
         Seconds unsent frames may delay :meth:`close`.
+    server_key
+        The broker's public CURVE key: its certificate file (``server.key``) or z85 text. With
+        ``key``, for a broker run with ``--curve-secret``. A broker that does not allow ``key``
+        answers nothing at all: every request ends in :class:`~kvroute.client.errors.Timeout`.
+    key
+        This client's CURVE key pair: its secret certificate (``client.key_secret``) or
+        ``(public, secret)`` z85 bytes. Under CURVE, sessions belong to this key: any client
+        holding it may drive them, from any process.
+    owner_token
+        Without CURVE, the secret that owns the sessions this client creates (it is the
+        connection's routing id); None makes a random one, readable as ``owner_token``. Pass a
+        saved token to drive the same sessions from another process later, but to one connected
+        client at a time: ZeroMQ ignores a second connection presenting the same routing id.
+        Another client's request on a session gets :class:`~kvroute.client.errors.NotOwner`.
+
+    Raises
+    ------
+    ValueError
+        A bad timeout or owner token; ``KeyFileError`` (a ValueError) for an unusable key file,
+        or only one of ``server_key`` and ``key``.
 
     Options after ``timeout`` are keyword-only, so new ones (e.g. CURVE keys) can be added
     without breaking callers. Thread-safe: see the module docstring.
     """
 
     def __init__(
-        self, url: str, timeout: float = DEFAULT_TIMEOUT, *, linger: float = DEFAULT_LINGER
+        self,
+        url: str,
+        timeout: float = DEFAULT_TIMEOUT,
+        *,
+        linger: float = DEFAULT_LINGER,
+        server_key: KeyPath | bytes | None = None,
+        key: KeyPath | KeyPair | None = None,
+        owner_token: bytes | None = None,
     ) -> None:
         if not timeout > 0:
             raise ValueError("timeout must be positive")
         self.url: str = url
         self.timeout: float = timeout
-        self._t = Transport(url, timeout, linger)
+        token, curve = client_identity(server_key, key, owner_token)
+        self.owner_token: bytes = token
+        self._t = Transport(url, timeout, linger, token, curve)
 
     def __enter__(self) -> Client:
         return self

@@ -20,6 +20,13 @@ from collections import deque
 import zmq
 
 from kvroute.proto import Reply
+from kvroute.proto.identity import (
+    CurveClient,
+    KeyPair,
+    KeyPath,
+    check_owner_token,
+    new_owner_token,
+)
 from kvroute.proto.limits import MAX_MSG_SIZE
 
 from .core import Demux, Key, RequestIds
@@ -30,16 +37,43 @@ logger = logging.getLogger(__name__)
 _DRAIN_BATCH = 1024  # messages read per wake-up before the waiting threads get to look
 
 
-def configure_dealer(sock: zmq.Socket[bytes], url: str, linger: float) -> None:
+def configure_dealer(
+    sock: zmq.Socket[bytes],
+    url: str,
+    linger: float,
+    owner_token: bytes,
+    curve: CurveClient | None = None,
+) -> None:
     """Set the options of a client DEALER and connect it.
 
     ``linger`` bounds how long close waits for unsent frames (ZeroMQ's default is forever);
-    ``MAXMSGSIZE`` keeps a broken or hostile peer from making us buffer huge frames. This is
-    where CURVE client keys go (issue 7).
+    ``MAXMSGSIZE`` keeps a broken or hostile peer from making us buffer huge frames. The owner
+    token becomes the routing id: without CURVE the broker binds the sessions this client
+    creates to it, and ZeroMQ presents it again on every reconnect. With ``curve`` the socket
+    is a CURVE client and the broker knows it by its public key instead.
     """
     sock.setsockopt(zmq.LINGER, int(linger * 1000))
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MSG_SIZE)
+    sock.setsockopt(zmq.ROUTING_ID, owner_token)
+    if curve is not None:
+        curve.apply(sock)
     sock.connect(url)
+
+
+def client_identity(
+    server_key: KeyPath | bytes | None, key: KeyPath | KeyPair | None, owner_token: bytes | None
+) -> tuple[bytes, CurveClient | None]:
+    """The owner token (a fresh one if None) and CURVE settings of a client's arguments.
+
+    Raises
+    ------
+    ValueError
+        A bad owner token; :class:`~kvroute.proto.identity.KeyFileError` (a ValueError) for
+        unusable keys, or only one of ``server_key`` and ``key``.
+    """
+    curve = CurveClient.load(server_key, key)
+    token = new_owner_token() if owner_token is None else check_owner_token(owner_token)
+    return token, curve
 
 
 class Transport:
@@ -53,9 +87,18 @@ class Transport:
         Seconds :meth:`recv` waits for one reply before raising ``Timeout``.
     linger
         Seconds unsent frames may delay :meth:`close`.
+    owner_token, curve
+        See :func:`configure_dealer`.
     """
 
-    def __init__(self, url: str, timeout: float, linger: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout: float,
+        linger: float,
+        owner_token: bytes,
+        curve: CurveClient | None = None,
+    ) -> None:
         self.url = url
         self.timeout = timeout
         self.ids = RequestIds()
@@ -67,7 +110,7 @@ class Transport:
         self._closed = False
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
-        configure_dealer(self._sock, url, linger)
+        configure_dealer(self._sock, url, linger, owner_token, curve)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)

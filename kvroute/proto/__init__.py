@@ -27,7 +27,8 @@ Client -> service (each TURN/RESET/CLOSE occupies its session until its terminal
 - TURN: :class:`TurnRequest` {messages: [{role, content}], max_tokens, temperature, top_p,
   top_k, seed}. Answer: TOKEN* then one of END, OVERFLOW, ERROR, SESSION_LOST, BUSY.
 - CANCEL (empty body; request id = the TURN's): stop generating; the TURN then ends with END
-  ``finish_reason`` cancelled. No reply of its own; ignored if that turn is not in flight.
+  ``finish_reason`` cancelled. No reply of its own (except ERROR ``not_owner`` to a stranger);
+  ignored if that turn is not in flight.
 - RESET (empty): forget the session's cache; answer RESET_OK (next turn cold ``reset``).
 - CLOSE (empty): forget the session and its pin; answer CLOSE_OK.
 - PING (empty): answered PONG by the broker (checks the broker, not a worker).
@@ -57,14 +58,44 @@ Worker <-> broker control:
   worker": the worker drops every session and turn, recreates its socket, sends READY again.
 - ERROR (control form, 2 frames): answer to a malformed control message.
 
+Identity, ownership and limits
+------------------------------
+A session belongs to the client identity (*principal*) that created it with its first TURN:
+
+- with CURVE (``kvroute broker --curve-secret FILE --allow-keys DIR``; both ROUTERs are CURVE
+  servers behind a ZAP handler that lets in only the public keys in DIR), the principal is the
+  client's authenticated public key (z85), which the broker reads per message as the
+  ``User-Id`` property. Any connection holding the key may drive the key's sessions.
+- without CURVE, the principal is the client's routing id on the frontend. The library client
+  sets it (``ZMQ_ROUTING_ID``) to an *owner token*: 128 random bits, :mod:`~.identity`. It is a
+  bearer secret the client presents on every request without a single extra frame (the ROUTER
+  prepends it), stable across reconnects, and never echoed to other clients (workers see it in
+  the ``client`` frame). One connection at a time may present a token (the ROUTER ignores a
+  second one with the same routing id), so a token resumes sessions sequentially, e.g. from a
+  new process. A DEALER that sets none gets ZeroMQ's per-connection id, so owns its sessions
+  for as long as it stays connected. This keeps sessions apart from clients that know
+  or guess their ids; against eavesdroppers and rogue workers, use CURVE.
+
+A TURN, RESET, CLOSE or CANCEL on a session another principal owns is answered ERROR
+``not_owner`` and changes nothing (checked first: a stranger does not even learn BUSY). A
+session id is free again once the broker forgets it: after CLOSE, after it was idle longer than
+the pin TTL or pushed out by the pin count (the broker then sends its worker a CLOSE of its own,
+with an empty client frame, and drops the CLOSE_OK), and after a RESET of a session whose
+worker was lost.
+
+Per principal, the broker enforces (``BrokerConfig``): sessions pinned (a TURN creating one
+more gets ERROR ``limit``), and TURN/RESET/CLOSE requests in flight (ERROR ``limit``); request
+bodies above ``max_body_bytes`` (<= 1 MiB) get ``too_large``. Without CURVE these bound
+accidents, since a client can open more connections; with CURVE they bound each key.
+
 Errors and limits
 -----------------
 Untrusted bytes are validated at the edge and answered with ERROR to their sender only; a frame
 above the socket's ``MAXMSGSIZE`` (4 MiB) is dropped by ZeroMQ. Validation raises
 :class:`ProtocolViolation` (``code``, ``message``); codes are in :class:`ErrorCode`: bad_frame,
 bad_version, unknown_kind, bad_body, out_of_range, too_large, no_worker, overloaded,
-slow_consumer, shutting_down, internal (not_owner and limit are reserved for issue 7). Unknown
-body fields are rejected (a typo must not become a default); a new field means a new version.
+slow_consumer, shutting_down, not_owner, limit, internal. Unknown body fields are rejected (a
+typo must not become a default); a new field means a new version.
 
 Limits (:mod:`kvroute.proto.limits`): session id 1..64 bytes, request id 1..32 bytes, body
 <= 1 MiB; TURN: 1..1024 messages, <= 256 Ki characters of content in total, last message from
@@ -73,8 +104,8 @@ the user, max_tokens 1..32768, temperature finite 0..100, 0 < top_p <= 1, top_k 
 characters; ERROR message <= 1024 characters; READY capacity 1..4096, n_ctx 1..2**24.
 
 Who checks what: the broker checks headers and routing-frame sizes of every message (cheap
-length comparisons) and decodes only control bodies addressed to it; a request's body is
-validated by the worker, a reply's by the client.
+length comparisons), ownership and per-client limits of every request, and decodes only control
+bodies addressed to it; a request's body is validated by the worker, a reply's by the client.
 """
 
 from .control import Disconnect, ErrorReply, Heartbeat, LostReason, Ready, SessionLost, error_body

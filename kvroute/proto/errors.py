@@ -29,9 +29,10 @@ class ErrorCode(StrEnum):
     SHUTTING_DOWN = "shutting_down"
     """The broker or worker is stopping; the request did not complete."""
     NOT_OWNER = "not_owner"
-    """Reserved (issue 7): the session belongs to another client identity."""
+    """The session belongs to another client identity; nothing was changed (client: NotOwner)."""
     LIMIT = "limit"
-    """Reserved (issue 7): a per-client limit (sessions, turns in flight) was reached."""
+    """A per-client limit (sessions, requests in flight) was reached; the request was not run
+    (client: LimitReached)."""
     INTERNAL = "internal"
     """A bug on the answering side; the message says what."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvroute.engine.engine import DEFAULT_N_CTX
+from kvroute.proto.identity import KeyPair
 
 
 @dataclass
@@ -23,6 +24,10 @@ class WorkerConfig:
     liveness: int = 3  # silent intervals before the broker is presumed gone (re-register)
     linger_ms: int = 100  # time given to the last frames when the socket closes
     hwm: int = 10_000  # frames queued towards the broker before a send would block
+    # CURVE (both or neither): the broker's public key (a .key file or z85 text), and this
+    # worker's key pair (a .key_secret file, or (public, secret) z85 as serve passes its own).
+    server_key: str | None = None
+    key: str | KeyPair | None = None
 
     @property
     def kv_budget_bytes(self) -> int | None:

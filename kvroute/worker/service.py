@@ -39,6 +39,7 @@ from kvroute.proto import (
     reply_frames,
 )
 from kvroute.proto.control import Disconnect
+from kvroute.proto.identity import CurveClient, KeyFileError
 
 from .config import WorkerConfig
 from .events import BusyEvent, EndEvent, ErrorEvent, Event, OverflowEvent, TokenEvent
@@ -58,6 +59,11 @@ class WorkerService:
         Address, heartbeat and scheduling knobs.
     stop:
         Set it (from any thread) to end `run`; one is made if not given.
+
+    Raises
+    ------
+    KeyFileError
+        ``config`` names CURVE keys that cannot be used.
     """
 
     def __init__(
@@ -65,6 +71,7 @@ class WorkerService:
     ) -> None:
         self.engine = engine
         self.config = config
+        self.curve = CurveClient.load(config.server_key, config.key)
         self.worker_id = config.worker_id or f"w{os.getpid()}"
         self.epoch = 0
         self.registrations = 0
@@ -103,6 +110,10 @@ class WorkerService:
         sock.setsockopt(zmq.LINGER, self.config.linger_ms)
         sock.setsockopt(zmq.SNDHWM, self.config.hwm)
         sock.setsockopt(zmq.RCVHWM, self.config.hwm)
+        if self.curve is not None:
+            # A broker that refuses our key stays silent: READY goes nowhere, and the liveness
+            # check keeps re-registering (logged) until someone fixes the keys.
+            self.curve.apply(sock)
         sock.connect(self.config.connect)
         self._sock = sock
         self.epoch = time.time_ns()
@@ -271,6 +282,7 @@ def serve_worker(
 
     from kvroute.engine.model_store import resolve_model
 
+    CurveClient.load(config.server_key, config.key)  # bad keys: fail before the slow load
     threadpool_limits(config.threads)
     engine = Engine.load(resolve_model(config.model), n_ctx=config.n_ctx)
     service = WorkerService(engine, config, stop)
@@ -283,12 +295,12 @@ def serve_worker(
 
 
 def worker_process_main(config: WorkerConfig) -> None:
-    """Entry point of a spawned worker process: a bad model is one log line and exit code 2."""
+    """Entry point of a spawned worker process: a bad model or key is one log line, exit 2."""
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     try:
         serve_worker(config)
-    except EngineError as exc:
+    except (EngineError, KeyFileError) as exc:
         logger.error("worker %s: %s", config.worker_id, exc)
         raise SystemExit(2) from None

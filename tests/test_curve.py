@@ -1,0 +1,349 @@
+"""CURVE end to end: keys, an authenticating broker, clients and workers in and out (issue 7).
+
+The broker runs in a thread with tiny-model workers (the harness of service_harness.py), or as
+``kvroute serve`` in a process. A refused peer gets no answer at all, so every negative test
+waits with a bounded timeout (the client's Timeout) and checks the cause where it can be seen:
+the broker's ZAP refusal counter, or the handshake failure a socket monitor reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+from click.testing import CliRunner
+from fake_peers import wait_until
+from service_harness import HEARTBEAT, Harness
+from test_serve import Proc, free_port
+from zmq.utils.monitor import recv_monitor_message
+
+from kvroute import AsyncClient, Client, NotOwner, Timeout
+from kvroute.broker import Broker, BrokerConfig
+from kvroute.cli import main
+from kvroute.cli.keys_cmd import write_key_pairs
+from kvroute.engine.engine import Engine
+from kvroute.proto import Kind, Ready, control_frames
+from kvroute.proto.identity import CurveClient, KeyFileError, load_allowed_keys
+
+TIMEOUT = 5.0  # an allowed client's timeout: never reached when things work
+REFUSED = 0.5  # a refused client's timeout: it is expected to expire
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """allowed/: server, client, other (a second client), worker. strangers/: stranger."""
+    root = tmp_path_factory.mktemp("keys")
+    write_key_pairs(root / "allowed", ("server", "client", "other", "worker"), force=False)
+    write_key_pairs(root / "strangers", ("stranger",), force=False)
+    paths = {n: root / "allowed" / n for n in ("server", "client", "other", "worker")}
+    paths["stranger"] = root / "strangers" / "stranger"
+    paths["allowed"] = root / "allowed"
+    return paths
+
+
+def secret(keys: dict[str, Path], name: str) -> str:
+    return f"{keys[name]}.key_secret"
+
+
+def public(keys: dict[str, Path], name: str) -> str:
+    return f"{keys[name]}.key"
+
+
+@pytest.fixture
+def curve_service(tiny_engine: Engine, keys: dict[str, Path]) -> Iterator[Harness]:
+    """A CURVE broker (thread) and one tiny worker w0 authenticated with worker.key."""
+    cfg = BrokerConfig(
+        frontend="tcp://127.0.0.1:0",
+        backend="tcp://127.0.0.1:0",
+        heartbeat_interval=HEARTBEAT,
+        curve_secret=secret(keys, "server"),
+        allow_keys=str(keys["allowed"]),
+    )
+    broker = Broker(cfg)
+    t = threading.Thread(target=broker.run, name="broker", daemon=True)
+    t.start()
+    frontend, backend = broker.wait_bound(10)
+    h = Harness(broker, frontend, backend, threads=[t])
+    try:
+        h.add_worker(
+            tiny_engine, "w0", server_key=public(keys, "server"), key=secret(keys, "worker")
+        )
+        yield h
+    finally:
+        h.close()
+
+
+def connect(h: Harness, keys: dict[str, Path], who: str | None, timeout: float) -> Client:
+    if who is None:
+        return Client(h.frontend, timeout=timeout)
+    return Client(h.frontend, timeout, server_key=public(keys, "server"), key=secret(keys, who))
+
+
+def handshake_failure(sock: zmq.Socket[bytes]) -> int:
+    """The first handshake-failure event of a socket being connected (bounded wait)."""
+    mon = sock.get_monitor_socket()
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while True:  # (other events, e.g. reconnect attempts, come and go meanwhile)
+            left = deadline - time.monotonic()
+            assert left > 0 and mon.poll(left * 1000), "no handshake failure reported"
+            event = recv_monitor_message(mon)["event"]
+            if event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                return int(event)
+    finally:
+        sock.disable_monitor()
+        mon.close(linger=0)
+
+
+# --- the service ------------------------------------------------------------------------------
+
+
+def test_allowed_client_end_to_end(curve_service: Harness, keys: dict[str, Path]) -> None:
+    with connect(curve_service, keys, "client", TIMEOUT) as client:
+        assert client.ping() >= 0
+        chat = client.session()
+        reply = "".join(chat.send("hello", max_tokens=6))
+        assert chat.last is not None and chat.last.reply == reply and chat.last.worker == "w0"
+        list(chat.send("again", max_tokens=4))
+        assert chat.last.path == "text_prefix"  # sticky and warm, as without CURVE
+    # The server key as z85 text and the client key as a pair work the same way.
+    assert curve_service.broker.curve is not None
+    server_z85 = curve_service.broker.curve.public.decode()
+    pair = CurveClient.load(server_z85, secret(keys, "other"))
+    assert pair is not None
+    with Client(
+        curve_service.frontend, TIMEOUT, server_key=server_z85, key=(pair.public, pair.secret)
+    ) as client:
+        assert client.ping() >= 0
+
+
+def test_async_client_speaks_curve(curve_service: Harness, keys: dict[str, Path]) -> None:
+    async def main(who: str) -> str:
+        async with AsyncClient(
+            curve_service.frontend,
+            TIMEOUT if who == "client" else REFUSED,
+            server_key=public(keys, "server"),
+            key=secret(keys, who),
+        ) as client:
+            chat = client.session()
+            _ = [p async for p in chat.send("hi", max_tokens=3)]
+            assert chat.last is not None
+            return chat.last.worker
+
+    assert asyncio.run(main("client")) == "w0"
+    with pytest.raises(Timeout):
+        asyncio.run(main("stranger"))
+
+
+@pytest.mark.parametrize("who", ["stranger", None, "wrong server key"])
+def test_refused_client_gets_nothing(
+    curve_service: Harness, keys: dict[str, Path], who: str | None
+) -> None:
+    b = curve_service.broker
+    refused, heard = b.stats.keys_refused, b.stats.client_messages
+    if who == "wrong server key":  # an allowed key, but talking to another server's key
+        client = Client(
+            curve_service.frontend,
+            REFUSED,
+            server_key=public(keys, "other"),
+            key=secret(keys, "client"),
+        )
+    else:
+        client = connect(curve_service, keys, who, REFUSED)
+    with client:
+        with pytest.raises(Timeout):
+            client.ping()
+        with pytest.raises(Timeout):
+            list(client.session().send("let me in", max_tokens=2))
+    if who == "stranger":
+        wait_until(lambda: b.stats.keys_refused > refused)  # ZAP said no to that very key
+    assert b.stats.client_messages == heard  # not one frame reached the broker
+    with connect(curve_service, keys, "client", TIMEOUT) as client:
+        assert client.ping() >= 0  # and the door still works for those allowed
+
+
+@pytest.mark.parametrize("how", ["stranger", "plaintext"])
+def test_refused_handshakes(curve_service: Harness, keys: dict[str, Path], how: str) -> None:
+    """What the refused sockets see: ZAP's refusal, or a mechanism mismatch."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if how == "stranger":
+            curve = CurveClient.load(public(keys, "server"), secret(keys, "stranger"))
+            assert curve is not None
+            curve.apply(sock)
+        sock.connect(curve_service.frontend)
+        expected = {
+            "stranger": zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+            "plaintext": zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+        }
+        assert handshake_failure(sock) == expected[how]
+        sock.close()
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_worker_with_unknown_key_never_registers(
+    curve_service: Harness, keys: dict[str, Path]
+) -> None:
+    b = curve_service.broker
+    refused = b.stats.keys_refused
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        rogue = ctx.socket(zmq.DEALER)
+        rogue.setsockopt(zmq.LINGER, 0)
+        curve = CurveClient.load(public(keys, "server"), secret(keys, "stranger"))
+        assert curve is not None
+        curve.apply(rogue)
+        rogue.connect(curve_service.backend)
+        ready = Ready("rogue", os.getpid(), 1, 4, "fake", 2048)
+        rogue.send_multipart(control_frames(Kind.READY, ready.encode()), zmq.NOBLOCK)
+        assert handshake_failure(rogue) == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        wait_until(lambda: b.stats.keys_refused > refused)
+        assert b.table.worker_key("rogue") is None and list(b.table.workers) != []
+        assert not rogue.poll(0)
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_sessions_belong_to_keys(curve_service: Harness, keys: dict[str, Path]) -> None:
+    with (
+        connect(curve_service, keys, "client", TIMEOUT) as one,
+        connect(curve_service, keys, "client", TIMEOUT) as same_key,
+        connect(curve_service, keys, "other", TIMEOUT) as other_key,
+    ):
+        mine = one.session()
+        list(mine.send("hello", max_tokens=4))
+        stranger = other_key.session(session_id=mine.id, history=mine.history)
+        with pytest.raises(NotOwner):
+            list(stranger.send("mine now", max_tokens=2))
+        with pytest.raises(NotOwner):
+            stranger.reset()
+        # Another connection holding the same key is the same owner: it picks up warm.
+        again = same_key.session(session_id=mine.id, history=mine.history)
+        list(again.send("go on", max_tokens=4))
+        assert again.last is not None and again.last.path == "text_prefix"
+
+
+def test_serve_lets_its_own_workers_in(
+    tiny_model_path: Path, tmp_path: Path, keys: dict[str, Path]
+) -> None:
+    """``kvroute serve`` with CURVE: its workers use a throwaway key the directory lacks."""
+    url = f"tcp://127.0.0.1:{free_port()}"
+    args = ["serve", "--workers", "1", "--model", str(tiny_model_path), "--frontend", url]
+    args += ["--curve-secret", secret(keys, "server"), "--allow-keys", str(keys["allowed"])]
+    proc = Proc(args, tmp_path / "serve.log")
+    try:
+        assert "workers 1" in proc.wait_line("ready")
+        server = public(keys, "server")
+        with Client(url, TIMEOUT, server_key=server, key=secret(keys, "client")) as client:
+            list(client.session().send("hi", max_tokens=3))
+        stranger = Client(url, REFUSED, server_key=server, key=secret(keys, "stranger"))
+        with stranger, pytest.raises(Timeout):
+            stranger.ping()
+    finally:
+        assert proc.stop() == 0
+
+
+# --- keys and their errors --------------------------------------------------------------------
+
+
+def test_keys_generate(tmp_path: Path) -> None:
+    d = tmp_path / "k"
+    result = CliRunner().invoke(main, ["keys", "generate", str(d)])
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in d.iterdir())
+    assert names == sorted(
+        f"{n}{e}" for n in ("server", "client", "worker") for e in (".key", ".key_secret")
+    )
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert stat.S_IMODE((d / "client.key_secret").stat().st_mode) == 0o600
+    assert stat.S_IMODE((d / "client.key").stat().st_mode) == 0o644
+    assert len(load_allowed_keys(d)) == 3  # usable as --allow-keys as it is
+    assert CurveClient.load(str(d / "server.key"), str(d / "client.key_secret")) is not None
+    before = (d / "server.key_secret").read_bytes()
+    again = CliRunner().invoke(main, ["keys", "generate", str(d)])
+    assert again.exit_code == 1
+    assert again.stderr == f"error: {d / 'server.key'} exists (use --force to replace it)\n"
+    assert (d / "server.key_secret").read_bytes() == before  # nothing was overwritten
+    named = CliRunner().invoke(main, ["keys", "generate", str(d), "--name", "alice", "--force"])
+    assert named.exit_code == 0 and (d / "alice.key_secret").exists()
+    assert (d / "server.key_secret").read_bytes() == before  # only the names asked for
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["broker", "--curve-secret", "{missing}", "--allow-keys", "{allowed}"],
+            "error: cannot read CURVE key file {missing}: no such file",
+        ),
+        (
+            ["broker", "--curve-secret", "{server}.key", "--allow-keys", "{allowed}"],
+            "error: {server}.key holds no secret key (give the .key_secret file)",
+        ),
+        (
+            ["broker", "--curve-secret", "{server}.key_secret", "--allow-keys", "{missing}"],
+            "error: cannot read allowed keys from {missing}: not a directory",
+        ),
+        (
+            ["chat", "--server-key", "{server}.key", "--key", "{missing}"],
+            "error: cannot read CURVE key file {missing}: no such file",
+        ),
+        (
+            ["chat", "--server-key", "{server}.key"],
+            "error: CURVE needs both the server's public key and this peer's own key pair",
+        ),
+        (
+            ["worker", "--server-key", "{garbage}", "--key", "{server}.key_secret"],
+            "error: CURVE key file {garbage} holds no public key",
+        ),
+    ],
+)
+def test_bad_key_files_are_one_line_errors(
+    tmp_path: Path, keys: dict[str, Path], args: list[str], message: str
+) -> None:
+    garbage = tmp_path / "garbage.key"
+    garbage.write_text("not a certificate\n")
+    names = {
+        "missing": str(tmp_path / "nope"),
+        "allowed": str(keys["allowed"]),
+        "server": str(keys["server"]),
+        "garbage": str(garbage),
+    }
+    argv = [a.format(**names) for a in args]
+    if argv[0] == "chat":
+        argv += ["--connect", f"tcp://127.0.0.1:{free_port()}"]
+    result = CliRunner().invoke(main, argv, input="")
+    assert result.exit_code == 1, result.output
+    assert result.stderr == message.format(**names) + "\n"  # one line, no traceback
+
+
+def test_key_errors_in_the_library(tmp_path: Path, keys: dict[str, Path]) -> None:
+    server = public(keys, "server")
+    with pytest.raises(KeyFileError, match="no such file"):
+        Client("tcp://127.0.0.1:1", server_key=server, key=str(tmp_path / "nope"))
+    with pytest.raises(KeyFileError, match="needs both"):
+        Client("tcp://127.0.0.1:1", key=secret(keys, "client"))
+    with pytest.raises(KeyFileError, match="not a CURVE key"):
+        Client("tcp://127.0.0.1:1", server_key=b"short", key=secret(keys, "client"))
+    with pytest.raises(KeyFileError, match="does not match"):
+        pair = CurveClient.load(server, secret(keys, "client"))
+        other = CurveClient.load(server, secret(keys, "other"))
+        assert pair is not None and other is not None
+        CurveClient.load(server, (pair.public, other.secret))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KeyFileError, match="no public keys"):
+        Broker(
+            BrokerConfig(curve_secret=secret(keys, "server"), allow_keys=str(tmp_path / "empty"))
+        )
+    with pytest.raises(ValueError, match="both"):
+        BrokerConfig(curve_secret=secret(keys, "server"))
