@@ -22,6 +22,7 @@ from service_harness import Harness, start_harness
 
 import kvroute.client.core as client_core
 from kvroute import (
+    AsyncClient,
     Client,
     ContextOverflow,
     KvrouteError,
@@ -391,3 +392,13 @@ def test_import_kvroute_stays_light() -> None:
         "assert 'numpy' not in sys.modules, 'the client must not pull in numpy'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+@pytest.mark.parametrize("cls", [Client, AsyncClient])
+def test_bad_url_is_a_value_error_and_leaks_no_socket(cls: type) -> None:
+    """A malformed URL used to leave an open socket whose context blocked at collection."""
+    import gc
+
+    with pytest.raises(ValueError, match="cannot connect"):
+        cls("not-an-address")
+    gc.collect()  # would hang (pytest-timeout) if a socket were left open in its context

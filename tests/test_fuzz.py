@@ -322,13 +322,6 @@ def test_subnormal_temperature_does_not_kill_the_worker(
         h.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=Gap,
-    reason="gap: bodies of PING, RESET and CLOSE are never validated (the broker acks PING and "
-    "unpinned RESET/CLOSE, the worker acks pinned ones); garbage is answered PONG/RESET_OK/"
-    "CLOSE_OK instead of ERROR bad_body",
-)
 @pytest.mark.parametrize(
     ("kind", "pinned"),
     [
@@ -359,12 +352,6 @@ def test_empty_body_kinds_reject_garbage(tiny_service: Harness, kind: Kind, pinn
         c.destroy(linger=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=Gap,
-    reason="gap: issue 7 asks for a *logged* drop of frames over MAXMSGSIZE; ZeroMQ drops them "
-    "and disconnects the peer, but the broker logs nothing (it has no socket monitor)",
-)
 @pytest.mark.parametrize("hop", ["frontend", "backend"])
 def test_oversize_drop_is_logged(
     tiny_service: Harness, caplog: pytest.LogCaptureFixture, hop: str

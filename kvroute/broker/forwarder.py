@@ -106,6 +106,19 @@ class Forwarder:
             logger.debug("bad client message: %s", exc)
             self._error_to_client(frames[0], exc.session_id, exc.request_id, exc.code, exc.message)
             return
+        if req.kind is not Kind.TURN and req.body != EMPTY_BODY:
+            # PING, CANCEL, RESET and CLOSE carry an empty map: anything else is a client bug
+            # (or a probe), stopped here so the worker never sees it. A byte compare, no decode.
+            # A CANCEL is dropped, not answered: it shares the TURN's request id, and an ERROR
+            # would read as that turn's terminal frame while the turn goes on.
+            if req.kind is Kind.CANCEL:
+                logger.debug("CANCEL with a non-empty body dropped (session %r)", req.session_id)
+                return
+            message = f"{req.kind.name} body must be an empty map"
+            self._error_to_client(
+                req.client, req.session_id, req.request_id, ErrorCode.BAD_BODY, message
+            )
+            return
         if req.kind is Kind.PING:
             send(self.front, client_frames(req.client, Kind.PONG, req.session_id, req.request_id))
             return

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .config import BrokerConfig, BrokerStats
 from .curve import BACKEND_DOMAIN, FRONTEND_DOMAIN, CurveServer
@@ -194,6 +195,14 @@ class Broker:
         poller = zmq.Poller()
         poller.register(front, zmq.POLLIN)
         poller.register(back, zmq.POLLIN)
+        # ZeroMQ drops a frame over MAXMSGSIZE by closing the sender's connection and tells
+        # nobody; a monitor makes every dropped connection at least a log line.
+        monitors = {
+            front.get_monitor_socket(zmq.EVENT_DISCONNECTED): "frontend",
+            back.get_monitor_socket(zmq.EVENT_DISCONNECTED): "backend",
+        }
+        for mon in monitors:
+            poller.register(mon, zmq.POLLIN)
         wake_fd = self._watch.wake_fd
         poller.register(wake_fd, zmq.POLLIN)
         self._watch.refresh(poller)
@@ -213,6 +222,8 @@ class Broker:
                         _drain_authenticated(front, fw.on_client, batch, now)
                     else:
                         _drain(front, fw.on_client, batch, now)
+                elif sock in monitors:
+                    _log_disconnects(sock, monitors[sock], self.config.max_msg_size)
                 elif sock == wake_fd:
                     self._watch.refresh(poller)
                 else:
@@ -225,6 +236,26 @@ class Broker:
                 if now >= next_beat:
                     next_beat = now + interval
                     fw.beat()
+        for sock in (front, back):
+            sock.disable_monitor()
+        for mon in monitors:
+            mon.close(linger=0)
+
+
+def _log_disconnects(mon: zmq.Socket[bytes], hop: str, max_msg_size: int) -> None:
+    """Log every connection the monitor saw close (without blocking)."""
+    while True:
+        try:
+            event = recv_monitor_message(mon, zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        logger.info(
+            "%s: a peer's connection closed (%s): it went away, or sent a frame over "
+            "MAXMSGSIZE %d bytes, which ZeroMQ drops",
+            hop,
+            event.get("endpoint", b"?"),
+            max_msg_size,
+        )
 
 
 def _drain(

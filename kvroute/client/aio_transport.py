@@ -49,7 +49,11 @@ class AsyncTransport:
         self._arrived: asyncio.Event | None = None  # set after each read; made in the loop
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
-        configure_dealer(self._sock, url, linger, owner_token, curve)
+        try:
+            configure_dealer(self._sock, url, linger, owner_token, curve)
+        except ValueError:
+            self._ctx.term()
+            raise
 
     def close(self) -> None:
         """Close the socket and the context (idempotent); waiting tasks wake up."""

@@ -55,9 +55,14 @@ def configure_dealer(
     sock.setsockopt(zmq.LINGER, int(linger * 1000))
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MSG_SIZE)
     sock.setsockopt(zmq.ROUTING_ID, owner_token)
-    if curve is not None:
-        curve.apply(sock)
-    sock.connect(url)
+    try:
+        if curve is not None:
+            curve.apply(sock)
+        sock.connect(url)
+    except zmq.ZMQError as exc:
+        # Close now: a socket left open makes its context's term() block when it is collected.
+        sock.close(linger=0)
+        raise ValueError(f"cannot connect to {url!r}: {exc}") from exc
 
 
 def client_identity(
@@ -110,7 +115,11 @@ class Transport:
         self._closed = False
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
-        configure_dealer(self._sock, url, linger, owner_token, curve)
+        try:
+            configure_dealer(self._sock, url, linger, owner_token, curve)
+        except ValueError:
+            self._ctx.term()
+            raise
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
