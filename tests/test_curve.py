@@ -347,3 +347,29 @@ def test_key_errors_in_the_library(tmp_path: Path, keys: dict[str, Path]) -> Non
         )
     with pytest.raises(ValueError, match="both"):
         BrokerConfig(curve_secret=secret(keys, "server"))
+
+
+def test_bench_speaks_curve(curve_service: Harness, keys: dict[str, Path]) -> None:
+    """`kvroute bench --connect --server-key --key` runs against a CURVE broker."""
+    args = [
+        "bench",
+        "--connect",
+        curve_service.frontend,
+        "--sessions",
+        "2",
+        "--turns",
+        "2",
+        "--concurrency",
+        "2",
+        "--max-tokens",
+        "3",
+        "--timeout",
+        "10",
+        "--server-key",
+        public(keys, "server"),
+        "--key",
+        secret(keys, "client"),
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "stickiness violations" in result.output

@@ -58,6 +58,9 @@ class RunConfig:
         Probe every warm turn's history in a fresh session (see the module docstring).
     timeout
         Client timeout per reply frame, seconds.
+    server_key, key
+        CURVE: the broker's public key (file or z85) and this load generator's secret
+        certificate; both or neither.
     """
 
     url: str
@@ -66,6 +69,8 @@ class RunConfig:
     think_time: float = 0.0
     compare_cold: bool = False
     timeout: float = DEFAULT_TIMEOUT
+    server_key: str | None = None
+    key: str | None = None
 
 
 @dataclass
@@ -105,7 +110,10 @@ class Runner:
         """
         started = time.time()
         self._t0 = time.perf_counter()
-        async with AsyncClient(self.config.url, timeout=self.config.timeout) as client:
+        cfg = self.config
+        async with AsyncClient(
+            cfg.url, timeout=cfg.timeout, server_key=cfg.server_key, key=cfg.key
+        ) as client:
             n = len(scripts)
             if warmup:
                 logger.info("warm-up: %d sessions", len(warmup))

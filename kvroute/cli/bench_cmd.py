@@ -55,7 +55,7 @@ from kvroute.engine.model_store import resolve_model
 from kvroute.proto.limits import MAX_MAX_TOKENS
 from kvroute.worker.config import WorkerConfig
 
-from .app import echo_err, model_option, user_errors
+from .app import curve_client_options, echo_err, model_option, user_errors
 from .supervisor import ServeError, Supervisor
 
 _R = RunConfig(url="")
@@ -235,6 +235,7 @@ def _progress_callback(progress: Progress, task: TaskID) -> OnRecord:
     help="Seconds to wait for each reply frame.",
 )
 @model_option
+@curve_client_options
 def bench(
     url: str | None,
     serve_n: int | None,
@@ -252,10 +253,14 @@ def bench(
     max_error_rate: float,
     timeout: float,
     model: str,
+    server_key: str | None,
+    key: str | None,
 ) -> None:
     """Multi-turn load test: TTFT per turn, cache reuse, throughput, stickiness, errors."""
     if (url is None) == (serve_n is None):
         raise click.UsageError("give exactly one of --connect URL or --serve N")
+    if serve_n is not None and (server_key or key):
+        raise click.UsageError("--server-key/--key go with --connect")
     params = click.get_current_context().params  # every option, defaults filled in, for JSON
     options = {k: str(v) if isinstance(v, Path) else v for k, v in params.items()}
     # ZMQError: a malformed --connect address, raised by the socket's connect.
@@ -265,7 +270,16 @@ def bench(
         scripts, warm = _scripts(prompts, seed, sessions, turns, warmup)
         total = sum(len(s.turns) for s in (*warm, *scripts))
         with _service(serve_n, model, url) as frontend:
-            config = RunConfig(frontend, concurrency, max_tokens, think_time, compare_cold, timeout)
+            config = RunConfig(
+                frontend,
+                concurrency,
+                max_tokens,
+                think_time,
+                compare_cold,
+                timeout,
+                server_key,
+                key,
+            )
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
             progress = Progress(
                 *columns, TimeElapsedColumn(), console=Console(stderr=True), transient=True
