@@ -33,8 +33,9 @@ class Harness:
     def add_worker(self, engine: Engine, worker_id: str, **kw: object) -> WorkerService:
         """Start one more worker thread and wait until the broker has it registered."""
         stop = threading.Event()
-        cfg = WorkerConfig(connect=self.backend, worker_id=worker_id,
-                           heartbeat_interval=HEARTBEAT, **kw)  # type: ignore[arg-type]
+        cfg = WorkerConfig(
+            connect=self.backend, worker_id=worker_id, heartbeat_interval=HEARTBEAT, **kw
+        )  # type: ignore[arg-type]
         service = WorkerService(engine, cfg, stop)
         t = threading.Thread(target=service.run, name=f"worker-{worker_id}", daemon=True)
         t.start()
@@ -60,8 +61,9 @@ class Harness:
 
 def start_harness(engine: Engine, n_workers: int = 2, **worker_kw: object) -> Harness:
     """Broker on random loopback ports plus ``n_workers`` workers named w0, w1, ..."""
-    cfg = BrokerConfig(frontend="tcp://127.0.0.1:0", backend="tcp://127.0.0.1:0",
-                       heartbeat_interval=HEARTBEAT)
+    cfg = BrokerConfig(
+        frontend="tcp://127.0.0.1:0", backend="tcp://127.0.0.1:0", heartbeat_interval=HEARTBEAT
+    )
     broker = Broker(cfg)
     t = threading.Thread(target=broker.run, name="broker", daemon=True)
     t.start()
