@@ -33,11 +33,11 @@ from .core import (
     Conversation,
     Key,
     OnOverflow,
+    SessionView,
     TurnStream,
     check_ack,
 )
 from .errors import ContextOverflow, KvrouteError, SessionBusy, Timeout
-from .result import TurnResult
 from .transport import client_identity
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class AsyncClient:
         return time.perf_counter() - t0
 
 
-class AsyncSession:
+class AsyncSession(SessionView):
     """One chat session over an :class:`AsyncClient`; see :class:`kvroute.client.sync.Session`
     for the attributes (``id``, ``history``, ``last``, ``dropped``) and the semantics."""
 
@@ -143,30 +143,6 @@ class AsyncSession:
         self._busy = False
         self._freed: asyncio.Event | None = None
         self._cancel: list[bytes] | None = None  # CANCEL of the TURN in flight
-
-    @property
-    def id(self) -> str:
-        """The session id."""
-        return self._conv.id
-
-    @property
-    def history(self) -> list[dict[str, str]]:
-        """The messages sent with every turn (editable between turns)."""
-        return self._conv.history
-
-    @history.setter
-    def history(self, messages: list[dict[str, str]]) -> None:
-        self._conv.history = messages
-
-    @property
-    def last(self) -> TurnResult | None:
-        """Result of the last finished turn."""
-        return self._conv.last
-
-    @property
-    def dropped(self) -> int:
-        """Messages dropped so far by ``on_overflow="drop_oldest"``."""
-        return self._conv.dropped
 
     def send(
         self,

@@ -375,3 +375,33 @@ class Demux:
             )
             return
         q.append(reply)
+
+
+class SessionView:
+    """What sync and asyncio sessions share: attributes read from their `Conversation`."""
+
+    _conv: Conversation
+
+    @property
+    def id(self) -> str:
+        """The session id."""
+        return self._conv.id
+
+    @property
+    def history(self) -> list[dict[str, str]]:
+        """The messages sent with every turn (editable between turns)."""
+        return self._conv.history
+
+    @history.setter
+    def history(self, messages: list[dict[str, str]]) -> None:
+        self._conv.history = messages
+
+    @property
+    def last(self) -> TurnResult | None:
+        """Result of the last finished turn (None before the first)."""
+        return self._conv.last
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped so far by ``on_overflow="drop_oldest"``."""
+        return self._conv.dropped

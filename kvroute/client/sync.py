@@ -28,11 +28,11 @@ from .core import (
     Conversation,
     Key,
     OnOverflow,
+    SessionView,
     TurnStream,
     check_ack,
 )
 from .errors import ContextOverflow, KvrouteError, SessionBusy, Timeout
-from .result import TurnResult
 from .transport import Transport, client_identity
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class _Active:
         self.cancel_requested = False
 
 
-class Session:
+class Session(SessionView):
     """One chat session: its history, and the turns streamed over its :class:`Client`.
 
     Get one from :meth:`Client.session`. Attributes: ``id`` (str), ``history`` (list of
@@ -174,30 +174,6 @@ class Session:
         self._conv = conversation
         self._claim = threading.Lock()  # held while a request of this session is running
         self._active: _Active | None = None
-
-    @property
-    def id(self) -> str:
-        """The session id."""
-        return self._conv.id
-
-    @property
-    def history(self) -> list[dict[str, str]]:
-        """The messages sent with every turn (editable between turns)."""
-        return self._conv.history
-
-    @history.setter
-    def history(self, messages: list[dict[str, str]]) -> None:
-        self._conv.history = messages
-
-    @property
-    def last(self) -> TurnResult | None:
-        """Result of the last finished turn (None before the first)."""
-        return self._conv.last
-
-    @property
-    def dropped(self) -> int:
-        """Messages dropped so far by ``on_overflow="drop_oldest"``."""
-        return self._conv.dropped
 
     def send(
         self,
