@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import FrameType
 
 import click
 
@@ -66,3 +69,22 @@ def curve_client_options(f: Callable[..., object]) -> Callable[..., object]:
         metavar="FILE|Z85",
         help="The broker's public key (server.key, or its z85 text): talk CURVE. With --key.",
     )(f)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """SIGINT/SIGTERM set the yielded event instead of raising in the middle of cleanup.
+
+    The previous handlers are restored on exit. Main thread only (Python's rule for signals).
+    """
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import signal
 import threading
 from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
 import click
@@ -19,7 +17,7 @@ import click
 from kvroute.broker import Broker, BrokerConfig, BrokerError
 from kvroute.proto.limits import MAX_BODY_BYTES
 
-from .app import echo_err, user_errors
+from .app import echo_err, stop_on_signals, user_errors
 
 logger = logging.getLogger(__name__)
 _DEFAULTS = BrokerConfig()
@@ -145,34 +143,27 @@ def broker(
         liveness=liveness,
         **broker_kw,
     )
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
     with user_errors():
         b = Broker(config)  # reads the CURVE keys: a bad file is one line, before any thread
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     # The broker owns its sockets in its own thread; the main thread keeps the signals.
     thread = threading.Thread(target=_run, args=(b,), name="kvroute-broker", daemon=True)
-    thread.start()
-    try:
-        with user_errors(BrokerError):
-            front, back = b.wait_bound(timeout=10.0)
-            curve = " curve on" if config.curve else ""
-            echo_err(
-                f"broker frontend {front} backend {back}"
-                f" heartbeat {config.heartbeat_interval}s liveness {config.liveness}{curve}"
-            )
-            while not stop.wait(0.2) and thread.is_alive():
-                pass
-            if not stop.is_set():
-                raise BrokerError("the broker stopped unexpectedly (see the log above)")
-    finally:
-        b.close()
-        thread.join(timeout=5.0)
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    with stop_on_signals() as stop:
+        thread.start()
+        try:
+            with user_errors(BrokerError):
+                front, back = b.wait_bound(timeout=10.0)
+                curve = " curve on" if config.curve else ""
+                echo_err(
+                    f"broker frontend {front} backend {back}"
+                    f" heartbeat {config.heartbeat_interval}s liveness {config.liveness}{curve}"
+                )
+                while not stop.wait(0.2) and thread.is_alive():
+                    pass
+                if not stop.is_set():
+                    raise BrokerError("the broker stopped unexpectedly (see the log above)")
+        finally:
+            b.close()
+            thread.join(timeout=5.0)
 
 
 def _run(b: Broker) -> None:

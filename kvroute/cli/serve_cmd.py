@@ -9,9 +9,6 @@ authenticates with ``--server-key`` and ``--key``, and its public key must be in
 from __future__ import annotations
 
 import os
-import signal
-import threading
-from types import FrameType
 from typing import Any
 
 import click
@@ -22,7 +19,7 @@ from kvroute.engine.model_store import resolve_model
 from kvroute.worker.config import WorkerConfig
 from kvroute.worker.service import WorkerService, serve_worker
 
-from .app import curve_client_options, echo_err, model_option, user_errors
+from .app import curve_client_options, echo_err, model_option, stop_on_signals, user_errors
 from .broker_cmd import broker_options
 from .supervisor import ServeError, Supervisor
 
@@ -61,26 +58,6 @@ def worker_options(f):  # type: ignore[no-untyped-def]
         help="Prompt tokens per scheduler step.",
     )(f)
     return model_option(f)
-
-
-class _Signals:
-    """SIGINT/SIGTERM set an event instead of raising in the middle of cleanup."""
-
-    def __init__(self) -> None:
-        self.stop = threading.Event()
-        self._previous = {}
-
-    def __enter__(self) -> threading.Event:
-        for s in (signal.SIGINT, signal.SIGTERM):
-            self._previous[s] = signal.signal(s, self._on)
-        return self.stop
-
-    def _on(self, signum: int, frame: FrameType | None) -> None:
-        self.stop.set()
-
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
 
 
 @click.command()
@@ -136,7 +113,7 @@ def serve(
             frontend=frontend, backend=backend, heartbeat_interval=heartbeat, **broker_kw
         )
         sup = Supervisor(n_workers, bcfg, wcfg)
-        with _Signals() as stop:
+        with stop_on_signals() as stop:
             try:
                 sup.start()
                 for wp in sup.workers.values():
