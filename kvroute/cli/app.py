@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
+from typing import Any
 
 import click
 
@@ -88,3 +90,33 @@ def stop_on_signals() -> Iterator[threading.Event]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def option_group(
+    name: str,
+    options: Sequence[tuple[str, Decorator]],
+    check: Callable[[dict[str, Any]], None] | None = None,
+) -> Decorator:
+    """Options several commands share, handed to the command as one dict of config keywords.
+
+    ``options`` pairs each click option with the parameter name it produces; the command gets
+    them as ``name`` (e.g. ``broker_kw``), ready for ``Config(**kw)``, after ``check`` (which
+    raises ``click.UsageError`` for combinations that make no sense).
+    """
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(f)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            kw = {key: kwargs.pop(key) for key, _ in options}
+            if check is not None:
+                check(kw)
+            return f(*args, **{name: kw}, **kwargs)
+
+        for _, option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+
+    return decorate

@@ -6,10 +6,8 @@ the per-client limits, collected by :func:`broker_options` into ``BrokerConfig``
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import click
@@ -17,97 +15,104 @@ import click
 from kvroute.broker import Broker, BrokerConfig, BrokerError
 from kvroute.proto.limits import MAX_BODY_BYTES
 
-from .app import echo_err, stop_on_signals, user_errors
+from .app import echo_err, option_group, stop_on_signals, user_errors
 
 logger = logging.getLogger(__name__)
 _DEFAULTS = BrokerConfig()
 
 _BROKER_OPTIONS = (
-    click.option(
-        "--curve-secret",
-        metavar="FILE",
-        default=None,
-        help="The broker's secret certificate (server.key_secret): clients and workers must "
-        "speak CURVE with a key from --allow-keys. Needs --allow-keys.",
+    (
+        "curve_secret",
+        click.option(
+            "--curve-secret",
+            metavar="FILE",
+            default=None,
+            help="The broker's secret certificate (server.key_secret): clients and workers must "
+            "speak CURVE with a key from --allow-keys. Needs --allow-keys.",
+        ),
     ),
-    click.option(
-        "--allow-keys",
-        metavar="DIR",
-        default=None,
-        help="Directory of the public certificates (*.key) of the clients and workers let in.",
+    (
+        "allow_keys",
+        click.option(
+            "--allow-keys",
+            metavar="DIR",
+            default=None,
+            help="Directory of the public certificates (*.key) of the clients and workers let in.",
+        ),
     ),
-    click.option(
-        "--max-sessions-per-client",
-        type=click.IntRange(min=1),
-        default=_DEFAULTS.max_sessions_per_client,
-        show_default=True,
-        help="Sessions one client (CURVE key, or connection) may have open.",
+    (
+        "max_sessions_per_client",
+        click.option(
+            "--max-sessions-per-client",
+            type=click.IntRange(min=1),
+            default=_DEFAULTS.max_sessions_per_client,
+            show_default=True,
+            help="Sessions one client (CURVE key, or connection) may have open.",
+        ),
     ),
-    click.option(
-        "--max-requests-per-client",
-        type=click.IntRange(min=1),
-        default=_DEFAULTS.max_requests_per_client,
-        show_default=True,
-        help="Turns (and resets, closes) one client may have in flight.",
+    (
+        "max_requests_per_client",
+        click.option(
+            "--max-requests-per-client",
+            type=click.IntRange(min=1),
+            default=_DEFAULTS.max_requests_per_client,
+            show_default=True,
+            help="Turns (and resets, closes) one client may have in flight.",
+        ),
     ),
-    click.option(
-        "--max-body-bytes",
-        type=click.IntRange(1, MAX_BODY_BYTES),
-        default=_DEFAULTS.max_body_bytes,
-        show_default=True,
-        help="Largest request body; bigger ones get ERROR too_large.",
+    (
+        "max_body_bytes",
+        click.option(
+            "--max-body-bytes",
+            type=click.IntRange(1, MAX_BODY_BYTES),
+            default=_DEFAULTS.max_body_bytes,
+            show_default=True,
+            help="Largest request body; bigger ones get ERROR too_large.",
+        ),
     ),
-    click.option(
-        "--max-msg-size",
-        type=click.IntRange(min=1),
-        default=_DEFAULTS.max_msg_size,
-        show_default=True,
-        help="Socket limit per frame: ZeroMQ drops bigger ones and the peer's connection.",
+    (
+        "max_msg_size",
+        click.option(
+            "--max-msg-size",
+            type=click.IntRange(min=1),
+            default=_DEFAULTS.max_msg_size,
+            show_default=True,
+            help="Socket limit per frame: ZeroMQ drops bigger ones and the peer's connection.",
+        ),
     ),
-    click.option(
-        "--pin-ttl",
+    (
         "pin_ttl_s",
-        type=click.FloatRange(min=0, min_open=True),
-        default=_DEFAULTS.pin_ttl_s,
-        show_default=True,
-        help="Seconds an idle session stays pinned; then it is forgotten and closed.",
+        click.option(
+            "--pin-ttl",
+            "pin_ttl_s",
+            type=click.FloatRange(min=0, min_open=True),
+            default=_DEFAULTS.pin_ttl_s,
+            show_default=True,
+            help="Seconds an idle session stays pinned; then it is forgotten and closed.",
+        ),
     ),
-    click.option(
-        "--max-pins",
-        type=click.IntRange(min=1),
-        default=_DEFAULTS.max_pins,
-        show_default=True,
-        help="Sessions pinned in all; beyond it the least recently used idle ones are closed.",
+    (
+        "max_pins",
+        click.option(
+            "--max-pins",
+            type=click.IntRange(min=1),
+            default=_DEFAULTS.max_pins,
+            show_default=True,
+            help="Sessions pinned in all; beyond it the least recently used idle ones are closed.",
+        ),
     ),
-)
-_BROKER_KEYWORDS = (
-    "curve_secret",
-    "allow_keys",
-    "max_sessions_per_client",
-    "max_requests_per_client",
-    "max_body_bytes",
-    "max_msg_size",
-    "pin_ttl_s",
-    "max_pins",
 )
 
 
-def broker_options(f: Callable[..., None]) -> Callable[..., None]:
-    """Add the shared broker options; the command receives them as ``broker_kw``, a dict of
-    :class:`BrokerConfig` keywords checked for consistency (a usage error otherwise)."""
+def _check_broker_options(kw: dict[str, Any]) -> None:
+    if (kw["curve_secret"] is None) != (kw["allow_keys"] is None):
+        raise click.UsageError("--curve-secret and --allow-keys go together")
+    if kw["max_msg_size"] < kw["max_body_bytes"]:
+        raise click.UsageError("--max-msg-size must be at least --max-body-bytes")
 
-    @functools.wraps(f)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        kw = {k: kwargs.pop(k) for k in _BROKER_KEYWORDS}
-        if (kw["curve_secret"] is None) != (kw["allow_keys"] is None):
-            raise click.UsageError("--curve-secret and --allow-keys go together")
-        if kw["max_msg_size"] < kw["max_body_bytes"]:
-            raise click.UsageError("--max-msg-size must be at least --max-body-bytes")
-        f(*args, broker_kw=kw, **kwargs)
 
-    for option in reversed(_BROKER_OPTIONS):
-        wrapper = option(wrapper)
-    return wrapper
+broker_options = option_group("broker_kw", _BROKER_OPTIONS, _check_broker_options)
+"""The shared broker options, handed to the command as ``broker_kw`` (BrokerConfig keywords)."""
 
 
 @click.command()

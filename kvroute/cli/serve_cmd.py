@@ -19,7 +19,14 @@ from kvroute.engine.model_store import resolve_model
 from kvroute.worker.config import WorkerConfig
 from kvroute.worker.service import WorkerService, serve_worker
 
-from .app import curve_client_options, echo_err, model_option, stop_on_signals, user_errors
+from .app import (
+    curve_client_options,
+    echo_err,
+    model_option,
+    option_group,
+    stop_on_signals,
+    user_errors,
+)
 from .broker_cmd import broker_options
 from .supervisor import ServeError, Supervisor
 
@@ -27,37 +34,50 @@ _B = BrokerConfig()
 _W = WorkerConfig()
 
 
-def worker_options(f):  # type: ignore[no-untyped-def]
-    """Options shared by ``serve`` and ``worker`` (defaults from `WorkerConfig`)."""
-    f = click.option(
-        "--ctx",
+_WORKER_OPTIONS = (
+    (
         "n_ctx",
-        default=DEFAULT_N_CTX,
-        show_default=True,
-        type=click.IntRange(min=16),
-        help="Context positions per session.",
-    )(f)
-    f = click.option(
-        "--kv-budget-mb",
-        type=click.FloatRange(min=1),
-        default=_W.kv_budget_mb,
-        help="KV cache budget per worker; idle sessions are evicted LRU beyond it.",
-    )(f)
-    f = click.option(
-        "--threads",
-        default=_W.threads,
-        show_default=True,
-        type=click.IntRange(min=1),
-        help="BLAS threads per worker.",
-    )(f)
-    f = click.option(
-        "--prefill-chunk",
-        default=_W.prefill_chunk,
-        show_default=True,
-        type=click.IntRange(min=1),
-        help="Prompt tokens per scheduler step.",
-    )(f)
-    return model_option(f)
+        click.option(
+            "--ctx",
+            "n_ctx",
+            default=DEFAULT_N_CTX,
+            show_default=True,
+            type=click.IntRange(min=16),
+            help="Context positions per session.",
+        ),
+    ),
+    (
+        "kv_budget_mb",
+        click.option(
+            "--kv-budget-mb",
+            type=click.FloatRange(min=1),
+            default=_W.kv_budget_mb,
+            help="KV cache budget per worker; idle sessions are evicted LRU beyond it.",
+        ),
+    ),
+    (
+        "threads",
+        click.option(
+            "--threads",
+            default=_W.threads,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="BLAS threads per worker.",
+        ),
+    ),
+    (
+        "prefill_chunk",
+        click.option(
+            "--prefill-chunk",
+            default=_W.prefill_chunk,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="Prompt tokens per scheduler step.",
+        ),
+    ),
+)
+worker_options = option_group("worker_kw", _WORKER_OPTIONS)
+"""Options ``serve`` and ``worker`` share, handed over as ``worker_kw`` (WorkerConfig keywords)."""
 
 
 @click.command()
@@ -83,6 +103,7 @@ def worker_options(f):  # type: ignore[no-untyped-def]
     type=float,
     help="Seconds between heartbeats.",
 )
+@model_option
 @worker_options
 @broker_options
 def serve(
@@ -91,10 +112,7 @@ def serve(
     backend: str,
     heartbeat: float,
     model: str,
-    n_ctx: int,
-    kv_budget_mb: float | None,
-    threads: int,
-    prefill_chunk: int,
+    worker_kw: dict[str, Any],
     broker_kw: dict[str, Any],
 ) -> None:
     """Start a broker and N workers; print a line per worker, then `ready`; stop on SIGINT/TERM."""
@@ -103,10 +121,7 @@ def serve(
         Engine.check(path)  # a bad file is one line here, not N tracebacks in workers
         wcfg = WorkerConfig(
             model=str(path),
-            n_ctx=n_ctx,
-            kv_budget_mb=kv_budget_mb,
-            threads=threads,
-            prefill_chunk=prefill_chunk,
+            **worker_kw,
             heartbeat_interval=heartbeat,
         )
         bcfg = BrokerConfig(
@@ -144,6 +159,7 @@ def serve(
     type=float,
     help="Seconds between heartbeats (match the broker's).",
 )
+@model_option
 @worker_options
 @curve_client_options
 def worker(
@@ -151,10 +167,7 @@ def worker(
     worker_id: str,
     heartbeat: float,
     model: str,
-    n_ctx: int,
-    kv_budget_mb: float | None,
-    threads: int,
-    prefill_chunk: int,
+    worker_kw: dict[str, Any],
     server_key: str | None,
     key: str | None,
 ) -> None:
@@ -164,10 +177,7 @@ def worker(
             connect=connect,
             worker_id=worker_id,
             model=model,
-            n_ctx=n_ctx,
-            kv_budget_mb=kv_budget_mb,
-            threads=threads,
-            prefill_chunk=prefill_chunk,
+            **worker_kw,
             heartbeat_interval=heartbeat,
             server_key=server_key,
             key=key,
