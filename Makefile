@@ -17,7 +17,13 @@ install: $(VENV)/.installed
 
 demo: install
 	$(KV) model fetch
-	$(KV) bench --serve 2 --sessions 8 --turns 4 --concurrency 4 --max-tokens 32 --compare-cold
+	@$(KV) bench --serve 2 --sessions 8 --turns 4 --concurrency 4 --max-tokens 32 --compare-cold; \
+	status=$$?; \
+	echo; \
+	echo "next: . $(VENV)/bin/activate   (puts kvroute on your PATH), then"; \
+	echo "      kvroute serve          (terminal 1: a broker and 2 workers on tcp://127.0.0.1:5555)"; \
+	echo "      kvroute chat           (terminal 2: talk to it; /help inside)"; \
+	exit $$status
 
 test: install
 	$(KV) model fetch

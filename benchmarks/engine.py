@@ -1,34 +1,44 @@
-"""Engine throughput on one core, against llama.cpp on the same file, and what bounds it.
+"""Engine speed and memory on one core, against llama.cpp measured in the same run.
 
-    python benchmarks/engine.py [--model default] [--json OUT]
+    python benchmarks/engine.py [--model default] [--llama-python /tmp/llama-venv/bin/python]
+                                [--serve] [--json OUT]
 
 BLAS is pinned to one thread, as in a worker (one worker per core). Prints one JSON object:
 
+- weights: summed PSS of 4 engine processes against 1 (every process maps the one weights cache
+  file, so the weights are counted once), and the start-up of a worker when the cache is
+  present (spawn to model loaded; imports included);
 - prefill tok/s for 128- and 512-token prompts (one forward pass each, best of 3);
-- single-stream decode tok/s (64 greedy steps after a 128-token prompt, best of 3);
+- single-stream decode tok/s (64 greedy steps after a 128-token prompt, best of 3); these and
+  llama.cpp's are measured in alternating rounds, each side keeping its best;
 - aggregate decode tok/s with 8 sequences of different lengths advanced in one batched step;
-- peak RSS, KV bytes per token, float32 weight bytes;
-- llama.cpp's 1-thread figures (tests/data/llamacpp_speed.json), our ratios to them and the
-  engine issue's targets (prefill >= 1.5x, decode >= 0.4x, batch-8 aggregate >= 1.0x of
-  llama.cpp's single stream);
-- the bounds: one decode step streams every float32 weight from DRAM, so single-stream decode
-  cannot beat (measured one-core read bandwidth) / (bytes per step); prefill and batched decode
-  reuse each weight across rows and are bounded by sgemm FLOP/s instead.
+- decode step time by batch size (1..16 rows) with the host's matmul plan and with plain
+  SGEMM, and the plan itself;
+- llama.cpp's prefill and decode on the same file and token ids, 1 thread, measured now by
+  `llamacpp_probe.py` under ``--llama-python`` (or ``$KVROUTE_LLAMA_PYTHON``): an interpreter
+  with llama-cpp-python, which kvroute never depends on. Without it those ratios are skipped;
+- with ``--serve``: ``kvroute bench --serve 2`` against ``--serve 1`` (16 users, 4 turns,
+  max_tokens 32), output tok/s;
+- the issue's targets and whether each is met, and the bounds (DRAM bandwidth, sgemm FLOP/s).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import limit_blas_threads, llamacpp_reference
+from _common import limit_blas_threads
 
 limit_blas_threads(1)
 
@@ -38,7 +48,9 @@ from threadpoolctl import threadpool_info  # noqa: E402
 
 from kvroute.engine.cache import KVCache  # noqa: E402
 from kvroute.engine.engine import Engine  # noqa: E402
-from kvroute.engine.model_store import resolve_model  # noqa: E402
+from kvroute.engine.matmul import MAX_ROWS, MatmulPlan  # noqa: E402
+from kvroute.engine.model_store import resolve_model, weights_dir  # noqa: E402
+from kvroute.engine.weights_cache import CacheConfig  # noqa: E402
 
 MIB = 1 << 20
 PREFILL_LENGTHS = (128, 512)
@@ -46,8 +58,21 @@ DECODE_PROMPT = 128
 DECODE_STEPS = 64
 BATCH_LENGTHS = (40, 70, 100, 130, 160, 190, 220, 250)  # 8 sequences, all different
 BATCH_STEPS = 32
+BATCH_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)
 REPEATS = 3
-TARGETS = {"prefill_128": 1.5, "prefill_512": 1.5, "decode": 0.4, "batch8_aggregate": 1.0}
+ROUNDS = 2  # our single-stream figures and llama.cpp's, alternated
+WORKERS = 4
+PROBE = Path(__file__).resolve().parent / "llamacpp_probe.py"
+# ratio >= target, except the two marked "max" (lower is better)
+TARGETS: dict[str, tuple[str, float]] = {
+    "pss_4_vs_1": ("max", 1.3),
+    "second_worker_startup_s": ("max", 2.0),
+    "decode_vs_llamacpp": ("min", 0.8),
+    "batch8_aggregate_vs_llamacpp_single": ("min", 2.5),
+    "prefill_128_vs_llamacpp": ("min", 1.5),
+    "prefill_512_vs_llamacpp": ("min", 1.5),
+    "serve2_vs_serve1_output_tok_s": ("min", 1.7),
+}
 
 TEXT = (
     "The history of the city goes back more than two thousand years. Traders arrived by sea, "
@@ -106,6 +131,29 @@ def decode_tok_s(engine: Engine, prompts: list[list[int]], steps: int) -> float:
     return len(prompts) * steps / best_of(REPEATS, run)
 
 
+def single_stream(engine: Engine, ids: list[int]) -> dict[str, float]:
+    """Prefill tok/s per prompt length and single-stream decode tok/s, each best of REPEATS."""
+    out = {
+        f"prefill_{n}": n / best_of(REPEATS, lambda n=n: time_prefill(engine, ids[:n]))
+        for n in PREFILL_LENGTHS
+    }
+    out["decode"] = decode_tok_s(engine, [ids[:DECODE_PROMPT]], DECODE_STEPS)
+    return out
+
+
+def step_ms_by_batch(engine: Engine, ids: list[int], plan: MatmulPlan) -> dict[str, float]:
+    """Milliseconds per decode step for each batch size in ``BATCH_SIZES`` under ``plan``."""
+    saved, engine.model.mm = engine.model.mm, plan
+    try:
+        out = {}
+        for b in BATCH_SIZES:
+            prompts = [ids[3 * i : 3 * i + 24] for i in range(b)]
+            out[str(b)] = 1e3 * b / decode_tok_s(engine, prompts, 8)
+        return out
+    finally:
+        engine.model.mm = saved
+
+
 def bytes_per_decode_step(engine: Engine, context: int) -> int:
     """DRAM bytes one single-stream decode step reads: all weights once, plus the KV cache.
 
@@ -119,11 +167,7 @@ def bytes_per_decode_step(engine: Engine, context: int) -> int:
 
 def flops_per_token(engine: Engine) -> int:
     """Multiply-adds x 2 of the matmuls per token (attention over the context excluded)."""
-    model = engine.model
-    n = model.head.size
-    for lw in model.layers:
-        n += lw.wqkv.size + lw.wo.size + lw.w_gate_up.size + lw.w_down.size
-    return 2 * n
+    return 2 * sum(m.size for m in engine.model.matrices())
 
 
 def memory_bandwidth(nbytes: int = 512 * MIB) -> dict[str, float]:
@@ -134,8 +178,7 @@ def memory_bandwidth(nbytes: int = 512 * MIB) -> dict[str, float]:
     """
     src = np.ones(nbytes // 4, dtype=np.float32)
     dst = np.empty_like(src)
-    cols = 16384
-    mat = src.reshape(-1, cols)
+    mat = src.reshape(-1, 16384)
     vec = np.ones((1, mat.shape[0]), dtype=np.float32)
 
     def gb_s(moved: int, op: Callable[[], object]) -> float:
@@ -155,43 +198,202 @@ def sgemm_gflops(n: int = 2048) -> float:
     return 2 * n**3 / best_of(3, lambda: seconds(lambda: a @ b)) / 1e9
 
 
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# --------------------------------------------------------------------------- worker processes
 
 
-def run_benchmark(model: str) -> dict[str, Any]:
-    """Run every measurement and assemble the report."""
+def engine_process(model: Path, weights: CacheConfig, started: float, conn: Any) -> None:
+    """A spawned stand-in for a worker: load, run a few decode steps, report, wait to exit."""
     t0 = time.perf_counter()
-    engine = Engine.load(resolve_model(model))
+    engine = Engine.load(model, weights=weights)
     load_s = time.perf_counter() - t0
-    rss_after_load = psutil.Process().memory_info().rss / MIB
+    t_loaded = time.monotonic()
+    cache = engine.new_cache()
+    logits = engine.prefill(cache, prompt_ids(engine, 32))
+    for _ in range(4):  # every weight page touched, as in a serving worker
+        logits = engine.forward([(cache, [int(np.argmax(logits))])])[0]
+    conn.send({"startup_s": t_loaded - started, "load_s": load_s})
+    conn.recv()  # exit when told
 
+
+def pss_mib(pid: int) -> float:
+    """Proportional set size: shared pages divided among the processes that map them."""
+    return psutil.Process(pid).memory_full_info().pss / MIB
+
+
+def measure_workers(model: Path, weights: CacheConfig) -> dict[str, Any]:
+    """PSS of 1 and of ``WORKERS`` engine processes, and the start-up with the cache present.
+
+    Runs before this process loads the model, so no page is shared with the measuring process;
+    ``weights`` is a directory of this run's own, so none is shared with other processes on the
+    host that map the usual cache either.
+    """
+    ctx = mp.get_context("spawn")
+    procs: list[tuple[Any, Any]] = []
+
+    def start() -> dict[str, Any]:
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=engine_process, args=(model, weights, time.monotonic(), child))
+        p.start()
+        procs.append((p, parent))
+        return parent.recv()
+
+    def stop_all() -> None:
+        for p, conn in procs:
+            conn.send("exit")
+            p.join(30)
+        procs.clear()
+
+    try:
+        first = start()  # builds the weights cache and matmul plan if this host has none
+        stop_all()
+        second = start()  # a worker starting with the cache present
+        one = pss_mib(procs[0][0].pid)
+        for _ in range(WORKERS - 1):
+            start()
+        each = [pss_mib(p.pid) for p, _ in procs]
+    finally:
+        stop_all()
+    return {
+        "first_worker_startup_s": round(first["startup_s"], 2),
+        "second_worker_startup_s": round(second["startup_s"], 2),
+        "second_worker_load_s": round(second["load_s"], 2),
+        "pss_1_worker_mib": round(one, 1),
+        f"pss_{WORKERS}_workers_mib": [round(v, 1) for v in each],
+        "pss_4_vs_1": round(sum(each) / one, 3),
+    }
+
+
+# --------------------------------------------------------------------------- llama.cpp, serve
+
+
+def llamacpp(python: str | None, model: Path, ids: list[int]) -> dict[str, Any]:
+    """llama.cpp's figures measured now by `llamacpp_probe.py`, or why they are missing."""
+    if not python:
+        return {
+            "skipped": "no --llama-python (or KVROUTE_LLAMA_PYTHON): an interpreter with "
+            "llama-cpp-python, e.g. python3 -m venv /tmp/llama-venv && "
+            "/tmp/llama-venv/bin/pip install llama-cpp-python"
+        }
+    request = {
+        "model": str(model),
+        "ids": ids,
+        "prefill_lengths": list(PREFILL_LENGTHS),
+        "decode_prompt": DECODE_PROMPT,
+        "decode_steps": DECODE_STEPS,
+        "repeats": REPEATS,
+        "threads": 1,
+    }
+    proc = subprocess.run(
+        [python, str(PROBE)], input=json.dumps(request), capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        return {"skipped": f"probe failed: {proc.stderr.strip().splitlines()[-1:]}"}
+    return json.loads(proc.stdout)
+
+
+def best_reference(refs: list[dict[str, Any]]) -> dict[str, Any]:
+    """llama.cpp's best figure of each kind over the rounds (or the first skip reason)."""
+    ok = [r for r in refs if "skipped" not in r]
+    if not ok:
+        return refs[0]
+    best = dict(ok[0])
+    best["prefill_tok_s"] = {
+        str(n): max(r["prefill_tok_s"][str(n)] for r in ok) for n in PREFILL_LENGTHS
+    }
+    best["decode_tok_s_single_stream"] = max(r["decode_tok_s_single_stream"] for r in ok)
+    best["rounds"] = len(ok)
+    return best
+
+
+def serve_run(workers: int, model: str) -> dict[str, float]:
+    """``kvroute bench --serve N`` (16 users, 4 turns, max_tokens 32): output tok/s, error rate.
+
+    Failed turns are counted, not fatal (``--max-error-rate 1``): a ratio over runs that lost
+    turns is reported with their error rates beside it.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.json"
+        kvroute = Path(sys.executable).parent / "kvroute"  # the console script of this venv
+        cmd = [str(kvroute), "bench", "--serve", str(workers), "--max-error-rate", "1"]
+        cmd += ["--sessions", "16", "--concurrency", "16", "--turns", "4", "--max-tokens", "32"]
+        cmd += ["--model", model, "--json", str(out)]
+        subprocess.run(cmd, check=True, capture_output=True)
+        doc = json.loads(out.read_text())
+        return {"output_tok_s": round(doc["output_tok_s"], 1), "error_rate": doc["error_rate"]}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def private_cache(directory: Path) -> CacheConfig:
+    """A weights cache in ``directory`` holding only the host's matmul plans (they depend on the
+    host, not on the file), so the first worker builds the weights but measures no plan."""
+    for plan in weights_dir().glob("matmul-*.json"):
+        shutil.copy(plan, directory)
+    return CacheConfig(directory=directory)
+
+
+def run_benchmark(model: str, llama_python: str | None, serve: bool) -> dict[str, Any]:
+    """Run every measurement and assemble the report."""
+    path = resolve_model(model)
+    with tempfile.TemporaryDirectory(prefix="kvroute-bench-weights-") as tmp:
+        weights = private_cache(Path(tmp))
+        workers = measure_workers(path, weights)
+        t0 = time.perf_counter()
+        engine = Engine.load(path, weights=weights)
+        load_s = time.perf_counter() - t0
+        return measure_engine(engine, path, model, workers, load_s, llama_python, serve)
+
+
+def measure_engine(
+    engine: Engine,
+    path: Path,
+    model: str,
+    workers: dict[str, Any],
+    load_s: float,
+    llama_python: str | None,
+    serve: bool,
+) -> dict[str, Any]:
+    """Speed of ``engine`` (loaded in this process), llama.cpp's, the serve ratio; the report."""
     ids = prompt_ids(engine, max(*PREFILL_LENGTHS, *BATCH_LENGTHS))
     engine.prefill(engine.new_cache(), ids[:32])  # warm-up: first-touch of buffers, BLAS init
-
-    prefill = {
-        str(n): n / best_of(REPEATS, lambda n=n: time_prefill(engine, ids[:n]))
-        for n in PREFILL_LENGTHS
-    }
-    decode = decode_tok_s(engine, [ids[:DECODE_PROMPT]], DECODE_STEPS)
+    # Ours and llama.cpp's alternate, and each side keeps its best: on a shared machine a burst
+    # of load then spoils one round of both rather than all of one side.
+    ours: list[dict[str, float]] = []
+    refs: list[dict[str, Any]] = []
+    for _ in range(ROUNDS):
+        ours.append(single_stream(engine, ids))
+        refs.append(llamacpp(llama_python, path, ids))
+    prefill = {str(n): max(o[f"prefill_{n}"] for o in ours) for n in PREFILL_LENGTHS}
+    decode = max(o["decode"] for o in ours)
+    ref = best_reference(refs)
     batch_prompts = [ids[i : i + n] for i, n in enumerate(BATCH_LENGTHS)]  # distinct contents
     batch8 = decode_tok_s(engine, batch_prompts, BATCH_STEPS)
-    peak_rss = peak_rss_mib()  # before the bandwidth probe, which allocates 1 GiB of its own
+    planned = step_ms_by_batch(engine, ids, engine.model.mm)
+    gemm_only = step_ms_by_batch(engine, ids, MatmulPlan(("gemm",) * MAX_ROWS))
 
-    ref = llamacpp_reference()["threads"]["1"]
-    ref_decode = ref["decode_tok_s_single_stream"]
-    ratios = {
-        "prefill_128": prefill["128"] / ref["prefill_tok_s"]["128"],
-        "prefill_512": prefill["512"] / ref["prefill_tok_s"]["512"],
-        "decode": decode / ref_decode,
+    ratios: dict[str, float | None] = dict.fromkeys(TARGETS)
+    ratios["pss_4_vs_1"] = workers["pss_4_vs_1"]
+    ratios["second_worker_startup_s"] = workers["second_worker_startup_s"]
+    if "skipped" not in ref:
+        ref_decode = ref["decode_tok_s_single_stream"]
+        ratios["decode_vs_llamacpp"] = decode / ref_decode
         # The issue compares batched aggregate throughput with llama.cpp's single stream.
-        "batch8_aggregate": batch8 / ref_decode,
-    }
-    targets = {
-        k: {"target": t, "ratio": round(ratios[k], 3), "met": ratios[k] >= t}
-        for k, t in TARGETS.items()
-    }
+        ratios["batch8_aggregate_vs_llamacpp_single"] = batch8 / ref_decode
+        for n in PREFILL_LENGTHS:
+            ratios[f"prefill_{n}_vs_llamacpp"] = prefill[str(n)] / ref["prefill_tok_s"][str(n)]
+    serve_figures: dict[str, Any] = {"skipped": "no --serve"}
+    if serve:
+        one, two = serve_run(1, model), serve_run(2, model)
+        serve_figures = {"serve_1": one, "serve_2": two}
+        ratios["serve2_vs_serve1_output_tok_s"] = two["output_tok_s"] / one["output_tok_s"]
+    targets = {}
+    for k, (kind, t) in TARGETS.items():
+        r = ratios[k]
+        met = None if r is None else (r <= t if kind == "max" else r >= t)
+        targets[k] = {"target": f"{'<=' if kind == 'max' else '>='} {t}", "value": r, "met": met}
+        if r is not None:
+            targets[k]["value"] = round(r, 3)
 
     bandwidth = memory_bandwidth()
     read_bw = max(bandwidth["sum_read"], bandwidth["gemv_read"])
@@ -199,40 +401,39 @@ def run_benchmark(model: str) -> dict[str, Any]:
     roofline = read_bw * 1e9 / step_bytes
     flops = flops_per_token(engine)
     gemm = sgemm_gflops()
-    bounds = {
-        "bytes_per_decode_step": step_bytes,
-        "bandwidth_gb_s": {k: round(v, 2) for k, v in bandwidth.items()},
-        "decode_roofline_tok_s": round(roofline, 1),
-        "decode_fraction_of_roofline": round(decode / roofline, 3),
-        "decode_roofline_vs_llamacpp": round(roofline / ref_decode, 3),
-        "flops_per_token": flops,
-        "sgemm_gflop_s": round(gemm, 1),
-        "prefill_512_gflop_s": round(prefill["512"] * flops / 1e9, 1),
-        "prefill_compute_bound_tok_s": round(gemm * 1e9 / flops, 1),
-        "batch8_gflop_s": round(batch8 * flops / 1e9, 1),
-    }
     return {
         "model": engine.model_name,
         "blas": [
             {k: i.get(k) for k in ("internal_api", "num_threads", "architecture")}
             for i in threadpool_info()
         ],
-        "load_s": round(load_s, 2),
+        "load_s_this_process": round(load_s, 2),
+        "workers": workers,
         "prefill_tok_s": {k: round(v, 1) for k, v in prefill.items()},
         "decode_tok_s_single_stream": round(decode, 1),
         "decode_tok_s_batch8_aggregate": round(batch8, 1),
         "batch8_prompt_lengths": list(BATCH_LENGTHS),
-        "peak_rss_mib": round(peak_rss, 1),
-        "rss_after_load_mib": round(rss_after_load, 1),
+        "decode_step_ms_by_batch": {
+            "planned": {k: round(v, 1) for k, v in planned.items()},
+            "gemm_only": {k: round(v, 1) for k, v in gemm_only.items()},
+            "gemm_over_planned": {k: round(gemm_only[k] / planned[k], 2) for k in planned},
+        },
+        "matmul_plan": engine.model.mm.describe(),
+        "llamacpp": ref,
+        "serve": serve_figures,
         "kv_bytes_per_token": engine.new_cache().bytes_per_token,
         "weight_bytes": engine.model.weight_bytes,
-        "llamacpp_1thread": {
-            "prefill_tok_s": ref["prefill_tok_s"],
-            "decode_tok_s_single_stream": ref_decode,
-        },
-        "ratios_vs_llamacpp": {k: round(v, 3) for k, v in ratios.items()},
         "targets": targets,
-        "bounds": bounds,
+        "bounds": {
+            "bytes_per_decode_step": step_bytes,
+            "bandwidth_gb_s": {k: round(v, 2) for k, v in bandwidth.items()},
+            "decode_roofline_tok_s": round(roofline, 1),
+            "decode_fraction_of_roofline": round(decode / roofline, 3),
+            "flops_per_token": flops,
+            "sgemm_gflop_s": round(gemm, 1),
+            "prefill_512_gflop_s": round(prefill["512"] * flops / 1e9, 1),
+            "batch8_gflop_s": round(batch8 * flops / 1e9, 1),
+        },
     }
 
 
@@ -240,9 +441,17 @@ def main() -> None:
     """Parse arguments, run, print the JSON object (and write it to --json OUT)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="GGUF path or 'default'")
+    parser.add_argument(
+        "--llama-python",
+        default=os.environ.get("KVROUTE_LLAMA_PYTHON"),
+        help="a python with llama-cpp-python, to measure llama.cpp in the same run",
+    )
+    parser.add_argument(
+        "--serve", action="store_true", help="also run kvroute bench --serve 2 against --serve 1"
+    )
     parser.add_argument("--json", type=Path, help="also write the JSON object to this file")
     args = parser.parse_args()
-    report = run_benchmark(args.model)
+    report = run_benchmark(args.model, args.llama_python, args.serve)
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:

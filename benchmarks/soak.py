@@ -24,6 +24,12 @@ checked:
 
 Prints one JSON object (also written to ``--json``); exits 1 if an invariant was broken. Not
 part of the test suite: it takes minutes with the real model.
+
+    python benchmarks/soak.py --flood [--workers 1] [--kv-budget-mb 256] [--quiet-turns 16]
+                              [--flood-warmup-s 10] [--flood-max-tokens 16]
+
+``--flood`` runs the flood phase instead (``soak_flood.py``): a quiet client's TTFT beside one
+client flooding at its limits, vs alone, and each worker's peak RSS against its KV budget.
 """
 
 from __future__ import annotations
@@ -308,10 +314,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-s", type=float, default=1.0, help="RSS sampling period (s)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--json", type=Path, help="also write the JSON report here")
+    flood = ap.add_argument_group("flood phase (--flood)")
+    flood.add_argument("--flood", action="store_true", help="run the flood phase, not the soak")
+    flood.add_argument("--quiet-turns", type=int, default=16, help="quiet turns per phase")
+    flood.add_argument("--think-s", type=float, default=0.3, help="quiet client's pause (s)")
+    flood.add_argument("--flood-warmup-s", type=float, default=10.0, help="flood before measuring")
+    flood.add_argument("--flood-max-tokens", type=int, default=16)
+    flood.add_argument("--kv-budget-mb", type=float, default=None, help="default: the machine's")
+    flood.add_argument("--capacity", type=int, default=WorkerConfig.capacity)
+    flood.add_argument("--prefill-chunk", type=int, default=WorkerConfig.prefill_chunk)
+    flood.add_argument(
+        "--liveness",
+        type=int,
+        default=WorkerConfig.liveness,
+        help="heartbeats missed before a peer is lost (raise it on a machine shared with others)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
+    if args.flood:
+        from soak_flood import flood_main  # its own module: a phase of its own
+
+        return flood_main(args)
 
     model = resolve_model(args.model)
     bcfg = BrokerConfig(frontend="tcp://127.0.0.1:0", backend="tcp://127.0.0.1:0")

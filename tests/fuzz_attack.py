@@ -125,6 +125,7 @@ class FrontAttacker:
         self.sock = dealer(ctx, url)
         self.counts = counts
         self.pending: list[Pending] = []
+        self.maybe: dict[bytes | None, Expect] = {}  # optional answers, until the barrier
         self.barriers = 0
         self.workers_seen: set[str] = set()
 
@@ -138,10 +139,14 @@ class FrontAttacker:
             c.frames_tried += 1
             if req.expect.silent:
                 c.silent += 1
+            elif req.expect.optional:
+                self.maybe[req.expect.echo] = req.expect
             else:
                 self.pending.append(Pending(req.expect, case.category))
         self.collect()
         self.barrier()
+        c.silent += len(self.maybe)  # those that were not answered
+        self.maybe.clear()
 
     def fail(self, message: str) -> None:
         self.counts.failures.append(message)
@@ -183,10 +188,24 @@ class FrontAttacker:
             r = parse_reply(self.sock.recv_multipart())
             if r.kind is Kind.PONG and r.request_id == rid:
                 return
-            self.fail(f"unexpected {r.kind.name} for {r.request_id!r} {r.body[:80]!r}")
+            if not self.optional_answer(r):
+                self.fail(f"unexpected {r.kind.name} for {r.request_id!r} {r.body[:80]!r}")
+
+    def optional_answer(self, r: Reply) -> bool:
+        """Check and count ``r`` if it is the answer of a request whose answer was optional."""
+        want = self.maybe.pop(r.request_id, None)
+        if want is None:
+            return False
+        code = ErrorReply.decode(r.body).code if r.kind is Kind.ERROR else None
+        if r.kind not in want.kinds or (code is not None and code not in want.codes):
+            self.fail(f"optional answer {r.kind.name} {code} for {r.request_id!r}, want {want}")
+        self.counts.errors_returned += r.kind is Kind.ERROR
+        return True
 
     def on_reply(self, r: Reply) -> None:
         p = next((p for p in self.pending if p.expect.echo == r.request_id), None)
+        if p is None and self.optional_answer(r):
+            return
         if p is None and r.kind is Kind.ERROR:
             p = next((p for p in self.pending if p.expect.echo is None), None)
         if p is None:

@@ -14,7 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fuzz_oracle import SILENT, TURN_RAN, Expect, error, expect_backend, expect_frontend
+from fuzz_oracle import (
+    TURN_RAN,
+    Expect,
+    cancel_racing_end,
+    error,
+    expect_backend,
+    expect_frontend,
+)
 from fuzz_values import (
     BAD_READY,
     Rand,
@@ -194,7 +201,7 @@ class FrontendFuzzer:
             [
                 Request([HEADERS[Kind.TURN], sid, r1, pack(first)], Expect(TURN_RAN, echo=r1)),
                 Request([HEADERS[Kind.TURN], sid, r2, pack(second)], busy_or_ran),
-                Request([HEADERS[Kind.CANCEL], sid, r1, EMPTY_BODY], SILENT),
+                Request([HEADERS[Kind.CANCEL], sid, r1, EMPTY_BODY], cancel_racing_end(r1)),
             ],
         )
 

@@ -33,12 +33,14 @@ class Expect:
 
     ``kinds`` are the acceptable answer kinds (empty: no answer at all). When ERROR is
     acceptable, its code must be in ``codes``. ``echo`` is the request id the answer must carry
-    (None: not checked, e.g. when the request id frame itself was unreadable).
+    (None: not checked, e.g. when the request id frame itself was unreadable). ``optional``: the
+    answer may also not come at all (it depends on a race the sender cannot see).
     """
 
     kinds: frozenset[Kind]
     codes: frozenset[ErrorCode] = frozenset()
     echo: bytes | None = None
+    optional: bool = False
 
     @property
     def silent(self) -> bool:
@@ -52,6 +54,12 @@ def error(*codes: ErrorCode, echo: bytes | None = None) -> Expect:
 SILENT = Expect(frozenset())
 TURN_RAN = frozenset({Kind.END, Kind.OVERFLOW})
 """A valid TURN runs: END, or OVERFLOW when prompt + max_tokens exceed the tiny n_ctx."""
+
+
+def cancel_racing_end(rid: bytes) -> Expect:
+    """A CANCEL sent while its turn may still run: unanswered if it reached the turn in flight
+    (the turn's END answers it), else ERROR not_in_flight, after the END it raced."""
+    return Expect(frozenset({Kind.ERROR}), frozenset({E.NOT_IN_FLIGHT}), rid, optional=True)
 
 
 def _ack_or_bad_body(kind: Kind, body: bytes, echo: bytes) -> Expect:
@@ -107,7 +115,9 @@ def expect_frontend(frames: list[bytes]) -> Expect:
     if kind is Kind.TURN:
         return turn_body_expect(body, rid)
     if kind is Kind.CANCEL:
-        return SILENT  # no reply of its own (and no turn of this client is in flight)
+        # No request of this client is in flight here: an empty CANCEL gets its terminal,
+        # not_in_flight; any other body is dropped unanswered.
+        return error(E.NOT_IN_FLIGHT, echo=rid) if body == EMPTY_BODY else SILENT
     ack = {Kind.RESET: Kind.RESET_OK, Kind.CLOSE: Kind.CLOSE_OK, Kind.PING: Kind.PONG}[kind]
     return _ack_or_bad_body(ack, body, rid)
 

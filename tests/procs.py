@@ -24,7 +24,7 @@ import psutil
 KVROUTE = [sys.executable, "-m", "kvroute", "-v"]  # -v: INFO logs (registrations, epochs)
 
 REGISTERED = re.compile(r"worker (\S+) registered \(epoch (\d+), pid (\d+)")
-LOST = re.compile(r"worker (\S+) lost \((\w+)\)")
+LOST = re.compile(r"worker (\S+) (?:lost|left) \((\w+)\)")  # left: it said goodbye
 
 
 def free_port() -> int:

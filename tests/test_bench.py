@@ -314,13 +314,26 @@ def test_bench_overflow_fails_the_error_budget(tiny_service: Harness, tmp_path: 
 
 
 def test_bench_timeouts_against_a_silent_frontend(tmp_path: Path) -> None:
+    from chat_service import MuteBroker  # answers the bench's PING, then never a TURN
+
     out = tmp_path / "t.json"
-    r = bench(
-        "--connect", f"tcp://127.0.0.1:{free_port()}", "--sessions", 2, "--turns", 1,
-        "--concurrency", 2, "--timeout", 0.2, "--json", out, "--max-error-rate", 0.5,
-    )  # fmt: skip
+    mute = MuteBroker()
+    try:
+        r = bench(
+            "--connect", mute.frontend, "--sessions", 2, "--turns", 1,
+            "--concurrency", 2, "--timeout", 0.2, "--json", out, "--max-error-rate", 0.5,
+        )  # fmt: skip
+    finally:
+        mute.close()
     assert r.exit_code == 3, r.output
     assert json.loads(out.read_text())["errors"]["timeout"] == 2
+
+
+def test_bench_with_nobody_at_the_address_stops_at_once() -> None:
+    url = f"tcp://127.0.0.1:{free_port()}"
+    r = bench("--connect", url, "--sessions", 2, "--turns", 1, "--timeout", 30)
+    assert r.exit_code == 1, r.output
+    assert f"error: no kvroute broker answers at {url} within 3 s" in r.output
 
 
 def test_bench_failover_is_not_a_violation(tiny_service: Harness) -> None:

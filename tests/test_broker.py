@@ -24,8 +24,10 @@ from kvroute.proto import (
     CachePath,
     ChatMessage,
     ColdReason,
+    Control,
     Disconnect,
     ErrorCode,
+    ErrorReply,
     FinishReason,
     Heartbeat,
     Kind,
@@ -39,6 +41,7 @@ from kvroute.proto import (
     parse_delivery,
     reply_sha256,
 )
+from kvroute.proto.control import Resident
 from kvroute.proto.kinds import HEADERS
 
 Ctx = zmq.Context[zmq.Socket[bytes]]
@@ -343,22 +346,94 @@ def test_process_sentinel_is_instant(
                 os.close(fd)
 
 
+def raw_worker(ctx: Ctx, b: Broker) -> zmq.Socket[bytes]:
+    assert b.endpoints is not None
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(b.endpoints[1])
+    return sock
+
+
+def control_reply(sock: zmq.Socket[bytes], timeout: float = TIMEOUT) -> Control:
+    assert sock.poll(timeout * 1000), "no answer from the broker"
+    msg = parse_delivery(sock.recv_multipart())
+    assert isinstance(msg, Control), msg
+    return msg
+
+
+def test_a_live_worker_id_cannot_be_claimed(
+    start_broker: StartBroker, start_worker: StartWorker, client: MakeClient, ctx: Ctx
+) -> None:
+    """A READY with a live worker's id from another connection is refused; nothing moves."""
+    b = start_broker()
+    w = start_worker(b, "w0", token_delay=0.02)
+    c = client(b)
+    c.send(Kind.TURN, b"s", b"r1", turn_body(max_tokens=40))
+    assert c.recv(b"r1").kind is Kind.TOKEN
+    key = b.table.worker_key("w0")
+    impostor = raw_worker(ctx, b)
+    claim = Ready("w0", 1, time.time_ns(), 4, "fake", 2048, (Resident(b"s", b"me", 1, 0.0, 1),))
+    impostor.send_multipart(control_frames(Kind.READY, claim.encode()))
+    reply = control_reply(impostor)
+    assert reply.kind is Kind.ERROR
+    err = ErrorReply.decode(reply.body)
+    assert err.code is ErrorCode.NOT_OWNER and "another live connection" in err.message
+    _, term = c.collect(b"r1")  # the turn goes on: no SESSION_LOST
+    assert term.kind is Kind.END and TurnEnd.decode(term.body).seq == 40
+    assert b.table.worker_key("w0") == key and b.table.principal(b"s") != b"me"
+    c.send(Kind.TURN, b"s", b"r2", turn_body())
+    assert TurnEnd.decode(c.collect(b"r2")[1].body).stats.path is CachePath.TEXT_PREFIX
+    assert w.disconnects == 0 and [d.kind for d in w.deliveries] == [Kind.TURN, Kind.TURN]
+
+
 def test_restarted_worker_ends_old_turns(
     start_broker: StartBroker, start_worker: StartWorker, client: MakeClient, ctx: Ctx
 ) -> None:
+    """Once the old connection is gone, a READY with its id is a restart, not an impostor."""
     b = start_broker()
-    start_worker(b, "w0", token_delay=0.05)
+    w = start_worker(b, "w0", token_delay=0.05)
     c = client(b)
     c.send(Kind.TURN, b"s", b"r1", turn_body(max_tokens=100))
     assert c.recv(b"r1").kind is Kind.TOKEN
-    assert b.endpoints is not None
-    again = ctx.socket(zmq.DEALER)  # "w0" again, new process: new epoch, new connection
-    again.setsockopt(zmq.LINGER, 0)
-    again.connect(b.endpoints[1])
+    again = raw_worker(ctx, b)  # "w0" again, new process: new epoch, new connection
+    again.send_multipart(control_frames(Kind.HEARTBEAT, Heartbeat().encode()))
+    assert control_reply(again).kind is Kind.DISCONNECT  # connected: "unknown worker"
+    w.crash.set()  # the old process dies: its connection closes
+    w._thread.join(TIMEOUT)
     ready = Ready("w0", 1, time.time_ns(), 4, "fake", 2048)
     again.send_multipart(control_frames(Kind.READY, ready.encode()))
+    assert control_reply(again).kind is Kind.HEARTBEAT  # accepted (and acknowledged at once)
     lost, _ = lost_within(c, b"r1", time.monotonic())
-    assert lost.reason is LostReason.RESTARTED
+    # Normally the broker finds the old connection gone when the READY comes ("restarted"); its
+    # own heartbeat may have found it first ("unreachable").
+    assert lost.reason in (LostReason.RESTARTED, LostReason.UNREACHABLE)
+    assert b.table.worker_key("w0") is not None and len(b.table.workers) == 1
+
+
+def test_ready_is_acknowledged_at_once_and_idempotent(ctx: Ctx) -> None:
+    """A worker hears from the broker as soon as it registers, not a heartbeat interval later
+    (or it may give up and register twice); the same READY again changes nothing."""
+    slow = 5.0  # the broker's own heartbeats are far apart
+    cfg = BrokerConfig("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", heartbeat_interval=slow)
+    b = Broker(cfg)
+    t = threading.Thread(target=b.run, daemon=True)
+    t.start()
+    try:
+        b.wait_bound(TIMEOUT)
+        w = raw_worker(ctx, b)
+        frames = control_frames(Kind.READY, Ready("w0", 1, 7, 4, "fake", 2048).encode())
+        w.send_multipart(frames)
+        assert control_reply(w, timeout=slow / 2).kind is Kind.HEARTBEAT
+        key = b.table.worker_key("w0")
+        assert key is not None
+        order = b.table.workers[key].order
+        w.send_multipart(frames)  # the same connection and epoch: a retransmission
+        assert control_reply(w, timeout=slow / 2).kind is Kind.HEARTBEAT
+        assert b.table.worker_key("w0") == key and b.table.workers[key].order == order
+        assert b.stats.workers_lost == 0
+    finally:
+        b.close()
+        t.join(TIMEOUT)
 
 
 def test_client_gone_mid_stream_cancels(

@@ -1,16 +1,16 @@
-"""KVCache: growth in chunks (never preallocated to n_ctx), writes, trim / truncate / compact."""
+"""KVCache: geometric growth (never preallocated to n_ctx), writes, trim / truncate / compact."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kvroute.engine.cache import GROW_CHUNK, KVCache
+from kvroute.engine.cache import MIN_GROW, KVCache
 
 N_LAYERS, N_KV, HD = 3, 2, 4
 
 
-def make_cache(max_len: int = 4 * GROW_CHUNK) -> KVCache:
+def make_cache(max_len: int = 1024) -> KVCache:
     """A small cache: 3 layers, 2 KV heads, head dim 4."""
     return KVCache(N_LAYERS, N_KV, HD, max_len)
 
@@ -42,31 +42,80 @@ def test_new_cache_allocates_nothing() -> None:
     assert cache.nbytes == 0
 
 
-def test_grows_in_chunks_not_to_max_len() -> None:
+def test_first_allocation_is_the_first_pass_not_a_chunk() -> None:
     cache = make_cache(max_len=8192)
+    fill(cache, 20)
+    assert cache.capacity == 20
+    tiny = make_cache(max_len=8192)
+    fill(tiny, 1)  # a lone token gets MIN_GROW positions, so decode does not copy every step
+    assert tiny.capacity == MIN_GROW
+
+
+def test_twenty_token_session_of_the_default_model_is_under_one_megabyte() -> None:
+    # SmolLM2-135M's cache geometry: 30 layers, 3 KV heads, head dim 64, float32.
+    cache = KVCache(30, 3, 64, 2048)
+    cache.reserve(20)
+    cache.advance(20)
+    assert cache.nbytes == 20 * cache.bytes_per_token == 921_600
+    assert cache.nbytes < 1_000_000  # a 256-position first chunk cost 11,796,480
+
+
+def test_growth_is_geometric() -> None:
+    cache = make_cache(max_len=1 << 16)
+    fill(cache, 100)
+    assert cache.capacity == 100
     fill(cache, 1)
-    assert cache.capacity == GROW_CHUNK
-    fill(cache, GROW_CHUNK - 1)  # exactly full: no growth yet
-    assert (cache.length, cache.capacity) == (GROW_CHUNK, GROW_CHUNK)
+    assert cache.capacity == 150  # + half
+    fill(cache, 49)
+    assert (cache.length, cache.capacity) == (150, 150)  # exactly full: no growth yet
     fill(cache, 1)
-    assert cache.capacity == 2 * GROW_CHUNK
-    fill(cache, 2 * GROW_CHUNK)  # one big prefill rounds up to the next chunk boundary
-    assert cache.length == 3 * GROW_CHUNK + 1
-    assert cache.capacity == 4 * GROW_CHUNK
+    assert cache.capacity == 225
+    fill(cache, 500)  # one big pass needs more than a step: allocate exactly what it needs
+    assert cache.capacity == cache.length == 651
+
+
+def test_decode_one_token_at_a_time_copies_o_n_positions() -> None:
+    cache = make_cache(max_len=1 << 16)
+    copied, capacity = 0, 0
+    for _ in range(4000):
+        if cache.length + 1 > cache.capacity:
+            copied += cache.length  # what reserve() copies into the new arrays
+        fill(cache, 1)
+        capacity = max(capacity, cache.capacity)
+    assert copied <= 3 * cache.length
+    assert capacity <= 1.5 * cache.length + MIN_GROW
 
 
 def test_growth_is_capped_at_max_len() -> None:
-    cache = make_cache(max_len=GROW_CHUNK + 10)
-    fill(cache, GROW_CHUNK + 1)
-    assert cache.capacity == GROW_CHUNK + 10
+    cache = make_cache(max_len=110)
+    fill(cache, 100)
+    fill(cache, 1)
+    assert cache.capacity == 110
+
+
+def test_growth_limit_caps_growth_but_never_refuses_a_need() -> None:
+    cache = make_cache(max_len=8192)
+    cache.growth_limit = 107  # e.g. a 100-token prompt with max_tokens 7
+    fill(cache, 100)
+    fill(cache, 1)
+    assert cache.capacity == 107  # not 150
+    fill(cache, 6)
+    assert cache.capacity == 107
+    fill(cache, 3)  # beyond the limit: allocates what is needed, no more
+    assert cache.capacity == 110
+    first = make_cache(max_len=8192)
+    first.growth_limit = 5
+    fill(first, 1)
+    assert first.capacity == 5  # the MIN_GROW floor yields to the limit too
 
 
 def test_growth_preserves_contents() -> None:
     cache = make_cache()
-    fill(cache, GROW_CHUNK - 3)
-    fill(cache, 10, start=GROW_CHUNK - 3)  # crosses a chunk boundary: arrays are reallocated
+    fill(cache, 37)
+    fill(cache, 10, start=37)  # crosses the capacity: arrays are reallocated
+    fill(cache, 1, start=47)
     for layer in range(N_LAYERS):
-        np.testing.assert_array_equal(committed_keys(cache, layer), np.arange(GROW_CHUNK + 7))
+        np.testing.assert_array_equal(committed_keys(cache, layer), np.arange(48))
     np.testing.assert_array_equal(cache.v[:, :, : cache.length], -cache.k[:, :, : cache.length])
 
 
@@ -123,21 +172,23 @@ def test_truncate_keeps_a_prefix() -> None:
 
 def test_compact_releases_memory_and_keeps_contents() -> None:
     cache = make_cache()
-    fill(cache, 3 * GROW_CHUNK)
-    cache.truncate(GROW_CHUNK + 5)
+    fill(cache, 300)
+    cache.truncate(133)
     cache.compact()
-    assert cache.capacity == 2 * GROW_CHUNK
-    assert cache.nbytes == 2 * GROW_CHUNK * cache.bytes_per_token
-    np.testing.assert_array_equal(committed_keys(cache, 2), np.arange(GROW_CHUNK + 5))
+    assert cache.capacity == 133
+    assert cache.nbytes == 133 * cache.bytes_per_token
+    np.testing.assert_array_equal(committed_keys(cache, 2), np.arange(133))
+    fill(cache, 2, start=133)  # and it grows again from there
+    np.testing.assert_array_equal(committed_keys(cache, 1), np.arange(135))
     cache.truncate(0)
     cache.compact()
     assert cache.nbytes == 0
 
 
-@pytest.mark.parametrize("length", [1, GROW_CHUNK, GROW_CHUNK + 1])
+@pytest.mark.parametrize("length", [1, MIN_GROW, MIN_GROW + 1])
 def test_compact_never_drops_committed_positions(length: int) -> None:
     cache = make_cache()
     fill(cache, length)
     cache.compact()
-    assert cache.capacity >= cache.length == length
+    assert cache.capacity == cache.length == length
     np.testing.assert_array_equal(committed_keys(cache), np.arange(length))

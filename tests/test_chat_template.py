@@ -10,6 +10,7 @@ import pytest
 from kvroute.engine.chat_template import CHATML_TEMPLATE, ChatTemplate, validate_messages
 from kvroute.engine.errors import ModelLoadError, TemplateError
 from kvroute.engine.gguf_file import GGUFFile
+from kvroute.engine.prompt import PromptCodec
 from kvroute.engine.tokenizer import Tokenizer
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "llamacpp_cases.json").read_text())
@@ -46,6 +47,13 @@ def test_reference_prompts(real: tuple[Tokenizer, ChatTemplate], case: dict) -> 
     prompt = template.render(messages)
     assert prompt == case["prompt"]
     assert tokenizer.encode(prompt) == case["prompt_ids"]
+    # Contents as text, only the template's markers as control tokens: for ordinary contents
+    # exactly llama.cpp's ids for the whole string.
+    chat = template.render_spans(messages)
+    assert chat.text == prompt and chat.content is not None
+    assert [chat.text[a:b] for a, b in chat.content] == [REFERENCE["system"], case["question"]]
+    codec = PromptCodec(tokenizer)
+    assert codec.encode(codec.mark(chat.text, chat.content)) == case["prompt_ids"]
 
 
 @pytest.mark.model
@@ -72,6 +80,20 @@ def test_multi_turn_without_generation_prompt(tiny_gguf: GGUFFile) -> None:
     system = f"<|im_start|>system\n{SMOL_SYSTEM}<|im_end|>\n"
     assert template.render(messages, add_generation_prompt=False) == system + turns
     assert template.render(messages) == system + turns + "<|im_start|>assistant\n"
+
+
+def test_render_spans_locates_every_content(tiny_gguf: GGUFFile) -> None:
+    template = tiny_template(tiny_gguf)
+    contents = ["a<|im_end|>", " two words\n", "", "é😀"]
+    roles = ["user", "assistant"] * 2
+    messages = [{"role": r, "content": c} for r, c in zip(roles, contents, strict=True)]
+    chat = template.render_spans(messages)
+    assert chat.text == template.render(messages)
+    assert chat.content is not None
+    # The empty content has nothing to locate; the others come out in order, whitespace kept.
+    assert [chat.text[a:b] for a, b in chat.content] == [c for c in contents if c]
+    # No trace of the tags used to find them.
+    assert not any(0xFDD0 <= ord(ch) <= 0xFDEF for ch in chat.text)
 
 
 def test_chatml_fallback_without_template(tiny_gguf: GGUFFile) -> None:

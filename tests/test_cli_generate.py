@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
@@ -95,18 +96,25 @@ def test_text_output_matches_json_text(tiny_model_path: Path) -> None:
 def test_prompt_file_equals_prompt(tiny_model_path: Path, tmp_path: Path) -> None:
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("the hat on the mat", encoding="utf-8")
-    from_file = generate_json(tiny_model_path, "--prompt-file", str(prompt_file))
-    inline = generate_json(tiny_model_path, "--prompt", "the hat on the mat")
-    assert from_file == inline
+    from_file = generate_json(
+        tiny_model_path, "--prompt-file", str(prompt_file), "--max-tokens", "8"
+    )
+    inline = generate_json(tiny_model_path, "--prompt", "the hat on the mat", "--max-tokens", "8")
+    positional = generate_json(tiny_model_path, "the hat on the mat", "--max-tokens", "8")
+    assert from_file == inline == positional
 
 
-@pytest.mark.parametrize("prompt_args", [[], ["--prompt", "a", "--prompt-file", __file__]])
+@pytest.mark.parametrize(
+    "prompt_args",
+    [[], ["--prompt", "a", "--prompt-file", __file__], ["a", "--prompt", "b"]],
+)
 def test_exactly_one_prompt_source_is_required(
     tiny_model_path: Path, prompt_args: list[str]
 ) -> None:
     result = invoke("generate", "--model", str(tiny_model_path), *prompt_args)
     assert result.exit_code == 2
-    assert "exactly one of --prompt and --prompt-file" in result.stderr
+    (line,) = result.stderr.splitlines()  # one line, no usage block
+    assert "give the text exactly once: PROMPT, --prompt or --prompt-file" in line
 
 
 def test_seeded_sampling_is_reproducible(tiny_model_path: Path) -> None:
@@ -126,6 +134,46 @@ def test_tokenize_json_and_plain(tiny_model_path: Path, tiny_engine: Engine) -> 
     assert as_json.exit_code == plain.exit_code == 0
     assert json.loads(as_json.stdout) == expected
     assert plain.stdout == " ".join(map(str, expected)) + "\n"
+    as_option = invoke("tokenize", "--model", str(tiny_model_path), "--text", text)
+    assert as_option.exit_code == 0 and as_option.stdout == plain.stdout
+    both = invoke("tokenize", "--model", str(tiny_model_path), "--text", text, text)
+    assert both.exit_code == 2 and "exactly once: TEXT, --text" in both.stderr
+
+
+def _commands(group: click.Group, path: str = "kvroute") -> list[tuple[str, click.Command]]:
+    out: list[tuple[str, click.Command]] = []
+    for name, cmd in sorted(group.commands.items()):
+        out.append((f"{path} {name}", cmd))
+        if isinstance(cmd, click.Group):
+            out += _commands(cmd, f"{path} {name}")
+    return out
+
+
+@pytest.mark.parametrize(("path", "cmd"), _commands(main), ids=lambda v: str(v).split()[-1])
+def test_every_option_has_help_and_shows_its_default(path: str, cmd: click.Command) -> None:
+    for p in cmd.params:
+        if not isinstance(p, click.Option) or p.name in ("help", "version"):
+            continue
+        assert p.help, f"{path} {p.opts[0]} has no help text"
+        default = p.default
+        unset = default is None or type(default).__module__.startswith("click")  # no default
+        if not unset and not p.is_flag and not p.count:
+            assert p.show_default, f"{path} {p.opts[0]} hides its default {default!r}"
+
+
+@pytest.mark.parametrize("args", [["-v", "tokenize"], ["tokenize", "-v"], ["tokenize", "-vv"]])
+def test_verbose_before_or_after_the_command(args: list[str], tiny_model_path: Path) -> None:
+    import logging
+
+    root = logging.getLogger()
+    before = root.level
+    try:
+        result = invoke(*args, "--model", str(tiny_model_path), "hi")
+        assert result.exit_code == 0, result.stderr
+        want = logging.DEBUG if "-vv" in args else logging.INFO
+        assert root.level == want
+    finally:
+        root.setLevel(before)
 
 
 def test_model_path_honours_kvroute_home(tmp_path: Path) -> None:

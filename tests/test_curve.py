@@ -1,4 +1,4 @@
-"""CURVE end to end: keys, an authenticating broker, clients and workers in and out (issue 7).
+"""CURVE end to end: keys, an authenticating broker, clients and workers in and out.
 
 The broker runs in a thread with tiny-model workers (the harness of service_harness.py), or as
 ``kvroute serve`` in a process. A refused peer gets no answer at all, so every negative test
@@ -14,6 +14,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ from zmq.utils.monitor import recv_monitor_message
 from kvroute import AsyncClient, Client, NotOwner, Timeout
 from kvroute.broker import Broker, BrokerConfig
 from kvroute.cli import main
-from kvroute.cli.keys_cmd import write_key_pairs
+from kvroute.cli.keys_cmd import write_key_pairs, write_layout
 from kvroute.engine.engine import Engine
 from kvroute.proto import Kind, Ready, control_frames
 from kvroute.proto.identity import CurveClient, KeyFileError, load_allowed_keys
@@ -38,13 +39,14 @@ REFUSED = 0.5  # a refused client's timeout: it is expected to expire
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """allowed/: server, client, other (a second client), worker. strangers/: stranger."""
+    """server; clients/: client, other (a second client); workers/: worker; strangers/."""
     root = tmp_path_factory.mktemp("keys")
-    write_key_pairs(root / "allowed", ("server", "client", "other", "worker"), force=False)
+    layout = (("", ("server",)), ("clients", ("client", "other")), ("workers", ("worker",)))
+    write_layout(root, layout, force=False)
     write_key_pairs(root / "strangers", ("stranger",), force=False)
-    paths = {n: root / "allowed" / n for n in ("server", "client", "other", "worker")}
+    paths = {n: root / sub / n for sub, names in layout for n in names}
     paths["stranger"] = root / "strangers" / "stranger"
-    paths["allowed"] = root / "allowed"
+    paths["clients"], paths["workers"] = root / "clients", root / "workers"
     return paths
 
 
@@ -64,7 +66,8 @@ def curve_service(tiny_engine: Engine, keys: dict[str, Path]) -> Iterator[Harnes
         backend="tcp://127.0.0.1:0",
         heartbeat_interval=HEARTBEAT,
         curve_secret=secret(keys, "server"),
-        allow_keys=str(keys["allowed"]),
+        allow_keys=str(keys["clients"]),
+        allow_worker_keys=str(keys["workers"]),
     )
     broker = Broker(cfg)
     t = threading.Thread(target=broker.run, name="broker", daemon=True)
@@ -191,27 +194,72 @@ def test_refused_handshakes(curve_service: Harness, keys: dict[str, Path], how: 
         ctx.destroy(linger=0)
 
 
-def test_worker_with_unknown_key_never_registers(
+@pytest.mark.parametrize("who", ["stranger", "client"])
+def test_only_worker_keys_open_the_backend(
+    curve_service: Harness, keys: dict[str, Path], who: str
+) -> None:
+    """A client key is no worker key: with it a client could register, be placed other users'
+    sessions and read them. Here it even claims the live worker's id: nothing moves."""
+    b = curve_service.broker
+    with connect(curve_service, keys, "client", TIMEOUT) as client:
+        chat = client.session()
+        list(chat.send("hello", max_tokens=4))
+        refused = b.stats.keys_refused
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        try:
+            rogue = ctx.socket(zmq.DEALER)
+            rogue.setsockopt(zmq.LINGER, 0)
+            curve = CurveClient.load(public(keys, "server"), secret(keys, who))
+            assert curve is not None
+            curve.apply(rogue)
+            rogue.connect(curve_service.backend)
+            for name in ("rogue", "w0"):
+                ready = Ready(name, os.getpid(), 1, 4, "fake", 2048)
+                rogue.send_multipart(control_frames(Kind.READY, ready.encode()), zmq.NOBLOCK)
+            assert handshake_failure(rogue) == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            wait_until(lambda: b.stats.keys_refused > refused)
+            assert b.table.worker_key("rogue") is None
+            assert len(b.table.workers) == 1 and b.stats.workers_lost == 0
+            assert not rogue.poll(0)
+        finally:
+            ctx.destroy(linger=0)
+        list(chat.send("still mine?", max_tokens=4))
+        assert chat.last is not None and (chat.last.worker, chat.last.path) == ("w0", "text_prefix")
+    # And the other way round: a worker key does not open the clients' socket.
+    with connect(curve_service, keys, "worker", REFUSED) as posing, pytest.raises(Timeout):
+        posing.ping()
+
+
+def test_broker_restart_keeps_curve_sessions_warm_and_owned(
     curve_service: Harness, keys: dict[str, Path]
 ) -> None:
-    b = curve_service.broker
-    refused = b.stats.keys_refused
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    try:
-        rogue = ctx.socket(zmq.DEALER)
-        rogue.setsockopt(zmq.LINGER, 0)
-        curve = CurveClient.load(public(keys, "server"), secret(keys, "stranger"))
-        assert curve is not None
-        curve.apply(rogue)
-        rogue.connect(curve_service.backend)
-        ready = Ready("rogue", os.getpid(), 1, 4, "fake", 2048)
-        rogue.send_multipart(control_frames(Kind.READY, ready.encode()), zmq.NOBLOCK)
-        assert handshake_failure(rogue) == zmq.EVENT_HANDSHAKE_FAILED_AUTH
-        wait_until(lambda: b.stats.keys_refused > refused)
-        assert b.table.worker_key("rogue") is None and list(b.table.workers) != []
-        assert not rogue.poll(0)
-    finally:
-        ctx.destroy(linger=0)
+    """The worker learns each session's owner (the client's key) with its TURNs and announces
+    it when it registers with a new broker: the session stays warm, and stays the key's."""
+    h = curve_service
+    owner_key = CurveClient.load(public(keys, "server"), secret(keys, "client"))
+    assert owner_key is not None
+    with connect(h, keys, "client", TIMEOUT) as client:
+        chat = client.session()
+        list(chat.send("hello", max_tokens=4))
+        held = h.workers["w0"].scheduler.store.get(chat.id.encode())
+        assert held is not None and held.owner == owner_key.public
+        old = h.broker
+        old.close()
+        h.threads[0].join(TIMEOUT)
+        new = Broker(replace(old.config, frontend=h.frontend, backend=h.backend))
+        t = threading.Thread(target=new.run, name="broker-2", daemon=True)
+        t.start()
+        new.wait_bound(10)
+        h.broker = new
+        h.threads.append(t)
+        wait_until(lambda: new.table.principal(chat.id.encode()) == owner_key.public, 10)
+        assert new.stats.sessions_repinned == 1
+        list(chat.send("still there?", max_tokens=4))
+        assert chat.last is not None and (chat.last.worker, chat.last.path) == ("w0", "text_prefix")
+        with connect(h, keys, "other", TIMEOUT) as other:
+            stranger = other.session(session_id=chat.id, history=chat.history)
+            with pytest.raises(NotOwner):
+                list(stranger.send("mine now", max_tokens=2))
 
 
 def test_sessions_belong_to_keys(curve_service: Harness, keys: dict[str, Path]) -> None:
@@ -239,7 +287,7 @@ def test_serve_lets_its_own_workers_in(
     """``kvroute serve`` with CURVE: its workers use a throwaway key the directory lacks."""
     url = f"tcp://127.0.0.1:{free_port()}"
     args = ["serve", "--workers", "1", "--model", str(tiny_model_path), "--frontend", url]
-    args += ["--curve-secret", secret(keys, "server"), "--allow-keys", str(keys["allowed"])]
+    args += ["--curve-secret", secret(keys, "server"), "--allow-keys", str(keys["clients"])]
     proc = Proc(args, tmp_path / "serve.log")
     try:
         assert "workers 1" in proc.wait_line("ready")
@@ -260,38 +308,66 @@ def test_keys_generate(tmp_path: Path) -> None:
     d = tmp_path / "k"
     result = CliRunner().invoke(main, ["keys", "generate", str(d)])
     assert result.exit_code == 0, result.output
-    names = sorted(p.name for p in d.iterdir())
-    assert names == sorted(
-        f"{n}{e}" for n in ("server", "client", "worker") for e in (".key", ".key_secret")
+    files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+    assert files == sorted(
+        f"{n}{e}"
+        for n in ("server", "clients/client", "workers/worker")
+        for e in (".key", ".key_secret")
     )
-    assert stat.S_IMODE(d.stat().st_mode) == 0o700
-    assert stat.S_IMODE((d / "client.key_secret").stat().st_mode) == 0o600
-    assert stat.S_IMODE((d / "client.key").stat().st_mode) == 0o644
-    assert len(load_allowed_keys(d)) == 3  # usable as --allow-keys as it is
-    assert CurveClient.load(str(d / "server.key"), str(d / "client.key_secret")) is not None
+    for sub in (d, d / "clients", d / "workers"):
+        assert stat.S_IMODE(sub.stat().st_mode) == 0o700
+    assert stat.S_IMODE((d / "clients/client.key_secret").stat().st_mode) == 0o600
+    assert stat.S_IMODE((d / "workers/worker.key").stat().st_mode) == 0o644
+    # Usable as --allow-keys and --allow-worker-keys as they are, and apart from each other.
+    clients, workers = load_allowed_keys(d / "clients"), load_allowed_keys(d / "workers")
+    assert len(clients) == len(workers) == 1 and not clients & workers
+    assert f"--allow-keys {d / 'clients'} --allow-worker-keys {d / 'workers'}" in result.stderr
+    assert CurveClient.load(str(d / "server.key"), str(d / "clients/client.key_secret"))
     before = (d / "server.key_secret").read_bytes()
     again = CliRunner().invoke(main, ["keys", "generate", str(d)])
     assert again.exit_code == 1
     assert again.stderr == f"error: {d / 'server.key'} exists (use --force to replace it)\n"
     assert (d / "server.key_secret").read_bytes() == before  # nothing was overwritten
-    named = CliRunner().invoke(main, ["keys", "generate", str(d), "--name", "alice", "--force"])
-    assert named.exit_code == 0 and (d / "alice.key_secret").exists()
+    named = CliRunner().invoke(
+        main, ["keys", "generate", str(d), "--client", "alice", "--worker", "w2", "--name", "b2"]
+    )
+    assert named.exit_code == 0, named.output
+    for made in ("clients/alice", "workers/w2", "b2"):
+        assert (d / f"{made}.key_secret").exists()
     assert (d / "server.key_secret").read_bytes() == before  # only the names asked for
+    clash = CliRunner().invoke(
+        main, ["keys", "generate", str(d), "--client", "x", "--worker", "w2"]
+    )
+    assert clash.exit_code == 1 and not (d / "clients/x.key").exists()  # all or nothing
+    bad = CliRunner().invoke(main, ["keys", "generate", str(d), "--worker", "../up"])
+    assert bad.exit_code == 2 and "not a plain file name" in bad.output
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (
-            ["broker", "--curve-secret", "{missing}", "--allow-keys", "{allowed}"],
+            ["broker", "--curve-secret", "{missing}", "--allow-keys", "{clients}"],
             "error: cannot read CURVE key file {missing}: no such file",
         ),
         (
-            ["broker", "--curve-secret", "{server}.key", "--allow-keys", "{allowed}"],
+            ["broker", "--curve-secret", "{server}.key", "--allow-keys", "{clients}"],
             "error: {server}.key holds no secret key (give the .key_secret file)",
         ),
         (
             ["broker", "--curve-secret", "{server}.key_secret", "--allow-keys", "{missing}"],
+            "error: cannot read allowed keys from {missing}: not a directory",
+        ),
+        (
+            ["broker", "--curve-secret", "{server}.key_secret", "--allow-keys", "{clients}"],
+            "error: no worker keys: give the directory of the workers' public certificates"
+            " (--allow-worker-keys); client keys are not let in on the backend",
+        ),
+        (
+            [
+                *("broker", "--curve-secret", "{server}.key_secret", "--allow-keys", "{clients}"),
+                *("--allow-worker-keys", "{missing}"),
+            ],
             "error: cannot read allowed keys from {missing}: not a directory",
         ),
         (
@@ -315,7 +391,7 @@ def test_bad_key_files_are_one_line_errors(
     garbage.write_text("not a certificate\n")
     names = {
         "missing": str(tmp_path / "nope"),
-        "allowed": str(keys["allowed"]),
+        "clients": str(keys["clients"]),
         "server": str(keys["server"]),
         "garbage": str(garbage),
     }
@@ -347,6 +423,17 @@ def test_key_errors_in_the_library(tmp_path: Path, keys: dict[str, Path]) -> Non
         )
     with pytest.raises(ValueError, match="both"):
         BrokerConfig(curve_secret=secret(keys, "server"))
+    with pytest.raises(ValueError, match="needs CURVE"):
+        BrokerConfig(allow_worker_keys=str(keys["workers"]))
+    mixed = BrokerConfig(
+        curve_secret=secret(keys, "server"),
+        allow_keys=str(keys["clients"]),
+        allow_worker_keys=str(keys["clients"]),
+    )
+    with pytest.raises(KeyFileError, match="both as a client and as a worker"):
+        Broker(mixed)
+    usage = CliRunner().invoke(main, ["broker", "--allow-worker-keys", str(keys["workers"])])
+    assert usage.exit_code == 2 and "--allow-worker-keys needs --curve-secret" in usage.output
 
 
 def test_bench_speaks_curve(curve_service: Harness, keys: dict[str, Path]) -> None:

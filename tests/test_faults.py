@@ -296,6 +296,8 @@ def test_broker_killed_mid_stream_times_out_then_workers_reregister(live: Cluste
     with Client(live.front, timeout=2) as client:
         s = client.session()
         list(s.send("Hi.", max_tokens=2))
+        assert s.last is not None
+        owner = s.last.worker
         history = list(s.history)
         stream = s.send(STORY, max_tokens=60)
         assert next(stream)  # streaming now
@@ -317,8 +319,13 @@ def test_broker_killed_mid_stream_times_out_then_workers_reregister(live: Cluste
         live.wait_live(30)
         new = {r.worker: r.epoch for r in live.broker.registrations()}
         assert set(new) == set(old) and all(new[w] != old[w] for w in old), (old, new)
+        # This send first settles the cut-off turn: its CANCEL reaches a broker that never saw
+        # that turn, which answers ERROR not_in_flight at once (silence would be a Timeout).
         list(s.send("Are you there?", max_tokens=4))
-        assert s.last is not None and s.last.path == CachePath.COLD  # nobody kept the cache
+        # The worker kept the session (the cut-off turn ended there as cancelled) and announced
+        # it to the new broker: the history the client still has is reused up to that turn.
+        assert s.last is not None and s.last.worker == owner
+        assert s.last.path == CachePath.TOKEN_PREFIX
     with Client(live.front, timeout=10) as fresh:
         list(fresh.session().send("Hello!", max_tokens=4))
 

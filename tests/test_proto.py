@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 from typing import Any
 
 import msgpack
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -27,6 +29,7 @@ from kvroute.proto import (
     Overflow,
     ProtocolViolation,
     Ready,
+    Resident,
     Role,
     SessionLost,
     Token,
@@ -42,7 +45,7 @@ from kvroute.proto import (
     request_frames,
 )
 from kvroute.proto import limits as L
-from kvroute.proto.fields import Body, pack
+from kvroute.proto.fields import Body
 from kvroute.proto.frames import (
     WorkerControl,
     WorkerReply,
@@ -61,7 +64,9 @@ from kvroute.proto.kinds import (
     SIGNATURE,
     VERSION,
 )
+from kvroute.proto.reference import BODY_TYPES, current_block, reference_markdown, splice
 
+DESIGN = Path(__file__).resolve().parent.parent / "docs" / "design.md"
 # prompt, cached, prefill, generated, path, cold_reason, ttft_ms, decode_ms, worker
 STATS = TurnStats(40, 30, 10, 5, CachePath.TEXT_PREFIX, None, 12.5, 80.0, "w0")
 HISTORY = (ChatMessage(Role.SYSTEM, "be brief"), ChatMessage(Role.USER, "héllo ✓"))
@@ -88,6 +93,10 @@ BODIES: list[Body] = [
 ]
 
 
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
 def violation(fn: Any, *args: Any) -> ProtocolViolation:
     with pytest.raises(ProtocolViolation) as info:
         fn(*args)
@@ -106,8 +115,8 @@ def turn_map(**changes: Any) -> dict[str, Any]:
 @pytest.mark.parametrize("body", BODIES, ids=lambda b: type(b).__name__)
 def test_body_round_trip(body: Body) -> None:
     frame = body.encode()
-    assert type(body).decode(frame) == type(body).from_map(body.to_map())
     again = type(body).decode(frame)
+    assert again == type(body).decode(pack(body.to_map()))
     assert type(body).decode(again.encode()) == again  # ints in float fields come back floats
     for name in body.to_map():
         left, right = getattr(again, name), getattr(body, name)
@@ -327,7 +336,8 @@ def test_text_over_body_limit() -> None:
     ("body", "changes", "code"),
     [
         (Token(0, "a", (1,)), {"ids": [-1]}, ErrorCode.OUT_OF_RANGE),
-        (Token(0, "a", (1,)), {"ids": [True]}, ErrorCode.OUT_OF_RANGE),
+        (Token(0, "a", (1,)), {"ids": [True]}, ErrorCode.BAD_BODY),  # a bool is not an id
+        (Token(0, "a", (1,)), {"ids": [L.MAX_TOKEN_ID + 1]}, ErrorCode.OUT_OF_RANGE),
         (Token(0, "a", (1,)), {"ids": [1] * 4097}, ErrorCode.TOO_LARGE),
         (Token(0, "a", (1,)), {"seq": -1}, ErrorCode.OUT_OF_RANGE),
         (Token(0, "a", (1,)), {"text": None}, ErrorCode.BAD_BODY),
@@ -358,7 +368,63 @@ def test_encode_validates() -> None:
     assert violation(nan.encode).code is ErrorCode.OUT_OF_RANGE
     surrogate = TurnRequest([ChatMessage(Role.USER, "\ud800")])
     assert violation(surrogate.encode).code is ErrorCode.BAD_BODY
-    assert violation(pack, {"x": "y" * L.MAX_BODY_BYTES}).code is ErrorCode.TOO_LARGE
+    # Within every text limit, but 4-byte characters make the body exceed MAX_BODY_BYTES.
+    huge = TurnRequest((ChatMessage(Role.USER, "\U0001f600" * L.MAX_TEXT_CHARS),))
+    assert violation(huge.encode).code is ErrorCode.TOO_LARGE
+    assert violation(Token(0, "x", (-1,)).encode).code is ErrorCode.OUT_OF_RANGE
+    assert violation(Token(0, 7, ()).encode).code is ErrorCode.BAD_BODY  # type: ignore[arg-type]
+    assert violation(
+        Ready("w", 1, 1, 1, "m", 1, (Resident(b"s", b"o", 1, 0.0, 1),) * 2).encode
+    ).code is (
+        ErrorCode.BAD_BODY  # a session announced twice
+    )
+
+
+def test_violations_name_the_field() -> None:
+    bad_role = pack(turn_map(messages=[{"role": "robot", "content": "x"}]))
+    assert violation(TurnRequest.decode, bad_role).message.startswith("TURN.messages[0].role: ")
+    end = pack({**BODIES[4].to_map(), "stats": {**STATS.to_map(), "ttft_ms": -1}})
+    assert violation(TurnEnd.decode, end).message.startswith("END.stats.ttft_ms: ")
+
+
+def test_a_missing_field_is_reported_before_other_faults() -> None:
+    # msgspec meets the bad value first; the answer names the missing field whatever the order.
+    exc = violation(TurnRequest.decode, pack({"max_tokens": 10**9}))
+    assert exc.code is ErrorCode.BAD_BODY and "missing field 'messages'" in exc.message
+
+
+@pytest.mark.parametrize("body", BODIES, ids=lambda b: type(b).__name__)
+def test_every_field_is_required_on_the_wire(body: Body) -> None:
+    """Sender defaults never fill a field a peer left out; READY's sessions is the one
+    optional field (left out when empty, so a READY without it is the same as before it)."""
+    full = body.to_map()
+    for name in full:
+        frame = pack({k: v for k, v in full.items() if k != name})
+        assert violation(type(body).decode, frame).code is ErrorCode.BAD_BODY, name
+    ready = Ready("w0", 1, 2, 3, "m", 64)
+    assert "sessions" not in ready.to_map()
+    assert Ready.decode(ready.encode()) == ready
+
+
+def test_the_reference_in_the_docs_is_generated() -> None:
+    text = DESIGN.read_text()
+    assert current_block(text) == reference_markdown(), (
+        "run: python -m kvroute.proto.reference --write docs/design.md"
+    )
+    assert current_block(splice(text, "x\n")) == "x\n"
+
+
+def test_the_reference_lists_every_kind_and_field() -> None:
+    md = reference_markdown()
+    for kind in Kind:
+        assert f"| {kind.name} | `0x{kind.value:02x}` |" in md
+    for cls in BODY_TYPES.values():
+        assert f"body: {cls.__name__}" in md
+        for name in msgspec.structs.fields(cls):
+            assert f"| `{name.encode_name}` |" in md
+    assert "| `top_p` | float (an int is accepted) | 0 < x ≤ 1, finite | required" in md
+    assert "| `sessions` | array of array Resident | ≤ 2048 items" in md
+    assert "the last message is from the user" in md  # TurnRequest.check's rule
 
 
 def test_error_reply_clips_long_messages() -> None:

@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import pytest
 
-from kvroute.broker.routing import Action, Orphan, Route, RoutingTable
+from kvroute.broker.routing import Action, Orphan, Registration, Route, RoutingTable
 from kvroute.proto import ErrorCode, Heartbeat, Kind, LostReason, Ready
+from kvroute.proto.control import Resident
 from kvroute.proto.kinds import FLAG_WORKER_LOST
 
 EXPIRY = 3.0
 
 
-def ready(worker: str, epoch: int = 1, capacity: int = 4) -> Ready:
-    return Ready(worker=worker, pid=100, epoch=epoch, capacity=capacity, model="m", n_ctx=2048)
+def ready(
+    worker: str, epoch: int = 1, capacity: int = 4, sessions: tuple[Resident, ...] = ()
+) -> Ready:
+    return Ready(worker, 100, epoch, capacity, "m", 2048, sessions)
 
 
 @pytest.fixture
 def table() -> RoutingTable:
     t = RoutingTable(EXPIRY)
-    assert t.register(b"A", ready("a"), 0.0) == []
-    assert t.register(b"B", ready("b"), 0.0) == []
+    assert t.register(b"A", ready("a"), 0.0) == Registration()
+    assert t.register(b"B", ready("b"), 0.0) == Registration()
     return t
 
 
@@ -71,14 +74,56 @@ def test_busy_and_cancel(table: RoutingTable) -> None:
     assert table.route(Kind.RESET, b"s1", b"r3", b"client", 0.0).kind is Kind.BUSY
     cancel = table.route(Kind.CANCEL, b"s1", b"r1", b"client", 0.0)
     assert (cancel.action, cancel.worker) == (Action.DELIVER, first.worker)
-    assert table.route(Kind.CANCEL, b"s1", b"other", b"client", 0.0).action is Action.DROP
-    assert table.route(Kind.CANCEL, b"s9", b"r1", b"client", 0.0).action is Action.DROP
     # Tokens do not end the turn; the terminal does.
     assert table.on_reply(first.worker, Kind.TOKEN, b"s1", b"r1", b"client", 0.0) is not None
     assert b"s1" in table.in_flight
     end(table, b"s1", b"r1")
-    assert table.route(Kind.CANCEL, b"s1", b"r1", b"client", 0.0).action is Action.DROP
     assert turn(table, b"s1", b"r2").action is Action.DELIVER
+
+
+def not_in_flight(r: Route) -> bool:
+    return (r.action, r.code, r.worker) == (Action.REJECT, ErrorCode.NOT_IN_FLIGHT, b"")
+
+
+def test_cancel_of_a_request_not_in_flight_is_answered(table: RoutingTable) -> None:
+    first = turn(table, b"s1", b"r1")
+    before = snapshot(table)
+    # Another request id of a session whose turn runs, and a session nobody has.
+    assert not_in_flight(table.route(Kind.CANCEL, b"s1", b"other", b"client", 0.0))
+    assert not_in_flight(table.route(Kind.CANCEL, b"s9", b"r1", b"client", 0.0))
+    assert snapshot(table) == before  # the running turn goes on; s9 was not created
+    assert table.owner(b"s9") is None and table.principal(b"s9") is None
+    # The turn's END went out before the CANCEL came (they raced): answered, nothing changes.
+    end(table, b"s1", b"r1")
+    before = snapshot(table)
+    assert not_in_flight(table.route(Kind.CANCEL, b"s1", b"r1", b"client", 0.0))
+    assert snapshot(table) == before
+    assert turn(table, b"s1", b"r2").worker == first.worker
+    # A request in flight at a broker that restarted since: this table never saw it.
+    fresh = RoutingTable(EXPIRY)
+    assert not_in_flight(fresh.route(Kind.CANCEL, b"s1", b"r1", b"client", 0.0))
+    assert not fresh.pins and not fresh.in_flight
+
+
+def test_cancel_answers_leak_nothing_to_a_stranger(table: RoutingTable) -> None:
+    # A stranger gets not_owner whether the owner's request is in flight or not, and whatever
+    # request id it names; not_in_flight only for a session nobody owns (its own ids echoed).
+    turn(table, b"s1", b"r1")
+    for rid in (b"r1", b"other"):
+        r = table.route(Kind.CANCEL, b"s1", rid, b"stranger", 0.0)
+        assert r.code is ErrorCode.NOT_OWNER, rid
+    end(table, b"s1", b"r1")
+    for rid in (b"r1", b"other"):
+        assert table.route(Kind.CANCEL, b"s1", rid, b"stranger", 0.0).code is ErrorCode.NOT_OWNER
+    # A lost worker's sessions stay their owner's: a stranger still gets not_owner.
+    lost_on = table.owner(b"s1")
+    assert lost_on is not None
+    table.remove(lost_on.key, LostReason.EXITED)
+    assert table.route(Kind.CANCEL, b"s1", b"r1", b"stranger", 0.0).code is ErrorCode.NOT_OWNER
+    assert not_in_flight(table.route(Kind.CANCEL, b"s1", b"r1", b"client", 0.0))
+    assert table.is_lost(b"s1") and table.principal(b"s1") == b"client"  # CANCEL forgot nothing
+    assert not_in_flight(table.route(Kind.CANCEL, b"free", b"r1", b"stranger", 0.0))
+    assert table.principal(b"free") is None
 
 
 def test_stale_and_foreign_replies_are_refused(table: RoutingTable) -> None:
@@ -169,16 +214,20 @@ def test_restart_with_new_epoch(table: RoutingTable) -> None:
     r = turn(table, b"s1", b"r1")
     name = table.workers[r.worker].worker_id
     # Same key, same epoch: a retransmitted READY changes nothing.
-    assert table.register(r.worker, ready(name, epoch=1), 1.0) == []
+    assert table.register(r.worker, ready(name, epoch=1), 1.0) == Registration()
     assert b"s1" in table.in_flight
-    # Same id, new epoch, new connection: the old incarnation is lost.
-    lost = table.register(b"A2", ready(name, epoch=2), 2.0)
+    # Same id, new epoch, new connection while the old one is connected and heard from: refused.
+    refused = table.register(b"A2", ready(name, epoch=2), 2.0)
+    assert refused.refused and not refused.lost
+    assert table.worker_key(name) == r.worker and b"s1" in table.in_flight
+    # The old connection is gone (the adapter asked ZeroMQ): the old incarnation is lost.
+    lost = table.register(b"A2", ready(name, epoch=2), 2.0, other_connected=False).lost
     assert [lw.reason for lw in lost] == [LostReason.RESTARTED]
     assert lost[0].worker.key == r.worker and len(lost[0].in_flight) == 1
     assert table.worker_key(name) == b"A2" and r.worker not in table.workers
     assert table.workers[b"A2"].epoch == 2 and not table.workers[b"A2"].sessions
     # Same key, new epoch (the worker re-sent READY after DISCONNECT on the same socket).
-    lost = table.register(b"A2", ready(name, epoch=3), 3.0)
+    lost = table.register(b"A2", ready(name, epoch=3), 3.0).lost
     assert [lw.worker.epoch for lw in lost] == [2]
     assert table.workers[b"A2"].epoch == 3
 
@@ -360,3 +409,133 @@ def test_sweep_keeps_at_most_max_pins_least_recently_used_first() -> None:
     turn(t, b"s3", now=9.0)
     assert [f.session_id for f in t.sweep(9.0)] == [b"s1"]
     assert set(t.pins) == {b"s3", b"s4"}
+
+
+# --- registration: a worker id is not for the taking; announced sessions ------------------------
+
+
+def resident(
+    sid: bytes, owner: bytes = b"client", turn_ns: int = 100, idle_ms: float = 0.0
+) -> Resident:
+    return Resident(sid, owner, 1000, idle_ms, turn_ns)
+
+
+def test_a_live_worker_id_cannot_be_claimed(table: RoutingTable) -> None:
+    r = turn(table, b"s1")
+    end(table, b"s1")
+    owner = table.workers[r.worker]
+    before = snapshot(table)
+    claim = ready(owner.worker_id, epoch=9, sessions=(resident(b"s1"),))
+    reg = table.register(b"IMPOSTOR", claim, 1.0)
+    assert reg.refused and "another live connection" in reg.refused
+    assert reg.lost == () and reg.drops == () and reg.repinned == 0
+    assert snapshot(table) == before and b"IMPOSTOR" not in table.workers
+    assert table.worker_key(owner.worker_id) == r.worker and turn(table, b"s1").worker == r.worker
+    end(table, b"s1")
+    # Silent past the expiry, the registration is as good as lost: a restart may take the id.
+    table.touch(b"A" if r.worker == b"B" else b"B", EXPIRY + 1.0)
+    reg = table.register(b"NEW", ready(owner.worker_id, epoch=10), EXPIRY + 1.0)
+    assert not reg.refused and [lw.reason for lw in reg.lost] == [LostReason.RESTARTED]
+    assert table.worker_key(owner.worker_id) == b"NEW"
+
+
+def test_announced_sessions_are_pinned_with_their_owners() -> None:
+    t = RoutingTable(EXPIRY)  # a broker that just started: it knows nothing
+    sessions = (resident(b"s1", b"alice"), resident(b"s2", b"bob", idle_ms=500.0))
+    reg = t.register(b"A", ready("a", sessions=sessions), 10.0)
+    assert (reg.repinned, reg.drops, reg.lost, reg.refused) == (2, (), (), "")
+    assert t.principal(b"s1") == b"alice" and t.principal(b"s2") == b"bob"
+    assert t.workers[b"A"].sessions == {b"s1", b"s2"} and t.workers[b"A"].kv_bytes == 2000
+    assert t.pins[b"s2"].last_used == pytest.approx(9.5)
+    assert (t.sessions_of[b"alice"], t.sessions_of[b"bob"]) == (1, 1)
+    t.register(b"B", ready("b"), 10.0)  # an empty worker would win a new placement
+    r = t.route(Kind.TURN, b"s1", b"r", b"alice", 10.0)
+    assert (r.action, r.worker, r.flags) == (Action.DELIVER, b"A", 0)  # sticky, not worker_lost
+    stranger = t.route(Kind.TURN, b"s2", b"r", b"alice", 10.0)
+    assert stranger.code is ErrorCode.NOT_OWNER
+
+
+def test_the_newest_announced_turn_wins() -> None:
+    t = RoutingTable(EXPIRY)
+    t.register(b"A", ready("a", sessions=(resident(b"s", turn_ns=100),)), 0.0)
+    reg = t.register(b"B", ready("b", sessions=(resident(b"s", turn_ns=200),)), 0.0)
+    assert reg.repinned == 1 and [(f.session_id, f.worker) for f in reg.drops] == [(b"s", b"A")]
+    assert t.pins[b"s"].worker == b"B" and b"s" not in t.workers[b"A"].sessions
+    reg = t.register(b"C", ready("c", sessions=(resident(b"s", turn_ns=150),)), 0.0)
+    assert reg.repinned == 0 and [(f.session_id, f.worker) for f in reg.drops] == [(b"s", b"C")]
+    assert t.pins[b"s"].worker == b"B" and t.sessions_of[b"client"] == 1
+
+
+def test_a_routed_pin_beats_any_announcement() -> None:
+    t = RoutingTable(EXPIRY)
+    t.register(b"A", ready("a", sessions=(resident(b"s", turn_ns=100),)), 0.0)
+    assert turn(t, b"s").worker == b"A"
+    end(t, b"s")
+    # B's turn is later by its clock, but it ran before B registered with this broker, which
+    # has routed a turn since: that one is the newest.
+    reg = t.register(b"B", ready("b", sessions=(resident(b"s", turn_ns=10**18),)), 1.0)
+    assert [(f.session_id, f.worker) for f in reg.drops] == [(b"s", b"B")]
+    assert t.pins[b"s"].worker == b"A"
+
+
+def test_an_announcement_never_changes_an_owner() -> None:
+    t = RoutingTable(EXPIRY)
+    t.register(b"A", ready("a"), 0.0)
+    turn(t, b"s1")
+    end(t, b"s1")
+    t.remove(b"A", LostReason.EXITED)  # s1 remembered as the client's
+    sessions = (
+        resident(b"s1", owner=b"mallory"),  # known under another owner
+        resident(b"gen", owner=b"\x00\x01\x02\x03\x04"),  # an id ZeroMQ made for another broker
+        resident(b"ok", owner=b"carol"),
+    )
+    reg = t.register(b"B", ready("b", sessions=sessions), 1.0)
+    assert sorted(f.session_id for f in reg.drops) == [b"gen", b"s1"]
+    assert all(f.worker == b"B" for f in reg.drops) and reg.repinned == 1
+    assert t.principal(b"s1") == b"client" and t.is_lost(b"s1")
+    assert t.principal(b"gen") is None and t.principal(b"ok") == b"carol"
+    # A generated id this very broker remembers is fine: its owner may still be connected.
+    t.register(b"C", ready("c"), 1.0)
+    r = t.route(Kind.TURN, b"g2", b"r", b"\x00\x09\x09\x09\x09", 1.0)
+    t.on_reply(r.worker, Kind.END, b"g2", b"r", b"\x00\x09\x09\x09\x09", 1.0)
+    t.remove(r.worker, LostReason.EXITED)
+    again = (resident(b"g2", owner=b"\x00\x09\x09\x09\x09"),)
+    assert t.register(b"D", ready("d", sessions=again), 2.0).repinned == 1
+
+
+def test_a_worker_declared_lost_gets_its_sessions_back() -> None:
+    t = RoutingTable(EXPIRY)
+    t.register(b"A", ready("a"), 0.0)
+    t.register(b"B", ready("b"), 0.0)
+    for sid in (b"s1", b"s2"):
+        t.route(Kind.TURN, sid, b"r", b"client", 0.0, principal=b"KEY")
+        t.on_reply(t.in_flight[sid].worker, Kind.END, sid, b"r", b"client", 0.0)
+    on_a = sorted(t.workers[b"A"].sessions)
+    t.touch(b"B", 10.0)
+    assert [lw.worker.key for lw in t.expire(10.0)] == [b"A"]  # hung, not dead
+    assert all(t.is_lost(s) for s in on_a)
+    # It wakes up, reconnects (new routing id, new epoch) and announces what it holds.
+    back = tuple(resident(s, owner=b"KEY", turn_ns=1) for s in on_a)
+    reg = t.register(b"A2", ready("a", epoch=2, sessions=back), 10.5)
+    assert reg.repinned == len(on_a) and not reg.drops
+    for s in on_a:
+        r = t.route(Kind.TURN, s, b"r2", b"other-conn", 10.5, principal=b"KEY")
+        assert (r.worker, r.flags) == (b"A2", 0)  # warm again, no worker_lost flag
+
+
+def test_announced_pins_keep_the_lru_order_and_the_limits() -> None:
+    t = RoutingTable(1000.0, max_sessions_per_client=2, pin_ttl_s=10.0)
+    t.register(b"A", ready("a"), 0.0)
+    turn(t, b"fresh", now=95.0)
+    end(t, b"fresh")
+    sessions = (
+        resident(b"old", idle_ms=20_000.0),  # last used at 80: past the TTL at 95
+        resident(b"recent", owner=b"other", idle_ms=1_000.0),  # used at 99
+        resident(b"over", idle_ms=0.0),  # the client's third session: over its limit
+    )
+    reg = t.register(b"B", ready("b", sessions=sessions), 100.0)
+    assert [f.session_id for f in reg.drops] == [b"over"] and reg.repinned == 2
+    assert list(t.pins) == [b"old", b"fresh", b"recent"]  # ordered by last use
+    assert [f.session_id for f in t.sweep(100.0)] == [b"old"]
+    assert [f.session_id for f in t.sweep(106.0)] == [b"fresh"]
+    assert list(t.pins) == [b"recent"]

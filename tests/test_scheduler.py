@@ -1,13 +1,14 @@
-"""The worker core end to end: turns, paths, overflow, reset, eviction, cancel, busy, batching.
+"""The worker core end to end: turns, paths, overflow, reset, close, eviction, cancel and rollback,
+busy, batching, and containment of a failing turn.
 
-Real-model tests check the product's promise (DESIGN §1): the warm paths compute exactly what a
+Real-model tests check the product's promise: the warm paths compute exactly what a
 cold prefill of the same ids computes, and a chat replayed with its replies as streamed stays on
 the text-prefix path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -136,7 +137,7 @@ def test_overflow_leaves_session_exactly_as_it_was(tiny_engine: Engine) -> None:
     history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "x"}]
     events = sched.submit(b"r", b"a", history, SamplingParams(max_tokens=tiny_engine.n_ctx))
     assert len(events) == 1 and isinstance(events[0], OverflowEvent)
-    ov = events[0]
+    ov = events[0].overflow
     assert ov.n_ctx == tiny_engine.n_ctx and ov.max_tokens == tiny_engine.n_ctx
     assert ov.prompt_tokens + ov.max_tokens > ov.n_ctx
     assert (session.text, session.tokens, session.cache.length) == before
@@ -201,10 +202,16 @@ def test_reset_during_a_turn_ends_it_cancelled(tiny_engine: Engine) -> None:
     assert not sched.busy and b"a" not in sched.store
 
 
+def one_turn_budget(engine: Engine, msgs: Messages, max_tokens: int) -> int:
+    """KV bytes one cold turn reserves (prompt + max_tokens positions): a budget for one."""
+    positions = len(engine.encode(engine.render(msgs))) + max_tokens
+    return positions * engine.new_cache().bytes_per_token
+
+
 def test_eviction_under_small_budget(tiny_engine: Engine) -> None:
-    per_chunk = tiny_engine.new_cache().bytes_per_token * 256
-    sched = Scheduler(tiny_engine, SchedulerConfig(kv_budget_bytes=per_chunk))
     msgs = [{"role": "user", "content": "hi"}]
+    budget = one_turn_budget(tiny_engine, msgs, 3)
+    sched = Scheduler(tiny_engine, SchedulerConfig(kv_budget_bytes=budget))
     run(sched, b"a", msgs, max_tokens=3, ignore_eos=True)
     run(sched, b"b", msgs, max_tokens=3, ignore_eos=True)  # needs room: a (idle) goes
     assert b"a" not in sched.store and b"b" in sched.store
@@ -214,9 +221,9 @@ def test_eviction_under_small_budget(tiny_engine: Engine) -> None:
 
 
 def test_in_flight_session_survives_budget_pressure(tiny_engine: Engine) -> None:
-    per_chunk = tiny_engine.new_cache().bytes_per_token * 256
-    sched = Scheduler(tiny_engine, SchedulerConfig(kv_budget_bytes=per_chunk))
     msgs = [{"role": "user", "content": "hi"}]
+    budget = one_turn_budget(tiny_engine, msgs, 20)
+    sched = Scheduler(tiny_engine, SchedulerConfig(kv_budget_bytes=budget))
     sched.submit(b"r1", b"a", msgs, SamplingParams(max_tokens=20, ignore_eos=True))
     sched.step()
     sched.submit(b"r2", b"b", msgs, SamplingParams(max_tokens=20, ignore_eos=True))
@@ -241,6 +248,273 @@ def test_long_prompt_is_prefilled_in_chunks(tiny_engine: Engine) -> None:
         steps_before_first_token += 1
     prompt = sched.turns[b"a"].plan.prompt_ids
     assert steps_before_first_token == -(-len(prompt) // 16) - 1
+
+
+# ------------------------------------------------------------- rollback, labels, containment
+
+
+def state(sched: Scheduler, sid: bytes) -> tuple[str, list[int], int]:
+    """The committed (T, K, len(S)) of a session, checked."""
+    session = sched.store.get(sid)
+    assert session is not None and session.in_flight is None
+    session.check()
+    return session.text, list(session.tokens), session.cache.length
+
+
+def test_full_hit_cancelled_at_once_then_next_turn_works(tiny_engine: Engine) -> None:
+    """The three-call crash: commit text == prompt, resend it (full hit), cancel, go on."""
+    sched = Scheduler(tiny_engine)
+    history: Messages = [{"role": "user", "content": "hi"}]
+    first = run(sched, b"a", history, max_tokens=1)
+    assert first.end is not None and first.end.finish_reason == FinishReason.LENGTH
+    before = state(sched, b"a")
+    assert before[0] == tiny_engine.render(history)  # nothing of the reply was fed
+    assert sched.submit(b"r2", b"a", history, SamplingParams(max_tokens=4)) == []
+    assert sched.turns[b"a"].plan.keep == len(before[1]) - 1  # the full hit re-feeds one token
+    assert sched.cancel(b"a", b"r2")
+    out = Outcome()
+    while sched.busy:
+        collect(out, sched.step())
+    assert not out.other and out.end is not None
+    assert out.end.finish_reason == FinishReason.CANCELLED and not out.tokens
+    assert state(sched, b"a") == before  # nothing was fed: nothing changed
+    history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "x"}]
+    nxt = run(sched, b"a", history, max_tokens=3, ignore_eos=True)
+    assert nxt.end is not None and not nxt.other
+    assert nxt.end.stats.path == CachePath.TEXT_PREFIX
+    assert nxt.end.stats.cached_tokens == len(before[1])
+    state(sched, b"a")
+
+
+def test_cancel_before_the_first_step_leaves_an_edited_history_untouched(
+    tiny_engine: Engine,
+) -> None:
+    sched = Scheduler(tiny_engine)
+    history: Messages = [{"role": "user", "content": "hello there"}]
+    first = run(sched, b"a", history, max_tokens=4, ignore_eos=True)
+    before = state(sched, b"a")
+    edited = [{"role": "user", "content": "hello world"}]  # token-prefix: trims K
+    sched.submit(b"r2", b"a", edited, SamplingParams(max_tokens=4))
+    assert sched.turns[b"a"].plan.path == CachePath.TOKEN_PREFIX
+    sched.cancel(b"a")
+    sched.step()
+    assert state(sched, b"a") == before
+    history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "y"}]
+    nxt = run(sched, b"a", history, max_tokens=2)
+    assert nxt.end is not None and nxt.end.stats.path == CachePath.TEXT_PREFIX
+
+
+def test_cancel_mid_prefill_of_an_appended_prompt_restores_the_session(
+    tiny_engine: Engine,
+) -> None:
+    sched = Scheduler(tiny_engine, SchedulerConfig(prefill_chunk=8))
+    history: Messages = [{"role": "user", "content": "hi"}]
+    first = run(sched, b"a", history, max_tokens=3, ignore_eos=True)
+    before = state(sched, b"a")
+    history += [
+        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": "a long follow-up question " * 2},
+    ]
+    sched.submit(b"r2", b"a", history, SamplingParams(max_tokens=4))
+    sched.step()  # one chunk of 8 is in, the rest is not
+    turn = sched.turns[b"a"]
+    assert turn.prefilling and turn.session.cache.length == len(before[1]) + 8
+    turn.check()
+    sched.cancel(b"a")
+    sched.step()
+    assert state(sched, b"a") == before
+
+
+def test_cancel_mid_prefill_of_a_diverged_prompt_starts_over_cancelled(
+    tiny_engine: Engine,
+) -> None:
+    sched = Scheduler(tiny_engine, SchedulerConfig(prefill_chunk=8))
+    run(sched, b"a", [{"role": "user", "content": "hi"}], max_tokens=3, ignore_eos=True)
+    other = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "yo"}]
+    sched.submit(b"r2", b"a", other, SamplingParams(max_tokens=4))
+    sched.step()  # the old K was trimmed and 8 ids of the new prompt are in: K is gone
+    sched.cancel(b"a")
+    sched.step()
+    assert state(sched, b"a") == ("", [], 0)
+    out = run(sched, b"a", other, max_tokens=2)
+    assert out.end is not None
+    assert (out.end.stats.path, out.end.stats.cold_reason) == (CachePath.COLD, ColdReason.CANCELLED)
+
+
+def test_cancelled_first_turn_makes_the_next_cold_cancelled_not_reset(
+    tiny_engine: Engine,
+) -> None:
+    sched = Scheduler(tiny_engine, SchedulerConfig(prefill_chunk=8))
+    msgs = [{"role": "user", "content": "hi"}]
+    for steps_before_cancel in (0, 1):  # before anything was fed, and mid-prefill
+        sid = bytes([steps_before_cancel])
+        sched.submit(b"r1", sid, msgs, SamplingParams(max_tokens=4))
+        for _ in range(steps_before_cancel):
+            sched.step()
+        sched.cancel(sid)
+        while sched.busy:
+            sched.step()
+        assert state(sched, sid) == ("", [], 0)
+        out = run(sched, sid, msgs, max_tokens=2)
+        assert out.end is not None
+        stats = out.end.stats
+        assert (stats.path, stats.cold_reason) == (CachePath.COLD, ColdReason.CANCELLED)
+
+
+def test_close_forgets_the_id_but_reset_is_remembered(tiny_engine: Engine) -> None:
+    sched = Scheduler(tiny_engine)
+    msgs = [{"role": "user", "content": "hi"}]
+    for sid in (b"closed", b"reset", b"reset-then-closed"):
+        run(sched, sid, msgs, max_tokens=2)
+    assert sched.close(b"closed") == [] and sched.close(b"closed") == []  # idempotent
+    assert sched.reset(b"reset") == []
+    sched.reset(b"reset-then-closed")
+    sched.close(b"reset-then-closed")
+    assert len(sched.store) == 0
+    reasons = {}
+    for sid in (b"closed", b"reset", b"reset-then-closed", b"never-seen"):
+        out = run(sched, sid, msgs, max_tokens=2)
+        assert out.end is not None and out.end.stats.path == CachePath.COLD
+        reasons[sid] = out.end.stats.cold_reason
+    assert reasons == {
+        b"closed": ColdReason.NEW,
+        b"reset": ColdReason.RESET,
+        b"reset-then-closed": ColdReason.NEW,
+        b"never-seen": ColdReason.NEW,
+    }
+
+
+def test_close_during_a_turn_ends_it_and_forgets(tiny_engine: Engine) -> None:
+    sched = Scheduler(tiny_engine)
+    msgs = [{"role": "user", "content": "x"}]
+    sched.submit(b"r", b"a", msgs, SamplingParams(max_tokens=50, ignore_eos=True))
+    sched.step()
+    ends = [e for e in sched.close(b"a") if isinstance(e, EndEvent)]
+    assert len(ends) == 1 and ends[0].finish_reason == FinishReason.CANCELLED
+    assert not sched.busy and b"a" not in sched.store
+    out = run(sched, b"a", msgs, max_tokens=2)
+    assert out.end is not None and out.end.stats.cold_reason == ColdReason.NEW
+
+
+class Boom(RuntimeError):
+    """An injected bug."""
+
+
+def raise_once(real: Callable[..., object]) -> Callable[..., object]:
+    """``real``, except that its first call raises `Boom`."""
+    calls = []
+
+    def wrapper(*args: object, **kw: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise Boom("injected")
+        return real(*args, **kw)
+
+    return wrapper
+
+
+def internal_error(events: list[Event], request_id: bytes) -> bool:
+    errors = [e for e in events if isinstance(e, ErrorEvent) and e.request_id == request_id]
+    return len(errors) == 1 and errors[0].code == ErrorCode.INTERNAL
+
+
+def two_sessions_in_flight(sched: Scheduler) -> None:
+    """Session a has committed one turn; a (its second) and b (new) each have one submitted."""
+    msgs: Messages = [{"role": "user", "content": "hi"}]
+    first = run(sched, b"a", msgs, max_tokens=2)
+    msgs += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "more"}]
+    for sid in (b"a", b"b"):
+        params = SamplingParams(max_tokens=6, ignore_eos=True)
+        assert sched.submit(b"r-" + sid, sid, msgs, params) == []
+
+
+def finish_all(sched: Scheduler) -> list[Event]:
+    events: list[Event] = []
+    while sched.busy:
+        events += sched.step()
+    return events
+
+
+def assert_reset_then_serves(sched: Scheduler, sid: bytes) -> None:
+    """The failed session was reset: its next turn runs cold, reason reset, and completes."""
+    out = run(sched, sid, [{"role": "user", "content": "again"}], max_tokens=2)
+    assert out.end is not None and not out.other
+    assert (out.end.stats.path, out.end.stats.cold_reason) == (CachePath.COLD, ColdReason.RESET)
+
+
+@pytest.mark.parametrize("where", ["commit", "rollback", "on_logits", "take", "check"])
+def test_a_failing_turn_ends_alone_with_internal_error(
+    tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A bug hit by one turn fails that turn and resets its session; the other turn goes on."""
+    from kvroute.worker.sessions import Session
+    from kvroute.worker.turn import Turn
+
+    sched = Scheduler(tiny_engine)
+    two_sessions_in_flight(sched)
+    target = Session if where in ("commit", "rollback") else Turn
+    real = getattr(target, where)
+
+    def only_a(self: object, *args: object, **kw: object) -> object:
+        session = self if isinstance(self, Session) else self.session  # type: ignore[attr-defined]
+        if session.session_id == b"a":
+            raise Boom(where)
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(target, where, only_a)
+    if where == "rollback":
+        sched.cancel(b"a")  # cancelled before the prompt is in: the turn rolls back
+    events = finish_all(sched)
+    monkeypatch.undo()
+    assert internal_error(events, b"r-a")
+    assert not [e for e in events if isinstance(e, EndEvent) and e.request_id == b"r-a"]
+    ends_b = [e for e in events if isinstance(e, EndEvent) and e.request_id == b"r-b"]
+    assert len(ends_b) == 1 and ends_b[0].stats.generated_tokens == 6
+    assert b"a" not in sched.store and not sched.busy
+    state(sched, b"b")
+    assert_reset_then_serves(sched, b"a")
+
+
+def test_a_failing_forward_pass_fails_its_batch_only(
+    tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sched = Scheduler(tiny_engine)
+    two_sessions_in_flight(sched)
+    monkeypatch.setattr(sched.engine, "forward", raise_once(tiny_engine.forward))
+    events = finish_all(sched)
+    assert internal_error(events, b"r-a") and internal_error(events, b"r-b")
+    assert not sched.busy and len(sched.store) == 0
+    assert_reset_then_serves(sched, b"a")
+
+
+def test_a_failing_submit_answers_internal_and_resets_the_session(
+    tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sched = Scheduler(tiny_engine)
+    msgs = [{"role": "user", "content": "hi"}]
+    run(sched, b"a", msgs, max_tokens=2)
+    monkeypatch.setattr(sched.engine.prompts, "encode", raise_once(tiny_engine.prompts.encode))
+    events = sched.submit(b"r2", b"a", msgs, SamplingParams(max_tokens=2))
+    assert internal_error(events, b"r2") and len(events) == 1
+    assert not sched.busy and b"a" not in sched.store
+    assert_reset_then_serves(sched, b"a")
+
+
+def test_a_failing_cancel_is_answered_at_the_next_step(
+    tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvroute.worker.turn import Turn
+
+    sched = Scheduler(tiny_engine)
+    two_sessions_in_flight(sched)
+    monkeypatch.setattr(Turn, "cancel", raise_once(Turn.cancel))
+    assert sched.cancel(b"a", b"r-a") is True
+    monkeypatch.undo()
+    assert sched.busy
+    events = finish_all(sched)
+    assert internal_error(events, b"r-a")
+    assert [e.request_id for e in events if isinstance(e, EndEvent)] == [b"r-b"]
+    assert_reset_then_serves(sched, b"a")
 
 
 # ----------------------------------------------------------------------------- real model
@@ -276,9 +550,9 @@ def test_warm_paths_equal_cold_prefill_over_ten_turns(engine: Engine) -> None:
         if i == 5:  # edit an earlier message: exercises the token-prefix path too
             history[2] = {"role": "user", "content": "Tell me one fact about its food."}
         session = sched.store.get(b"s")
-        prompt = engine.render(history)
+        prompt = engine.render_prompt(history)
         held = (session.text, session.tokens) if session else ("", [])
-        plan = plan_prefill(*held, prompt, engine.encode)
+        plan = plan_prefill(*held, prompt, engine.prompts)
         if session is not None:
             warm = engine.new_cache()
             warm.reserve(plan.keep)

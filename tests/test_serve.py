@@ -191,6 +191,36 @@ def test_serve_shutdown_leaves_no_process(tiny_model_path: Path, tmp_path: Path)
     assert proc.stop(signal.SIGTERM) == 0
     _, alive = psutil.wait_procs(children, timeout=10)
     assert alive == []
+    log = proc.log.read_text()
+    assert "starting 2 worker(s)" in log and "next: kvroute chat --connect tcp://" in log
+    assert log.rstrip().endswith("stopped") and "Traceback" not in log
+
+
+@pytest.mark.model
+def test_ctrl_c_while_workers_load_stops_at_once(model_path: Path, tmp_path: Path) -> None:
+    """The real model takes seconds to load: Ctrl-C then must not wait for it."""
+    url = f"tcp://127.0.0.1:{free_port()}"
+    proc = Proc(
+        ["serve", "--workers", "1", "--model", str(model_path), "--frontend", url],
+        tmp_path / "s.log",
+    )
+    deadline = time.monotonic() + 60
+    while "starting 1 worker(s)" not in proc.log.read_text():
+        assert time.monotonic() < deadline and proc.p.poll() is None, proc.log.read_text()
+        time.sleep(0.05)
+    time.sleep(0.5)  # the worker process is up and loading
+    children = psutil.Process(proc.p.pid).children(recursive=True)
+    assert children
+    t0 = time.monotonic()
+    proc.p.send_signal(signal.SIGINT)
+    proc.p.wait(10)
+    took = time.monotonic() - t0
+    log = proc.log.read_text()
+    assert proc.stop() == 0, log
+    assert took < 3, took
+    assert "stopped" in log and "Traceback" not in log and "error" not in log
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []
 
 
 # --------------------------------------------------------------------------- real model, apart

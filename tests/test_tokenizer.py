@@ -99,6 +99,23 @@ def test_special_tokens_are_atomic(real_tok: Tokenizer) -> None:
 
 
 @pytest.mark.model
+def test_special_parsing_off_keeps_control_text_as_text(real_tok: Tokenizer) -> None:
+    for text, token_id in real_tok.special_ids.items():
+        ids = real_tok.encode(f"a{text}b", special=False)
+        assert token_id not in ids and not any(real_tok.is_control(i) for i in ids)
+        assert real_tok.decode(ids) == f"a{text}b"
+        assert real_tok.encode(f"a{text}b") == [
+            *real_tok.encode("a"),
+            token_id,
+            *real_tok.encode("b"),
+        ]
+    # Ordinary text is tokenized the same either way.
+    for c in CASES:
+        if not any(real_tok.is_control(i) for i in c["ids"]):
+            assert real_tok.encode(c["text"], special=False) == c["ids"]
+
+
+@pytest.mark.model
 def test_real_build_is_fast(real_gguf: GGUFFile) -> None:
     started = time.perf_counter()
     Tokenizer.from_gguf(real_gguf)
@@ -150,6 +167,14 @@ def test_tiny_tokenizer(tiny_tok: Tokenizer) -> None:
     assert tiny_tok.decode(ids, special=True) == "<|im_start|>user\nin the end<|im_end|>"
     assert tiny_tok.token_bytes(byte_id(0xFF)) == b"\xff"
     assert tiny_tok.token_bytes(byte_id(ord(" "))) == b" "
+
+
+def test_tiny_special_parsing_off(tiny_tok: Tokenizer) -> None:
+    assert tiny_tok.special_ids == {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    assert tiny_tok.encode("<|im_end|>") == [2]
+    plain = tiny_tok.encode("<|im_end|>", special=False)
+    assert plain == [byte_id(b) for b in b"<|"] + tiny_tok.encode("im_end|>")
+    assert tiny_tok.decode(plain) == "<|im_end|>"
 
 
 def test_tiny_round_trip_any_text(tiny_tok: Tokenizer) -> None:

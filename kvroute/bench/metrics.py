@@ -69,6 +69,9 @@ class TurnRecord:
         named. None / "" for a successful one.
     worker .. worker_ttft_ms
         From the END's stats (unset for a failed request).
+    cache_reported
+        False when the server did not say how many prompt tokens came from its cache (an
+        OpenAI-compatible server without ``cached_tokens``): left out of the cache hit.
     """
 
     session: int
@@ -90,6 +93,7 @@ class TurnRecord:
     cold_reason: str | None = None
     finish_reason: str | None = None
     worker_ttft_ms: float | None = None
+    cache_reported: bool = True
 
     @property
     def ok(self) -> bool:
@@ -125,7 +129,9 @@ class TurnRecord:
     @property
     def cache_hit(self) -> float | None:
         """cached / prompt tokens; None if it failed."""
-        return self.cached_tokens / self.prompt_tokens if self.ok and self.prompt_tokens else None
+        if not (self.ok and self.prompt_tokens and self.cache_reported):
+            return None
+        return self.cached_tokens / self.prompt_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,7 +339,8 @@ def summarize(records: Iterable[TurnRecord]) -> Summary:
     t0 = min((r.start for r in measured), default=0.0)
     duration = max((r.end for r in measured), default=0.0) - t0
     tokens = sum(r.generated_tokens for r in ok)
-    prompt = sum(r.prompt_tokens for r in ok)
+    reported = [r for r in ok if r.cache_reported]
+    prompt = sum(r.prompt_tokens for r in reported)
     examples: dict[str, str] = {}
     for r in measured:
         if r.error is not None:
@@ -356,7 +363,7 @@ def summarize(records: Iterable[TurnRecord]) -> Summary:
         itl_ms=percentiles([g for r in ok for g in r.itl_ms], (50, 99)),
         tpot_ms=percentiles([x for r in ok if (x := r.tpot_ms) is not None], (50, 99)),
         e2e_ms=percentiles([x for r in ok if (x := r.e2e_ms) is not None]),
-        cache_hit=sum(r.cached_tokens for r in ok) / prompt if prompt else None,
+        cache_hit=sum(r.cached_tokens for r in reported) / prompt if prompt else None,
         paths=dict(Counter(r.path for r in ok if r.path is not None)),
         cold_reasons=dict(Counter(r.cold_reason for r in ok if r.cold_reason is not None)),
         finish_reasons=dict(Counter(r.finish_reason for r in ok if r.finish_reason is not None)),

@@ -74,7 +74,8 @@ def overview(s: Summary) -> Table:
     t.add_row("ITL ms p50/p99", _pcts(s.itl_ms))
     t.add_row("TPOT ms p50/p99", _pcts(s.tpot_ms))
     t.add_row("end-to-end ms p50/p90/p99", _pcts(s.e2e_ms))
-    t.add_row("cache hit (cached/prompt)", _pct(s.cache_hit))
+    unknown = s.cache_hit is None and s.turns_ok > 0  # the server did not report cached tokens
+    t.add_row("cache hit (cached/prompt)", "not reported" if unknown else _pct(s.cache_hit))
     t.add_row("paths", _counts(s.paths))
     t.add_row("cold reasons", _counts(s.cold_reasons))
     t.add_row("finish reasons", _counts(s.finish_reasons))

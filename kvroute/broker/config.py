@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvroute.proto.endpoint import parse_endpoint
 from kvroute.proto.limits import MAX_BODY_BYTES, MAX_MSG_SIZE
 
 
@@ -23,21 +24,27 @@ class BrokerConfig:
     linger_ms: int = 100  # time given to goodbye messages when the sockets close
     batch: int = 256  # messages drained from one socket before looking at the other
     lost_memory: int = 65536  # lost sessions remembered for the worker_lost flag
-    # --- limits (issue 7). A client is its CURVE key, or without CURVE its connection identity
+    # --- limits. A client is its CURVE key, or without CURVE its connection identity
     # (the library client's owner token), so without CURVE they bound accidents, not attackers.
     max_body_bytes: int = MAX_BODY_BYTES  # request bodies above get ERROR too_large (<= 1 MiB)
     max_sessions_per_client: int = 4096  # sessions pinned per client; a new one beyond: limit
     max_requests_per_client: int = 256  # TURN/RESET/CLOSE in flight per client; beyond: limit
     pin_ttl_s: float = 3600.0  # a session idle this long is forgotten (and closed on its worker)
     max_pins: int = 100_000  # sessions pinned in all; the least recently used idle ones go first
-    # --- CURVE (issue 7): both or neither.
+    # --- CURVE: curve_secret and allow_keys both or neither. Clients and workers have separate
+    # allow-lists: a client key on the backend could register as a worker and read every turn.
     curve_secret: str | None = None  # the broker's secret certificate (NAME.key_secret)
-    allow_keys: str | None = None  # directory of the public certificates let in (clients, workers)
+    allow_keys: str | None = None  # directory of the clients' public certificates (frontend)
+    allow_worker_keys: str | None = None  # directory of the workers' public certificates (backend)
     extra_worker_keys: tuple[bytes, ...] = ()  # z85 keys also let in on the backend (serve's own)
 
     def __post_init__(self) -> None:
+        self.frontend = parse_endpoint(self.frontend, bind=True)
+        self.backend = parse_endpoint(self.backend, bind=True)
         if (self.curve_secret is None) != (self.allow_keys is None):
             raise ValueError("CURVE needs both curve_secret and allow_keys (or neither)")
+        if self.allow_worker_keys is not None and self.curve_secret is None:
+            raise ValueError("allow_worker_keys needs CURVE (curve_secret and allow_keys)")
         if not 0 < self.max_body_bytes <= MAX_BODY_BYTES:
             raise ValueError(f"max_body_bytes must be 1..{MAX_BODY_BYTES}")
         if self.max_msg_size < self.max_body_bytes:
@@ -72,3 +79,6 @@ class BrokerStats:
     cancels_sent: int = 0  # on behalf of vanished or slow clients
     pins_forgotten: int = 0  # idle sessions forgotten (pin_ttl_s / max_pins)
     keys_refused: int = 0  # CURVE handshakes refused by ZAP (updated by the ZAP thread)
+    sessions_repinned: int = 0  # sessions workers announced in READY and the broker pinned
+    announced_dropped: int = 0  # announced sessions a worker was told to drop (CLOSE)
+    connections_closed: int = 0  # connections the socket monitors saw close (both sockets)

@@ -4,8 +4,12 @@ Both ROUTERs become CURVE servers (``curve_server`` and the secret key set befor
 with its own ZAP domain. Without a ZAP handler anyone who knows the broker's public key gets in,
 so a :class:`zmq.auth.thread.ThreadAuthenticator` runs in the broker's context (the handler
 listens on ``inproc://zeromq.zap.01``, which is per context) and asks :meth:`CurveServer.callback`
-about every handshake. The frontend lets in the keys of ``allow_keys``; the backend those plus
-``extra_worker_keys`` (the throwaway pair ``kvroute serve`` makes for its own workers).
+about every handshake. The frontend lets in the keys of ``allow_keys`` (clients); the backend
+those of ``allow_worker_keys`` plus ``extra_worker_keys`` (the throwaway pair ``kvroute serve``
+makes for its own workers). The two lists are kept apart, and a key in both is a configuration
+error: a worker sees every turn in plain text and answers for it, so a client key that also opened
+the backend would let its holder register as a worker, be placed other users' sessions and
+answer them.
 
 A refused peer learns nothing: the handshake fails, ZeroMQ retries quietly, and its requests
 are never delivered (its client times out). The authenticated key, z85 text, reaches the
@@ -20,7 +24,7 @@ import logging
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from kvroute.proto.identity import load_allowed_keys, load_key_pair
+from kvroute.proto.identity import KeyFileError, load_allowed_keys, load_key_pair
 
 from .config import BrokerConfig, BrokerStats
 
@@ -66,13 +70,28 @@ class CurveServer:
         Raises
         ------
         KeyFileError
-            A missing, unreadable or malformed key file or directory.
+            A missing, unreadable or malformed key file or directory; no worker key at all
+            (neither ``allow_worker_keys`` nor ``extra_worker_keys``); or a key allowed both as
+            a client and as a worker.
         """
         if config.curve_secret is None or config.allow_keys is None:
             return None
         public, secret = load_key_pair(config.curve_secret)
         clients = load_allowed_keys(config.allow_keys)
-        workers = clients | frozenset(config.extra_worker_keys)
+        workers = frozenset(config.extra_worker_keys)
+        if config.allow_worker_keys is not None:
+            workers |= load_allowed_keys(config.allow_worker_keys)
+        if not workers:
+            raise KeyFileError(
+                "no worker keys: give the directory of the workers' public certificates"
+                " (--allow-worker-keys); client keys are not let in on the backend"
+            )
+        both = sorted(clients & workers)
+        if both:
+            raise KeyFileError(
+                f"key {both[0].decode()} is allowed both as a client and as a worker: keep the"
+                " two directories apart (a client must not be able to register as a worker)"
+            )
         return cls(public, secret, {FRONTEND_DOMAIN: clients, BACKEND_DOMAIN: workers}, stats)
 
     def start(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:

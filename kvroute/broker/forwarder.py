@@ -132,7 +132,9 @@ class Forwarder:
             req.kind, req.session_id, req.request_id, req.client, now, principal
         )
         if route.action is Action.DELIVER:
-            self._deliver(req, route)
+            # A TURN tells the worker the session's owner when it is not the client frame, so
+            # the worker can announce it if it ever registers again (see Ready.sessions).
+            self._deliver(req, route, principal if req.kind is Kind.TURN else None)
         elif route.action is Action.REPLY:
             assert route.kind is not None
             frames = client_frames(req.client, route.kind, req.session_id, req.request_id)
@@ -143,7 +145,7 @@ class Forwarder:
                 req.client, req.session_id, req.request_id, route.code, route.message
             )
 
-    def _deliver(self, req: ClientRequest, route: Route) -> None:
+    def _deliver(self, req: ClientRequest, route: Route, principal: bytes | None) -> None:
         frames = delivery_frames(
             route.worker,
             req.header,  # the client's own header: same version, same kind
@@ -152,6 +154,7 @@ class Forwarder:
             req.request_id,
             route.flags,
             req.body,
+            principal,
         )
         sent = send(self.back, frames)
         if sent is Sent.OK:
@@ -243,8 +246,7 @@ class Forwarder:
     def _on_control(self, msg: WorkerControl, now: float) -> None:
         key, kind = msg.worker, msg.kind
         if kind is Kind.READY:
-            for lost in self.table.register(key, Ready.decode(msg.body), now):
-                self._report_lost(lost)
+            self._on_ready(key, Ready.decode(msg.body), now)
         elif kind is Kind.HEARTBEAT:
             if not self.table.heartbeat(key, Heartbeat.decode(msg.body), now):
                 # Paranoid Pirate: a worker we do not know (we restarted, or declared it lost)
@@ -256,6 +258,32 @@ class Forwarder:
             self.table.touch(key, now)
             err = ErrorReply.decode(msg.body)
             logger.warning("worker %r reports %s: %s", key, err.code, err.message)
+
+    def _on_ready(self, key: bytes, ready: Ready, now: float) -> None:
+        other = self.table.worker_key(ready.worker)
+        connected = True
+        if other is not None and other != key:
+            # Another connection holds this worker id. Is it still there? Under ROUTER_MANDATORY
+            # a send to a peer that is gone fails at once; a heartbeat is harmless to one that
+            # is not (and then the table refuses the READY: a live worker keeps its sessions).
+            connected = (
+                send(self.back, [other, HEADERS[Kind.HEARTBEAT], EMPTY_BODY]) is not Sent.GONE
+            )
+        reg = self.table.register(key, ready, now, other_connected=connected)
+        if reg.refused:
+            self.stats.errors_sent += 1
+            self._to_worker(key, Kind.ERROR, _error_body(ErrorCode.NOT_OWNER, reg.refused))
+            return
+        # Answer at once: the worker counts us silent from the moment it sent READY, and one
+        # that waited up to a heartbeat interval for our first heartbeat could give up just as
+        # it was registered, and register a second time.
+        self._to_worker(key, Kind.HEARTBEAT, EMPTY_BODY)
+        for lost in reg.lost:
+            self._report_lost(lost)
+        self.stats.sessions_repinned += reg.repinned
+        for f in reg.drops:
+            self.stats.announced_dropped += 1
+            self._close_on_worker(f)
 
     def _to_worker(self, key: bytes, kind: Kind, body: bytes) -> None:
         if send(self.back, [key, HEADERS[kind], body]) is not Sent.OK:
@@ -280,6 +308,10 @@ class Forwarder:
         # session id (maybe another client) can reuse what the old owner left in the cache. No
         # client waits for the CLOSE_OK (client frame empty): on_reply drops it as stale.
         self.stats.pins_forgotten += 1
+        self._close_on_worker(f)
+
+    def _close_on_worker(self, f: Forgotten) -> None:
+        """Tell a worker to drop a session nobody will route to it (an unawaited CLOSE)."""
         close = delivery_frames(
             f.worker, HEADERS[Kind.CLOSE], b"", f.session_id, b"forget", 0, EMPTY_BODY
         )
@@ -287,14 +319,16 @@ class Forwarder:
         if sent is Sent.GONE:
             self._lose(f.worker, LostReason.UNREACHABLE)
         elif sent is Sent.FULL:
-            logger.warning("CLOSE of forgotten session %r dropped: worker queue full", f.session_id)
+            logger.warning("CLOSE of session %r dropped: worker queue full", f.session_id)
 
     def worker_exited(self, worker_id: str) -> None:
         """A watched worker process exited: lose it now, without waiting for heartbeats."""
-        logger.warning("worker %s process exited", worker_id)
         key = self.table.worker_key(worker_id)
         if key is not None:
+            logger.warning("worker %s process exited", worker_id)
             self._lose(key, LostReason.EXITED)
+        else:  # it had said goodbye (DISCONNECT) or never registered: nothing is lost
+            logger.info("worker %s process exited", worker_id)
         if self._on_worker_exit is not None:
             self._on_worker_exit(worker_id)
 
@@ -315,8 +349,8 @@ class Forwarder:
                 send(self.front, frames)
         key = lost.worker.key
         if lost.reason is LostReason.HEARTBEAT_TIMEOUT and key not in self.table.workers:
-            # It may only be hung: when it wakes it reads this first, drops its (re-pinned)
-            # sessions and registers again instead of streaming into the void.
+            # It may only be hung: when it wakes it reads this first, ends its turns and
+            # registers again (announcing its sessions) instead of streaming into the void.
             self._to_worker(key, Kind.DISCONNECT, Disconnect("declared lost").encode())
 
     def goodbye(self) -> None:

@@ -44,12 +44,19 @@ class InFlight:
 class Pin:
     """A session's worker and owner. ``lost`` stays set until the new worker ENDs a turn (or
     resets), so a request that failed before reaching a fresh worker still carries the flag next
-    time. ``last_used`` (start of its latest request) decides when an idle pin is forgotten."""
+    time. ``last_used`` (start of its latest request) decides when an idle pin is forgotten.
+
+    ``announced`` is the wall-clock time (ns) of the session's last turn as a worker announced it
+    in READY, while this broker has routed nothing for the session; None once it has (or for a
+    pin it made itself), which makes the pin newer than any announcement: announcements describe
+    turns from before the worker registered, when the broker could not route to it.
+    """
 
     worker: bytes
     principal: bytes
     last_used: float
     lost: bool = False
+    announced: int | None = None
 
 
 @dataclass(slots=True)
@@ -83,10 +90,20 @@ class LostWorker:
 
 
 class Forgotten(NamedTuple):
-    """An idle pin the table dropped: the adapter sends CLOSE for it to ``worker``."""
+    """A session a worker must drop: an idle pin the table forgot, or a session a worker
+    announced that the table did not pin to it. The adapter sends CLOSE for it to ``worker``."""
 
     session_id: bytes
     worker: bytes
+
+
+class Registration(NamedTuple):
+    """What the table made of a READY."""
+
+    lost: tuple[LostWorker, ...] = ()  # registrations it replaced: end their turns in flight
+    drops: tuple[Forgotten, ...] = ()  # announced sessions to CLOSE on the worker that has them
+    repinned: int = 0  # announced sessions now pinned to the new registration
+    refused: str = ""  # non-empty: the READY was refused (why); answer it with ERROR not_owner
 
 
 class Action(Enum):
@@ -95,7 +112,7 @@ class Action(Enum):
     DELIVER = "deliver"  # forward to ``Route.worker`` with ``Route.flags``
     REPLY = "reply"  # answer the client with ``Route.kind`` (empty body)
     REJECT = "reject"  # answer the client with ERROR ``Route.code``
-    DROP = "drop"  # nothing to do (e.g. CANCEL of a turn that already ended)
+    DROP = "drop"  # nothing to do (a CANCEL of a turn the broker already cancelled)
 
 
 class Route(NamedTuple):
@@ -119,6 +136,11 @@ NOT_OWNER = Route(
     Action.REJECT,
     code=ErrorCode.NOT_OWNER,
     message="the session belongs to another client; nothing was changed",
+)
+NOT_IN_FLIGHT = Route(
+    Action.REJECT,
+    code=ErrorCode.NOT_IN_FLIGHT,
+    message="no such request in flight on this session (it ended, or was never run here)",
 )
 
 

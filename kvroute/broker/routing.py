@@ -7,8 +7,15 @@ do, and sends what it says. Nothing here touches a socket or a clock: every meth
 Vocabulary (the records are in :mod:`kvroute.broker.records`):
 
 - a *worker* is one registration: a ROUTER routing id (``key``) announced by READY with a worker
-  id and an epoch. A READY reusing a live worker id with another epoch is a restart: the old
-  registration is lost and the new one starts empty.
+  id and an epoch. The same key and epoch again changes nothing. A READY reusing the id of a
+  registration that is still connected and heard from is refused (nobody takes over a live
+  worker's sessions by naming it); once that one is gone it is a restart: the old registration
+  is lost with its turns in flight.
+- *announced sessions*: a READY lists the sessions the worker still holds, with their owners
+  (a worker that lost its broker keeps its caches). Each is pinned to it again unless the table
+  knows the session under another owner, has routed a request for it since, or another worker
+  announced a later turn of it (wall-clock time of the turn; the later one wins and the other
+  worker drops its copy). Refused ones come back as drops: the adapter sends the worker a CLOSE.
 - a *pin* maps a session id to the worker holding its KV cache and to its owner, the *principal*
   that created it. Every request of a pinned session goes to that worker (stickiness); new
   sessions are placed on the least-loaded live worker.
@@ -16,6 +23,11 @@ Vocabulary (the records are in :mod:`kvroute.broker.records`):
   rejected with ``not_owner`` before anything else is looked at (a stranger learns nothing, not
   even BUSY). A session nobody owns (never created, closed, forgotten) belongs to whoever
   creates it with a TURN.
+- a *CANCEL* goes to the worker running that very request. A CANCEL of a request that is not
+  in flight (it ended, never ran, or ran at the broker before a restart) is answered ERROR
+  ``not_in_flight`` under its own request id, so a client waiting for that request's end is not
+  left waiting; it says nothing about other principals' sessions (ownership is checked first,
+  and the answer only echoes the caller's own ids).
 - *limits* per principal: sessions pinned (a new one beyond gets ``limit``) and requests in
   flight (``limit``).
 - an *in-flight* record is a TURN, RESET or CLOSE forwarded and not yet answered by a terminal
@@ -36,8 +48,9 @@ from __future__ import annotations
 import logging
 import sys
 from collections import OrderedDict
+from collections.abc import Sequence
 
-from kvroute.proto.control import Heartbeat, LostReason, Ready
+from kvroute.proto.control import Heartbeat, LostReason, Ready, Resident
 from kvroute.proto.kinds import FLAG_WORKER_LOST, Kind
 
 from .records import (
@@ -45,6 +58,7 @@ from .records import (
     CLOSE_OK,
     DROP,
     NO_WORKER,
+    NOT_IN_FLIGHT,
     NOT_OWNER,
     RESET_OK,
     Action,
@@ -53,12 +67,22 @@ from .records import (
     LostWorker,
     Orphan,
     Pin,
+    Registration,
     Route,
     Tally,
     WorkerState,
 )
 
-__all__ = ["Action", "Forgotten", "InFlight", "LostWorker", "Orphan", "Route", "RoutingTable"]
+__all__ = [
+    "Action",
+    "Forgotten",
+    "InFlight",
+    "LostWorker",
+    "Orphan",
+    "Registration",
+    "Route",
+    "RoutingTable",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -109,33 +133,43 @@ class RoutingTable:
 
     # --- workers ----------------------------------------------------------------------------
 
-    def register(self, key: bytes, ready: Ready, now: float) -> list[LostWorker]:
-        """Register a worker after READY; returns registrations this one replaces.
+    def register(
+        self, key: bytes, ready: Ready, now: float, *, other_connected: bool = True
+    ) -> Registration:
+        """Register a worker after READY, and re-pin the sessions it announces.
 
-        The same key and epoch again is a retransmission (no change). Otherwise any registration
-        with this key or this worker id is lost with reason ``restarted``: the new one holds no
-        sessions.
+        The same connection (``key``) and epoch again is a retransmission: nothing changes. A
+        READY with the worker id of another registration is refused if that one is still
+        connected (``other_connected``: the adapter asks ZeroMQ) and was heard from within
+        ``expiry_s``: a live worker's sessions are not handed to whoever claims its name.
+        Otherwise every registration with this key or this worker id is lost (``restarted``),
+        and the announced sessions are re-pinned here, or returned as drops (see
+        :meth:`_claim`).
         """
         old = self.workers.get(key)
         if old is not None and old.worker_id == ready.worker and old.epoch == ready.epoch:
             old.last_seen = now
-            return []
-        lost = []
+            return Registration()
         other = self._by_id.get(ready.worker)
         if (
             other is not None
             and other != key
-            and now - self.workers[other].last_seen < self.expiry_s / 3
+            and other_connected
+            and now - self.workers[other].last_seen <= self.expiry_s
         ):
-            # A restart normally comes after the old connection went quiet; one heard from in
-            # the last heartbeat interval or so usually means two workers share an id (they
-            # will keep replacing each other).
-            logger.warning("worker id %s registered from a second, live connection", ready.worker)
-        for stale in {key, other}:
-            if stale is not None and stale in self.workers:
-                lost.append(self._drop(stale, LostReason.RESTARTED))
+            logger.warning(
+                "READY for worker id %s refused: a live connection holds that id", ready.worker
+            )
+            return Registration(
+                refused=f"worker id {ready.worker!r} is registered from another live connection"
+            )
+        lost = tuple(
+            self._drop(stale, LostReason.RESTARTED)
+            for stale in (key, other)
+            if stale is not None and stale in self.workers
+        )
         self._order += 1
-        self.workers[key] = WorkerState(
+        w = self.workers[key] = WorkerState(
             key=key,
             worker_id=ready.worker,
             epoch=ready.epoch,
@@ -147,16 +181,68 @@ class RoutingTable:
             order=self._order,
         )
         self._by_id[ready.worker] = key
+        drops = self._claim(w, ready.sessions, now)
+        repinned = len(ready.sessions) - sum(f.worker == key for f in drops)
         logger.info(
-            "worker %s registered (epoch %s, pid %s, capacity %s, model %s, n_ctx %s)",
+            "worker %s registered (epoch %s, pid %s, capacity %s, model %s, n_ctx %s);"
+            " %d of %d announced sessions pinned",
             ready.worker,
             ready.epoch,
             ready.pid,
             ready.capacity,
             ready.model,
             ready.n_ctx,
+            repinned,
+            len(ready.sessions),
         )
-        return lost
+        return Registration(lost, tuple(drops), repinned)
+
+    def _claim(self, w: WorkerState, sessions: Sequence[Resident], now: float) -> list[Forgotten]:
+        """Pin announced sessions to ``w``; returns the sessions some worker must drop.
+
+        An announced session is refused (dropped on ``w``) if the table knows it under another
+        owner (a pin, or the memory of a lost worker's sessions), if its owner is a routing id
+        ZeroMQ generated (first byte zero) that this broker does not know (such an id only meant
+        something to the broker that made it), if the owner is at its session limit, or if the
+        session is pinned elsewhere more recently: by a request this broker routed, or by an
+        announcement of a later turn. An announcement of a later turn than the pin's takes the
+        pin over, and the worker that had it drops it instead. Owners never change here.
+        """
+        drops: list[Forgotten] = []
+        moved = False
+        for s in sessions:
+            sid, owner = s.session_id, s.owner
+            pin = self.pins.get(sid)
+            known = pin.principal if pin is not None else self._lost.get(sid)
+            if known != owner if known is not None else owner[0] == 0:
+                drops.append(Forgotten(sid, w.key))
+                continue
+            used = now - s.idle_ms / 1000
+            if pin is not None:
+                if pin.announced is None or pin.announced >= s.last_turn_ns:
+                    drops.append(Forgotten(sid, w.key))
+                    continue
+                assert sid not in self.in_flight, "an announced pin has had nothing routed"
+                self.workers[pin.worker].sessions.discard(sid)
+                drops.append(Forgotten(sid, pin.worker))
+                pin.worker, pin.announced, pin.last_used = w.key, s.last_turn_ns, used
+            else:
+                if self.sessions_of.full(owner):
+                    drops.append(Forgotten(sid, w.key))
+                    continue
+                self._lost.pop(sid, None)
+                self.pins[sid] = Pin(w.key, owner, used, announced=s.last_turn_ns)
+                self.sessions_of.add(owner)
+            w.sessions.add(sid)
+            w.kv_bytes += s.kv_bytes
+            moved = True
+        if moved:
+            # Keep the pins ordered by last use, as sweep() expects: the announced ones were used
+            # in the past. Two sorted runs (the old order, the new batch), so the sort is a merge.
+            ordered = sorted(self.pins.items(), key=lambda item: item[1].last_used)
+            self.pins.clear()
+            self.pins.update(ordered)
+        return drops
 
     def heartbeat(self, key: bytes, hb: Heartbeat, now: float) -> bool:
         """Record a worker's HEARTBEAT; False if the key is not registered (send DISCONNECT)."""
@@ -199,13 +285,21 @@ class RoutingTable:
             pin = self.pins.pop(s)
             self.sessions_of.remove(pin.principal)
             self._remember_lost(s, pin.principal)
-        logger.warning(
-            "worker %s lost (%s): %d requests in flight, %d sessions unpinned",
-            w.worker_id,
-            reason,
-            len(in_flight),
-            len(w.sessions),
-        )
+        if reason is LostReason.DISCONNECTED:  # it said goodbye: an orderly stop, not a loss
+            logger.info(
+                "worker %s left (disconnected): %d requests in flight, %d sessions unpinned",
+                w.worker_id,
+                len(in_flight),
+                len(w.sessions),
+            )
+        else:
+            logger.warning(
+                "worker %s lost (%s): %d requests in flight, %d sessions unpinned",
+                w.worker_id,
+                reason,
+                len(in_flight),
+                len(w.sessions),
+            )
         return LostWorker(w, reason, in_flight, tuple(w.sessions))
 
     def _remember_lost(self, session_id: bytes, principal: bytes) -> None:
@@ -248,7 +342,9 @@ class RoutingTable:
         the principal has too many requests in flight (or, for a new session, too many
         sessions); else deliver to its pinned worker or place it (ERROR ``no_worker`` if none
         is live). RESET / CLOSE of an unpinned session are answered by the broker. CANCEL goes
-        to the worker running that very request, else drops. Delivered TURN / RESET / CLOSE are
+        to the worker running that very request; it is dropped if the broker already cancelled
+        that request (its client was unreachable: its terminal is on the way), and rejected
+        ``not_in_flight`` if that request is not in flight. Delivered TURN / RESET / CLOSE are
         recorded in flight until :meth:`on_reply` sees their terminal (or :meth:`abort` undoes
         the delivery).
         """
@@ -262,8 +358,13 @@ class RoutingTable:
             return NOT_OWNER
         if kind is Kind.CANCEL:
             fl = self.in_flight.get(session_id)
-            if fl is None or fl.request_id != request_id or fl.orphaned is not None:
-                return DROP
+            if fl is None or fl.request_id != request_id:
+                # Its terminal went out already, or it never ran here (it may have been in
+                # flight at this broker's predecessor): answer for it, or a client waiting for
+                # its end would wait in vain. A client that saw the end drops this answer.
+                return NOT_IN_FLIGHT
+            if fl.orphaned is not None:
+                return DROP  # already cancelled on the worker
             return Route(Action.DELIVER, worker=fl.worker)
         if session_id in self.in_flight:
             return BUSY
@@ -291,6 +392,7 @@ class RoutingTable:
                 return self.requests_of.reject(principal)
             w = self.workers[pin.worker]
             pin.last_used = now
+            pin.announced = None  # routed by this broker: newer than any announcement
             self.pins.move_to_end(session_id)
         self.requests_of.add(principal)
         self.in_flight[session_id] = InFlight(

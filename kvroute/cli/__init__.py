@@ -10,6 +10,7 @@ from .app import main
 from .bench_cmd import bench
 from .broker_cmd import broker
 from .chat_cmd import chat
+from .gateway_cmd import gateway
 from .generate_cmd import generate, tokenize
 from .keys_cmd import keys
 from .model_cmd import model
@@ -24,5 +25,6 @@ main.add_command(worker)
 main.add_command(chat)
 main.add_command(bench)
 main.add_command(keys)
+main.add_command(gateway)
 
 __all__ = ["main"]

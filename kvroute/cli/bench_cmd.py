@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import re
 import sys
 import threading
 import time
@@ -32,7 +31,6 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-from zmq import ZMQError
 
 from kvroute import __version__
 from kvroute.bench import (
@@ -46,36 +44,35 @@ from kvroute.bench import (
     run,
     summarize,
 )
-from kvroute.bench.plot import PlotUnavailable, check_available, write_plot
+from kvroute.bench.openai_driver import run_openai
+from kvroute.bench.plot import PlotInfo, PlotUnavailable, check_available, write_plot
 from kvroute.bench.report import tables, write_json
 from kvroute.bench.runner import OnRecord
 from kvroute.broker import BrokerConfig, BrokerError
 from kvroute.engine.engine import Engine
 from kvroute.engine.model_store import resolve_model
-from kvroute.proto.limits import MAX_MAX_TOKENS
 from kvroute.worker.config import WorkerConfig
 
-from .app import curve_client_options, echo_err, model_option, user_errors
+from .app import (
+    check_broker,
+    curve_client_options,
+    echo_err,
+    model_option,
+    quiet_after_ctrl_c,
+    user_errors,
+)
+from .options import connect_option, max_tokens_option, timeout_option
 from .supervisor import ServeError, Supervisor
+from .terminal import Spinner
 
 _R = RunConfig(url="")
 EXIT_OVER_BUDGET = 3
 
 
-_URL = re.compile(r"(tcp://.+:(\d+|\*)|ipc://.+|inproc://.+)")
-
-
-def _check_url(ctx: click.Context, param: click.Parameter, url: str | None) -> str | None:
-    """Refuse a malformed --connect address here, with the expected forms, rather than as a
-    ZMQError from deep inside the client."""
-    if url is not None and not _URL.fullmatch(url):
-        raise click.BadParameter(f"{url!r} is not tcp://HOST:PORT, ipc://PATH or inproc://NAME")
-    return url
-
-
 @contextmanager
-def _served(n_workers: int, model: str) -> Iterator[str]:
-    """A broker + ``n_workers`` worker processes on free loopback ports; yields the frontend."""
+def _served(n_workers: int, model: str) -> Iterator[tuple[str, str]]:
+    """A broker + ``n_workers`` worker processes on free loopback ports; yields the frontend
+    and the model's file name."""
     path = resolve_model(model)  # fetch once here, not in N workers at the same time
     Engine.check(path)
     loopback = "tcp://127.0.0.1:0"
@@ -85,8 +82,14 @@ def _served(n_workers: int, model: str) -> Iterator[str]:
     stop = threading.Event()
     watcher: threading.Thread | None = None
     try:
-        echo_err(f"starting {n_workers} worker(s) with {path.name} ...")
-        sup.start()
+        echo_err(f"starting {n_workers} worker(s); each loads {path.name} ...")
+        spinner = Spinner()
+
+        def loading(ready: list[str], elapsed: float) -> None:
+            spinner.tick(f"loading: {len(ready)}/{n_workers} workers in, {elapsed:.0f} s")
+
+        sup.start(progress=loading)  # Ctrl-C raises KeyboardInterrupt here; `finally` cleans up
+        spinner.clear()
         echo_err(f"serving at {sup.frontend}")
 
         def restart_dead() -> None:  # as `kvroute serve` does; the bench sees SessionLost
@@ -96,7 +99,7 @@ def _served(n_workers: int, model: str) -> Iterator[str]:
 
         watcher = threading.Thread(target=restart_dead, name="bench-supervise", daemon=True)
         watcher.start()
-        yield sup.frontend
+        yield sup.frontend, path.name
     finally:
         stop.set()
         if watcher is not None:
@@ -113,14 +116,15 @@ def _served(n_workers: int, model: str) -> Iterator[str]:
 
 
 @contextmanager
-def _service(serve_n: int | None, model: str, url: str | None) -> Iterator[str]:
-    """The service to load: started here with ``--serve``, else the ``--connect`` address."""
+def _service(serve_n: int | None, model: str, url: str | None) -> Iterator[tuple[str, str | None]]:
+    """The service to load and its model: started here with ``--serve``, else the ``--connect``
+    address (whose model is unknown)."""
     if serve_n is not None:
-        with _served(serve_n, model) as frontend:
-            yield frontend
+        with _served(serve_n, model) as served:
+            yield served
     else:
         assert url is not None, "checked by the caller"
-        yield url
+        yield url, None
 
 
 def _scripts(
@@ -152,13 +156,7 @@ def _progress_callback(progress: Progress, task: TaskID) -> OnRecord:
 
 
 @click.command()
-@click.option(
-    "--connect",
-    "url",
-    default=None,
-    callback=_check_url,
-    help="Frontend address of a running service, e.g. tcp://127.0.0.1:5555.",
-)
+@connect_option(None, "Frontend address of a running service")
 @click.option(
     "--serve",
     "serve_n",
@@ -166,8 +164,28 @@ def _progress_callback(progress: Progress, task: TaskID) -> OnRecord:
     default=None,
     help="Start a service with N workers for the run (stopped afterwards).",
 )
-@click.option("--sessions", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--turns", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--openai",
+    "openai_url",
+    default=None,
+    metavar="URL",
+    help="Drive an OpenAI-compatible server instead (http://HOST:PORT: kvroute's gateway, "
+    "llama.cpp's server, vLLM).",
+)
+@click.option(
+    "--sessions",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Conversations to play in all (measured; --warmup adds more).",
+)
+@click.option(
+    "--turns",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="User messages per conversation.",
+)
 @click.option(
     "--concurrency",
     default=_R.concurrency,
@@ -175,13 +193,7 @@ def _progress_callback(progress: Progress, task: TaskID) -> OnRecord:
     type=click.IntRange(min=1),
     help="Simulated users, each in one session at a time.",
 )
-@click.option(
-    "--max-tokens",
-    default=_R.max_tokens,
-    show_default=True,
-    type=click.IntRange(1, MAX_MAX_TOKENS),
-    help="Reply length limit per turn (greedy sampling).",
-)
+@max_tokens_option
 @click.option(
     "--think-time",
     default=_R.think_time,
@@ -227,13 +239,7 @@ def _progress_callback(progress: Progress, task: TaskID) -> OnRecord:
     type=click.FloatRange(0, 1),
     help="Exit 3 when (failed requests + stickiness violations) / requests exceeds this.",
 )
-@click.option(
-    "--timeout",
-    default=_R.timeout,
-    show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="Seconds to wait for each reply frame.",
-)
+@timeout_option()
 @model_option
 @curve_client_options
 def bench(
@@ -255,21 +261,23 @@ def bench(
     model: str,
     server_key: str | None,
     key: str | None,
+    openai_url: str | None,
 ) -> None:
     """Multi-turn load test: TTFT per turn, cache reuse, throughput, stickiness, errors."""
-    if (url is None) == (serve_n is None):
-        raise click.UsageError("give exactly one of --connect URL or --serve N")
-    if serve_n is not None and (server_key or key):
+    if [url, serve_n, openai_url].count(None) != 2:
+        raise click.UsageError("give exactly one of --connect URL or --serve N (or --openai URL)")
+    if url is None and (server_key or key):
         raise click.UsageError("--server-key/--key go with --connect")
     params = click.get_current_context().params  # every option, defaults filled in, for JSON
     options = {k: str(v) if isinstance(v, Path) else v for k, v in params.items()}
-    # ZMQError: a malformed --connect address, raised by the socket's connect.
-    with user_errors(WorkloadError, PlotUnavailable, BrokerError, ServeError, OSError, ZMQError):
+    with user_errors(WorkloadError, PlotUnavailable, BrokerError, ServeError, OSError):
         if plot_out is not None:
             check_available()  # fail now, not after a run of several minutes
         scripts, warm = _scripts(prompts, seed, sessions, turns, warmup)
         total = sum(len(s.turns) for s in (*warm, *scripts))
-        with _service(serve_n, model, url) as frontend:
+        if url is not None:
+            check_broker(url, timeout, server_key, key)  # nobody there: say so now, not per turn
+        with _service(serve_n, model, url or openai_url) as (frontend, model_name):
             config = RunConfig(
                 frontend,
                 concurrency,
@@ -287,7 +295,9 @@ def bench(
             with progress:
                 task = progress.add_task("turns (errors 0)", total=total)
                 cpu0 = time.process_time()
-                result = run(config, scripts, warm, _progress_callback(progress, task))
+                driver = run_openai if openai_url else run
+                with quiet_after_ctrl_c():
+                    result = driver(config, scripts, warm, _progress_callback(progress, task))
                 cpu_s = time.process_time() - cpu0
         summary = summarize(result.records)
         out = Console()
@@ -315,8 +325,15 @@ def bench(
             write_json(json_out, summary, meta)
             echo_err(f"wrote {json_out}")
         if plot_out is not None:
-            where = f"{serve_n} worker(s)" if serve_n else url
-            write_plot(summary, plot_out, title=f"kvroute bench: {where}")
+            info = PlotInfo(
+                model_name,
+                serve_n if serve_n else len(summary.workers),
+                concurrency,
+                max_tokens,
+                sessions,
+                turns,
+            )
+            write_plot(summary, plot_out, info=info)
             echo_err(f"wrote {plot_out}")
     if summary.error_rate > max_error_rate:
         echo_err(

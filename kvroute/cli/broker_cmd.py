@@ -1,7 +1,8 @@
 """``kvroute broker``: run the broker alone (workers on this or other hosts connect to it).
 
-Also the options ``broker`` and ``serve`` share: CURVE (``--curve-secret``, ``--allow-keys``) and
-the per-client limits, collected by :func:`broker_options` into ``BrokerConfig`` keywords.
+Also the options ``broker`` and ``serve`` share: CURVE (``--curve-secret``, ``--allow-keys`` for
+clients, ``--allow-worker-keys`` for workers) and the per-client limits, collected by
+:func:`broker_options` into ``BrokerConfig`` keywords.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from kvroute.broker import Broker, BrokerConfig, BrokerError
 from kvroute.proto.limits import MAX_BODY_BYTES
 
 from .app import echo_err, option_group, stop_on_signals, user_errors
+from .options import BIND
 
 logger = logging.getLogger(__name__)
 _DEFAULTS = BrokerConfig()
@@ -28,7 +30,7 @@ _BROKER_OPTIONS = (
             metavar="FILE",
             default=None,
             help="The broker's secret certificate (server.key_secret): clients and workers must "
-            "speak CURVE with a key from --allow-keys. Needs --allow-keys.",
+            "speak CURVE with an allowed key. Needs --allow-keys.",
         ),
     ),
     (
@@ -37,7 +39,17 @@ _BROKER_OPTIONS = (
             "--allow-keys",
             metavar="DIR",
             default=None,
-            help="Directory of the public certificates (*.key) of the clients and workers let in.",
+            help="Directory of the public certificates (*.key) of the clients let in.",
+        ),
+    ),
+    (
+        "allow_worker_keys",
+        click.option(
+            "--allow-worker-keys",
+            metavar="DIR",
+            default=None,
+            help="Directory of the public certificates (*.key) of the workers let in (a key may "
+            "not be in both). Needed by `broker` with CURVE; `serve` lets its own workers in.",
         ),
     ),
     (
@@ -107,6 +119,8 @@ _BROKER_OPTIONS = (
 def _check_broker_options(kw: dict[str, Any]) -> None:
     if (kw["curve_secret"] is None) != (kw["allow_keys"] is None):
         raise click.UsageError("--curve-secret and --allow-keys go together")
+    if kw["allow_worker_keys"] is not None and kw["curve_secret"] is None:
+        raise click.UsageError("--allow-worker-keys needs --curve-secret and --allow-keys")
     if kw["max_msg_size"] < kw["max_body_bytes"]:
         raise click.UsageError("--max-msg-size must be at least --max-body-bytes")
 
@@ -117,10 +131,18 @@ broker_options = option_group("broker_kw", _BROKER_OPTIONS, _check_broker_option
 
 @click.command()
 @click.option(
-    "--frontend", default=_DEFAULTS.frontend, show_default=True, help="Bind here for clients."
+    "--frontend",
+    type=BIND,
+    default=_DEFAULTS.frontend,
+    show_default=True,
+    help="Bind here for clients.",
 )
 @click.option(
-    "--backend", default=_DEFAULTS.backend, show_default=True, help="Bind here for workers."
+    "--backend",
+    type=BIND,
+    default=_DEFAULTS.backend,
+    show_default=True,
+    help="Bind here for workers.",
 )
 @click.option(
     "--heartbeat",

@@ -5,22 +5,39 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
 
-from kvroute.engine.engine import Engine, Generation
+from kvroute.engine.engine import DEFAULT_N_CTX, Engine, Generation
 from kvroute.engine.gguf_file import GGUFFile
 from kvroute.engine.model_store import resolve_model
 from kvroute.engine.sampling import SamplingParams
 from kvroute.engine.tokenizer import Tokenizer
 
 from .app import model_option, user_errors
+from .options import max_tokens_option, sampling_options
+
+
+def _one_text(positional: str | None, option: str | None, name: str, file: Path | None) -> str:
+    """The text given exactly once: as the argument, as ``--NAME``, or (if any) in a file."""
+    given = [v for v in (positional, option) if v is not None]
+    forms = f"{name.upper()}, --{name}" + (f" or --{name}-file" if name == "prompt" else "")
+    if len(given) + (file is not None) != 1:
+        raise click.UsageError(f"give the text exactly once: {forms}")
+    if file is not None:
+        try:
+            return file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(str(exc), param_hint=f"--{name}-file") from None
+    return given[0]
 
 
 @click.command()
 @model_option
-@click.option("--prompt", help="Prompt text (one user message unless --raw).")
+@click.argument("text", metavar="[PROMPT]", required=False)
+@click.option("--prompt", help="Prompt text, instead of PROMPT (one user message unless --raw).")
 @click.option(
     "--prompt-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -31,52 +48,45 @@ from .app import model_option, user_errors
     is_flag=True,
     help="Feed the prompt verbatim: special tokens parsed, no template, no BOS.",
 )
-@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1))
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0))
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option(
-    "--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True)
-)
-@click.option("--seed", type=int, help="Sampler seed (only matters with --temperature > 0).")
+@max_tokens_option
+@sampling_options
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-turn tokens.")
 @click.option(
     "--top-logits",
     type=click.IntRange(min=1),
     help="With --json: K best [id, logit] at the first generated position.",
 )
-@click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="Context size (default 2048).")
+@click.option(
+    "--ctx",
+    "n_ctx",
+    type=click.IntRange(min=16),
+    default=DEFAULT_N_CTX,
+    show_default=True,
+    help="Context positions (prompt + reply), at most the model's training context.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def generate(
     model: str,
+    text: str | None,
     prompt: str | None,
     prompt_file: Path | None,
     raw: bool,
     max_tokens: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    seed: int | None,
+    sampling: dict[str, Any],
     ignore_eos: bool,
     top_logits: int | None,
-    n_ctx: int | None,
+    n_ctx: int,
     as_json: bool,
 ) -> None:
-    """Generate a completion in-process (no broker or worker needed)."""
-    if (prompt is None) == (prompt_file is None):
-        raise click.UsageError("give exactly one of --prompt and --prompt-file")
-    text = prompt if prompt is not None else prompt_file.read_text(encoding="utf-8")  # type: ignore[union-attr]
+    """Generate a completion of PROMPT in-process (no broker or worker needed)."""
+    text = _one_text(text, prompt, "prompt", prompt_file)
     with user_errors():
         engine = Engine.load(resolve_model(model), n_ctx=n_ctx)
-        rendered = text if raw else engine.render([{"role": "user", "content": text}])
-        ids = engine.encode(rendered)
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            ignore_eos=ignore_eos,
-        )
+        if raw:  # the user's own prompt text: control-token texts are control tokens
+            ids = engine.encode(text)
+        else:  # a message: its text is content, only the template's markers are control
+            ids = engine.encode_prompt(engine.render_prompt([{"role": "user", "content": text}]))
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos, **sampling)
         result = Generation(ids)
         for piece in engine.generate(ids, params, result=result):
             if not as_json:
@@ -100,10 +110,12 @@ def generate(
 
 @click.command()
 @model_option
+@click.argument("positional", metavar="[TEXT]", required=False)
+@click.option("--text", default=None, help="The text, instead of TEXT.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of ids.")
-@click.argument("text")
-def tokenize(model: str, as_json: bool, text: str) -> None:
+def tokenize(model: str, positional: str | None, text: str | None, as_json: bool) -> None:
     """Print the token ids of TEXT (special tokens parsed, no BOS)."""
+    text = _one_text(positional, text, "text", None)
     with user_errors():
         tok = Tokenizer.from_gguf(GGUFFile(resolve_model(model)))
         ids = tok.encode(text)

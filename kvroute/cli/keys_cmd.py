@@ -1,9 +1,13 @@
-"""``kvroute keys generate DIR``: CURVE key pairs for the broker, its workers and its clients.
+"""``kvroute keys generate DIR``: CURVE key pairs for the broker, its clients and its workers.
 
 Each pair is two files written by pyzmq (``zmq.auth.create_certificates``): ``NAME.key``, the
 public certificate, and ``NAME.key_secret``, which also holds the secret key and is made
-readable by its owner only. The broker lets in every ``*.key`` of its ``--allow-keys``
-directory, so the directory written here can serve as that directly.
+readable by its owner only. The layout keeps clients and workers apart, because the broker
+lets them in from separate directories (a client key must never open the workers' socket)::
+
+    DIR/server.key, DIR/server.key_secret      the broker's pair (--curve-secret)
+    DIR/clients/NAME.key(_secret)              --allow-keys DIR/clients
+    DIR/workers/NAME.key(_secret)              --allow-worker-keys DIR/workers
 """
 
 from __future__ import annotations
@@ -16,12 +20,19 @@ import zmq.auth
 
 from .app import echo_err, user_errors
 
-DEFAULT_NAMES: tuple[str, ...] = ("server", "client", "worker")
+CLIENTS_DIR = "clients"
+WORKERS_DIR = "workers"
+DEFAULT_LAYOUT: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("", ("server",)),
+    (CLIENTS_DIR, ("client",)),
+    (WORKERS_DIR, ("worker",)),
+)
+"""(subdirectory, names) written when no name is given."""
 
 
-def _check_name(name: str) -> str:
+def _check_name(name: str, option: str) -> str:
     if not name or name.startswith(".") or os.sep in name or (os.altsep or os.sep) in name:
-        raise click.BadParameter(f"{name!r} is not a plain file name", param_hint="--name")
+        raise click.BadParameter(f"{name!r} is not a plain file name", param_hint=option)
     return name
 
 
@@ -31,18 +42,37 @@ def write_key_pairs(directory: Path, names: tuple[str, ...], force: bool) -> lis
     Returns the public certificate paths. Raises ``FileExistsError`` if a file exists and
     ``force`` is not set (nothing is written then), ``OSError`` if the directory is unusable.
     """
-    targets = [directory / f"{n}{ext}" for n in names for ext in (".key", ".key_secret")]
+    return write_layout(directory, (("", names),), force)
+
+
+def write_layout(
+    directory: Path, layout: tuple[tuple[str, tuple[str, ...]], ...], force: bool
+) -> list[Path]:
+    """Write key pairs into subdirectories of ``directory``: ``layout`` pairs a subdirectory
+    ("" for ``directory`` itself) with the names to write there.
+
+    Every file is checked before any is written: with a clash and no ``force``, raises
+    ``FileExistsError`` and writes nothing. Returns the public certificate paths.
+    """
+    targets = [
+        directory / sub / f"{n}{ext}"
+        for sub, names in layout
+        for n in names
+        for ext in (".key", ".key_secret")
+    ]
     clash = [t for t in targets if t.exists()]
     if clash and not force:
         raise FileExistsError(f"{clash[0]} exists (use --force to replace it)")
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     written = []
     # Owner-only from the first byte: chmod after writing would leave a moment of exposure.
     old_umask = os.umask(0o077)
     try:
-        for name in names:
-            public, _ = zmq.auth.create_certificates(directory, name)
-            written.append(Path(public))
+        for sub, names in layout:
+            d = directory / sub
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for name in names:
+                public, _ = zmq.auth.create_certificates(d, name)
+                written.append(Path(public))
     finally:
         os.umask(old_umask)
     for p in written:
@@ -58,23 +88,59 @@ def keys() -> None:
 @keys.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
+    "--client",
+    "clients",
+    multiple=True,
+    metavar="NAME",
+    help=f"A client key pair to write into DIRECTORY/{CLIENTS_DIR} (repeatable).",
+)
+@click.option(
+    "--worker",
+    "workers",
+    multiple=True,
+    metavar="NAME",
+    help=f"A worker key pair to write into DIRECTORY/{WORKERS_DIR} (repeatable).",
+)
+@click.option(
     "--name",
     "names",
     multiple=True,
-    help="Key pair to write (repeatable). Default: server, client and worker.",
+    metavar="NAME",
+    help="A key pair to write into DIRECTORY itself, e.g. another broker's (repeatable).",
 )
 @click.option("--force", is_flag=True, help="Replace key files that exist.")
-def generate(directory: Path, names: tuple[str, ...], force: bool) -> None:
-    """Write NAME.key (public) and NAME.key_secret (secret) into DIRECTORY for each name."""
-    chosen = tuple(_check_name(n) for n in names) or DEFAULT_NAMES
+def generate(
+    directory: Path,
+    clients: tuple[str, ...],
+    workers: tuple[str, ...],
+    names: tuple[str, ...],
+    force: bool,
+) -> None:
+    """Write NAME.key (public) and NAME.key_secret (secret) for each pair.
+
+    With no name given: DIRECTORY/server, DIRECTORY/clients/client, DIRECTORY/workers/worker.
+    """
+    layout = tuple(
+        (sub, tuple(_check_name(n, option) for n in chosen))
+        for sub, chosen, option in (
+            ("", names, "--name"),
+            (CLIENTS_DIR, clients, "--client"),
+            (WORKERS_DIR, workers, "--worker"),
+        )
+        if chosen
+    )
+    layout = layout or DEFAULT_LAYOUT
     with user_errors(OSError):
-        for public in write_key_pairs(directory, chosen, force):
+        for public in write_layout(directory, layout, force):
             click.echo(f"wrote {public} and {public}_secret")
-    if chosen == DEFAULT_NAMES:
-        d = directory
+    if layout == DEFAULT_LAYOUT:
+        d, c, w = directory, directory / CLIENTS_DIR, directory / WORKERS_DIR
         echo_err(
-            "every *.key in the --allow-keys directory is let in (clients and workers):\n"
-            f"  kvroute serve (or broker) --curve-secret {d}/server.key_secret --allow-keys {d}\n"
-            f"  kvroute chat --server-key {d}/server.key --key {d}/client.key_secret\n"
-            f"  kvroute worker --server-key {d}/server.key --key {d}/worker.key_secret"
+            "clients and workers are let in from separate directories:\n"
+            f"  kvroute broker --curve-secret {d}/server.key_secret --allow-keys {c}"
+            f" --allow-worker-keys {w}\n"
+            f"  kvroute worker --server-key {d}/server.key --key {w}/worker.key_secret\n"
+            f"  kvroute chat --server-key {d}/server.key --key {c}/client.key_secret\n"
+            f"(kvroute serve --curve-secret {d}/server.key_secret --allow-keys {c}"
+            " lets its own workers in by itself)"
         )

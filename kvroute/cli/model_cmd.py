@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from kvroute.engine import model_store
+from kvroute.engine.weights_cache import cache_file
 
 from .app import echo_err, user_errors
 
@@ -27,5 +28,13 @@ def fetch(force: bool) -> None:
 
 @model.command()
 def path() -> None:
-    """Print where the default model is stored (whether or not it was fetched yet)."""
+    """Print where the default model is stored (whether or not it was fetched yet).
+
+    Its prepared weights cache (shared by every worker on the host) is named on stderr.
+    """
     click.echo(model_store.default_model_path())
+    cached = cache_file(model_store.weights_dir(), model_store.DEFAULT_MODEL_SHA256)
+    if cached.is_file():
+        echo_err(f"weights cache: {cached} ({cached.stat().st_size / 2**20:.0f} MiB)")
+    else:
+        echo_err(f"weights cache: {cached} (not built yet: the first load writes it)")

@@ -3,7 +3,8 @@
 With ``--curve-secret`` and ``--allow-keys``, ``serve`` makes a throwaway CURVE key pair for its
 own workers and lets that key in on the backend only (see :class:`.supervisor.Supervisor`), so
 the allowed directory needs the clients' keys alone. A ``kvroute worker`` started separately
-authenticates with ``--server-key`` and ``--key``, and its public key must be in the directory.
+authenticates with ``--server-key`` and ``--key``, and its public key must be in the directory
+given as ``--allow-worker-keys`` (never in ``--allow-keys``: clients and workers are kept apart).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import click
 from kvroute.broker import BrokerConfig, BrokerError
 from kvroute.engine.engine import DEFAULT_N_CTX, Engine
 from kvroute.engine.model_store import resolve_model
-from kvroute.worker.config import WorkerConfig
+from kvroute.gateway.config import DEFAULT_HTTP
+from kvroute.proto.limits import MAX_CAPACITY
+from kvroute.worker.config import KV_DEFAULT_RULE, WorkerConfig
+from kvroute.worker.process import set_title
 from kvroute.worker.service import WorkerService, serve_worker
 
 from .app import (
@@ -28,7 +32,10 @@ from .app import (
     user_errors,
 )
 from .broker_cmd import broker_options
+from .gateway_cmd import HTTP_ADDRESS, GatewayError, GatewayProcess, start_serve_gateway
+from .options import BIND, CONNECT
 from .supervisor import ServeError, Supervisor
+from .terminal import Spinner
 
 _B = BrokerConfig()
 _W = WorkerConfig()
@@ -52,7 +59,25 @@ _WORKER_OPTIONS = (
             "--kv-budget-mb",
             type=click.FloatRange(min=1),
             default=_W.kv_budget_mb,
-            help="KV cache budget per worker; idle sessions are evicted LRU beyond it.",
+            help=(
+                "KV cache budget per worker in MiB; idle sessions are evicted LRU beyond it,"
+                " and turns wait while it is reserved by turns running. Default:"
+                f" {KV_DEFAULT_RULE}."
+            ),
+        ),
+    ),
+    (
+        "capacity",
+        click.option(
+            "--capacity",
+            default=_W.capacity,
+            show_default=True,
+            type=click.IntRange(min=1, max=MAX_CAPACITY),
+            help=(
+                "Turns a worker runs at once; more wait in a queue fair across clients"
+                f" (up to {_W.max_waiting}, {_W.max_waiting_per_client} per client,"
+                f" {_W.max_wait_s:g} s), then get the retryable ERROR overloaded."
+            ),
         ),
     ),
     (
@@ -89,12 +114,19 @@ worker_options = option_group("worker_kw", _WORKER_OPTIONS)
     type=click.IntRange(min=1),
     help="Worker processes to start.",
 )
-@click.option("--frontend", default=_B.frontend, show_default=True, help="Address clients use.")
+@click.option(
+    "--frontend",
+    type=BIND,
+    default=_B.frontend,
+    show_default=True,
+    help="Bind here for clients (kvroute chat --connect).",
+)
 @click.option(
     "--backend",
+    type=BIND,
     default="tcp://127.0.0.1:0",
     show_default=True,
-    help="Address workers connect to (port 0 = any free port).",
+    help="Bind here for the workers (port 0: any free port).",
 )
 @click.option(
     "--heartbeat",
@@ -103,6 +135,15 @@ worker_options = option_group("worker_kw", _WORKER_OPTIONS)
     type=float,
     help="Seconds between heartbeats.",
 )
+@click.option(
+    "--http",
+    "http",
+    type=HTTP_ADDRESS,
+    default=DEFAULT_HTTP,
+    show_default=True,
+    help="Serve the OpenAI-compatible HTTP API here (port 0: any free port).",
+)
+@click.option("--no-http", is_flag=True, help="Do not start the HTTP gateway.")
 @model_option
 @worker_options
 @broker_options
@@ -111,12 +152,18 @@ def serve(
     frontend: str,
     backend: str,
     heartbeat: float,
+    http: tuple[str, int],
+    no_http: bool,
     model: str,
     worker_kw: dict[str, Any],
     broker_kw: dict[str, Any],
 ) -> None:
-    """Start a broker and N workers; print a line per worker, then `ready`; stop on SIGINT/TERM."""
-    with user_errors(BrokerError, ServeError):
+    """Start a broker and N workers; print a line per worker, then `ready`; stop on SIGINT/TERM.
+
+    Each worker loads the model (seconds to tens of seconds); a line says when each is in.
+    """
+    gw: GatewayProcess | None = None
+    with user_errors(BrokerError, ServeError, GatewayError):
         path = resolve_model(model)  # fetch once here, not in N workers at the same time
         Engine.check(path)  # a bad file is one line here, not N tracebacks in workers
         wcfg = WorkerConfig(
@@ -130,28 +177,43 @@ def serve(
         sup = Supervisor(n_workers, bcfg, wcfg)
         with stop_on_signals() as stop:
             try:
-                sup.start()
-                for wp in sup.workers.values():
-                    click.echo(f"worker {wp.worker_id} pid {wp.process.pid}")
+                echo_err(f"starting {n_workers} worker(s); each loads {path.name} (Ctrl-C stops)")
+                loading = LoadProgress(sup, n_workers)
+                if not sup.start(stop=stop, progress=loading):
+                    return  # Ctrl-C while loading: `finally` stops what started
+                loading.spinner.clear()
+                set_title(f"kvroute serve: broker {sup.frontend}, workers {n_workers}")
+                if not no_http:
+                    gw = start_serve_gateway(sup.frontend, http, path.name, bcfg.curve)
                 click.echo(
-                    f"ready frontend {sup.frontend} workers {n_workers} model {path.name}",
+                    f"ready frontend {sup.frontend} workers {n_workers} model {path.name}"
+                    f" in {loading.elapsed:.1f} s",
                     color=False,
                 )
+                echo_err(f"next: kvroute chat --connect {sup.frontend}   (Ctrl-C here stops)")
                 while not stop.wait(0.5):
                     for wid in sup.check():
                         echo_err(
                             f"worker {wid} exited; restarted as pid {sup.workers[wid].process.pid}"
                         )
             finally:
+                if gw is not None:
+                    gw.close()
                 sup.close()
-        echo_err("stopped")
+                echo_err("stopped")
 
 
 @click.command()
 @click.option(
-    "--connect", default=_W.connect, show_default=True, help="The broker's backend address."
+    "--connect",
+    type=CONNECT,
+    default=_W.connect,
+    show_default=True,
+    help="The broker's backend address: tcp://HOST:PORT, HOST:PORT or ipc://PATH.",
 )
-@click.option("--id", "worker_id", default="", help="Worker id (default w<pid>).")
+@click.option(
+    "--id", "worker_id", default="", show_default="w<pid>", help="Worker id, reported in END."
+)
 @click.option(
     "--heartbeat",
     default=_W.heartbeat_interval,
@@ -172,6 +234,7 @@ def worker(
     key: str | None,
 ) -> None:
     """Run one worker connected to a broker (this host or another) until SIGINT/SIGTERM."""
+    set_title(f"kvroute worker {worker_id or f'w{os.getpid()}'}")
     with user_errors():
         cfg = WorkerConfig(
             connect=connect,
@@ -191,3 +254,26 @@ def _announce(service: WorkerService) -> None:
         f"worker {service.worker_id} pid {os.getpid()} model {e.model_name} "
         f"n_ctx {e.n_ctx} connecting to {service.config.connect}"
     )
+
+
+class LoadProgress:
+    """While workers load: a line per worker as it registers, and a spinner on a terminal."""
+
+    def __init__(self, sup: Supervisor, n_workers: int) -> None:
+        self.sup = sup
+        self.n = n_workers
+        self.seen: set[str] = set()
+        self.elapsed = 0.0
+        self.spinner = Spinner()
+
+    def __call__(self, ready: list[str], elapsed: float) -> None:
+        self.elapsed = elapsed
+        for wid in ready:
+            if wid not in self.seen:
+                self.seen.add(wid)
+                self.spinner.clear()
+                click.echo(f"worker {wid} pid {self.sup.workers[wid].process.pid}")
+        if len(self.seen) < self.n:
+            self.spinner.tick(
+                f"loading the model: {len(self.seen)}/{self.n} workers in, {elapsed:.0f} s"
+            )

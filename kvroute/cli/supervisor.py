@@ -4,13 +4,15 @@ The broker runs in a thread of this process (its sockets live in that thread); w
 separate processes started with the ``spawn`` method, each creating its own ZeroMQ context after
 it starts. Their process sentinels go to the broker, so a worker that exits is declared lost at
 once rather than after the heartbeat window; the supervisor then starts a replacement with the
-same id, which registers with a new epoch.
+same id, which registers with a new epoch. Each worker titles itself ``kvroute worker ID`` and
+exits when this process is gone, even after a SIGKILL (:mod:`kvroute.worker.process`).
 
 Under CURVE (``broker_config.curve``) the supervisor makes a throwaway key pair for its workers,
 unless the worker config brings one: the broker lets its public key in on the backend only
 (``extra_worker_keys``), and each worker gets it with the broker's public key in its config
-(the secret travels to the child through the spawn pipe, never to disk). The ``--allow-keys``
-directory then needs only the keys of clients and of workers started elsewhere.
+(the secret travels to the child through the spawn pipe, never to disk). ``--allow-keys`` then
+holds the clients' keys, and ``--allow-worker-keys`` (optional here) those of workers started
+elsewhere.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import multiprocessing as mp
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from multiprocessing.process import BaseProcess
 
@@ -30,6 +33,9 @@ from kvroute.worker.config import WorkerConfig
 from kvroute.worker.service import worker_process_main
 
 logger = logging.getLogger(__name__)
+
+Progress = Callable[[list[str], float], None]
+"""Called while workers load with the ids registered so far and the seconds elapsed."""
 
 _BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -92,15 +98,24 @@ class Supervisor:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def start(self, timeout: float = 300.0) -> None:
-        """Start the broker and the workers; return once every worker has registered."""
+    def start(
+        self,
+        timeout: float = 300.0,
+        stop: threading.Event | None = None,
+        progress: Progress | None = None,
+    ) -> bool:
+        """Start the broker and the workers; return once every worker has registered.
+
+        Returns False if ``stop`` was set first (the caller then calls :meth:`close`).
+        ``progress`` is called about ten times a second while the workers load.
+        """
         thread = threading.Thread(target=self._run_broker, name="kvroute-broker", daemon=True)
         thread.start()
         self._thread = thread
         self.frontend, self.backend = self.broker.wait_bound(10.0)
         for i in range(self.n_workers):
             self._spawn(f"w{i}")
-        self.wait_registered(timeout)
+        return self.wait_registered(timeout, stop, progress)
 
     def _run_broker(self) -> None:
         try:
@@ -111,7 +126,11 @@ class Supervisor:
             logger.exception("broker thread crashed")
 
     def _spawn(self, worker_id: str) -> WorkerProcess:
-        cfg = replace(self.worker_config, connect=self.backend, worker_id=worker_id)
+        # Siblings share the machine's memory: each one's default KV budget counts them.
+        host_workers = max(self.worker_config.host_workers, self.n_workers)
+        cfg = replace(
+            self.worker_config, connect=self.backend, worker_id=worker_id, host_workers=host_workers
+        )
         # Children read these when numpy loads: one BLAS thread pool of the right size from the
         # start, so N workers do not fight over the cores.
         saved = {k: os.environ.get(k) for k in _BLAS_ENV}
@@ -138,22 +157,45 @@ class Supervisor:
         """Ids of workers the broker currently has as live."""
         return [w for w in self.workers if self.broker.table.worker_key(w) is not None]
 
-    def wait_registered(self, timeout: float) -> None:
-        """Block until every worker is registered; raise `ServeError` if one dies or on timeout."""
-        deadline = time.monotonic() + timeout
-        while len(self.registered()) < len(self.workers):
+    def wait_registered(
+        self,
+        timeout: float,
+        stop: threading.Event | None = None,
+        progress: Progress | None = None,
+    ) -> bool:
+        """Block until every worker is registered (True) or ``stop`` is set (False).
+
+        Raises
+        ------
+        ServeError
+            A worker died while loading, or ``timeout`` passed.
+        """
+        t0 = time.monotonic()
+        while True:
+            ready = self.registered()
+            if progress is not None:
+                progress(ready, time.monotonic() - t0)
+            if len(ready) == len(self.workers):
+                return True
             for wp in self.workers.values():
                 if not wp.process.is_alive():
                     raise ServeError(
                         f"worker {wp.worker_id} exited with code {wp.process.exitcode} "
                         "while starting (see its log above)"
                     )
-            if time.monotonic() > deadline:
+            if time.monotonic() - t0 > timeout:
                 raise ServeError(f"workers not registered after {timeout:.0f} s")
-            time.sleep(0.05)
+            if stop is None:
+                time.sleep(0.1)
+            elif stop.wait(0.1):
+                return False
 
     def check(self) -> list[str]:
-        """Restart workers that exited (call periodically); returns the ids restarted."""
+        """Restart workers that exited (call periodically); returns the ids restarted.
+
+        Call it from a thread that lives as long as the workers (the main thread): a worker's
+        parent-death signal fires when the thread that started it exits.
+        """
         restarted = []
         for wp in list(self.workers.values()):
             if not wp.process.is_alive() and not self._closed:
@@ -169,10 +211,18 @@ class Supervisor:
         return restarted
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop workers (SIGTERM, then SIGKILL after ``timeout``) and the broker. Idempotent."""
+        """Stop the broker, then the workers (SIGTERM, SIGKILL after ``timeout``). Idempotent.
+
+        The broker goes first: it ends the turns in flight with ERROR ``shutting_down``, so a
+        client learns the service is stopping instead of resending into workers that are
+        stopping too.
+        """
         if self._closed:
             return
         self._closed = True
+        self.broker.close()
+        if self._thread is not None:
+            self._thread.join(5.0)
         for wp in self.workers.values():
             if wp.process.is_alive():
                 wp.process.terminate()
@@ -183,6 +233,3 @@ class Supervisor:
                 logger.warning("worker %s did not stop; killing it", wp.worker_id)
                 wp.process.kill()
                 wp.process.join(5.0)
-        self.broker.close()
-        if self._thread is not None:
-            self._thread.join(5.0)

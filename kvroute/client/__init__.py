@@ -5,16 +5,21 @@
 ...     chat = client.session(system="You are terse.")
 ...     for piece in chat.send("What is a KV cache?", max_tokens=64):
 ...         print(piece, end="", flush=True)
-...     print(chat.last.cached_tokens, chat.last.path)
+...     print()
+...     print(chat.last)  # cached/prompt tokens, TTFT, speed, worker, cache path
+...     print(chat.ask("Why does it help?"))  # the whole reply at once
 
 Each session keeps its history (``session.history``) and sends it with every turn, appending the
 reply exactly as streamed, so the worker that holds the session's KV cache reuses it (the
-text-prefix path). Errors are typed (:mod:`kvroute.client.errors`); a failed turn leaves the
-history as it was.
+text-prefix path). Errors are typed (:mod:`kvroute.client.errors`); a failed or interrupted turn
+leaves the history as it was (:mod:`kvroute.client.core` has the whole rule). Defaults
+shared with the ``kvroute`` commands: :data:`DEFAULT_MAX_TOKENS`, :data:`DEFAULT_ON_OVERFLOW`,
+:data:`DEFAULT_TIMEOUT`.
 """
 
-from .aio import AsyncClient, AsyncSession
-from .core import DEFAULT_MAX_TOKENS, DEFAULT_TIMEOUT, OnOverflow
+from .aio import AsyncClient, AsyncReplyStream, AsyncSession
+from .api import DEFAULT_MAX_TOKENS, DEFAULT_ON_OVERFLOW, DEFAULT_TIMEOUT
+from .conversation import OnOverflow
 from .errors import (
     ContextOverflow,
     KvrouteError,
@@ -27,12 +32,14 @@ from .errors import (
     Timeout,
 )
 from .result import TurnResult
-from .sync import Client, Session
+from .sync import Client, ReplyStream, Session
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
+    "DEFAULT_ON_OVERFLOW",
     "DEFAULT_TIMEOUT",
     "AsyncClient",
+    "AsyncReplyStream",
     "AsyncSession",
     "Client",
     "ContextOverflow",
@@ -41,6 +48,7 @@ __all__ = [
     "NotOwner",
     "OnOverflow",
     "ProtocolError",
+    "ReplyStream",
     "ServiceUnavailable",
     "Session",
     "SessionBusy",

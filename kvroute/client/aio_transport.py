@@ -1,18 +1,24 @@
 """The asyncio client's socket: one ``zmq.asyncio`` DEALER shared by the tasks of one loop.
 
-Receiving follows the rule for ``zmq.asyncio`` (DESIGN §3): a pending ``recv`` is never
-cancelled, because a cancelled receive can lose a message. One task at a time awaits ``poll``
-(cancelling a poll loses nothing) and then receives with ``NOBLOCK`` for everyone, filing each
+Receiving follows the rule for ``zmq.asyncio``: a pending ``recv`` is never cancelled, because
+a cancelled receive can lose a message. One task at a time awaits ``poll`` (cancelling a poll
+loses nothing) and then receives with ``NOBLOCK`` for everyone, one part at a time, filing each
 message under its request; the other tasks wait on an event. Every wait is bounded by
-``timeout``. Socket options come from :func:`~kvroute.client.transport.configure_dealer`, as for
-the blocking client.
+``timeout``. ``asyncio.CancelledError`` lands only at an ``await``. The rest, exception safety
+included, is shared with the blocking transport (:mod:`~kvroute.client.wire`).
+
+Wake-ups follow the rule for an edge-triggered descriptor: ``ZMQ_FD`` signals a change, not a
+state, and any call on the socket (a send, a receive, reading ``EVENTS``) may take the signal
+for messages that arrived meanwhile, after which the FD stays quiet however many more arrive.
+So the reader checks ``EVENTS`` before it sleeps in ``poll`` (and reads at once if messages are
+queued), and a send made while it sleeps checks ``EVENTS`` again and wakes it if they are.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import math
 import time
 
 import zmq
@@ -21,17 +27,16 @@ import zmq.asyncio
 from kvroute.proto import Reply
 from kvroute.proto.identity import CurveClient
 
-from .core import Demux, Key, RequestIds
-from .errors import KvrouteError, Timeout
-from .transport import configure_dealer
-
-logger = logging.getLogger(__name__)
-
-_DRAIN_BATCH = 1024
+from .demux import Key
+from .errors import KvrouteError
+from .wire import WAIT_SLICE, WireBase, configure_dealer, part_sender, read_parts
 
 
-class AsyncTransport:
-    """A ``zmq.asyncio`` DEALER shared by the tasks of one loop; replies routed per request."""
+class AsyncTransport(WireBase):
+    """A ``zmq.asyncio`` DEALER shared by the tasks of one loop; replies routed per request.
+
+    Same parameters as :class:`~kvroute.client.transport.Transport`.
+    """
 
     def __init__(
         self,
@@ -41,12 +46,9 @@ class AsyncTransport:
         owner_token: bytes,
         curve: CurveClient | None = None,
     ) -> None:
-        self.url, self.timeout = url, timeout
-        self.ids = RequestIds()
-        self.closed = False
-        self._demux = Demux()
-        self._reading = False  # a task is polling the socket for everyone
+        super().__init__(url, timeout, contextlib.nullcontext())
         self._arrived: asyncio.Event | None = None  # set after each read; made in the loop
+        self._polling: asyncio.Future[int] | None = None  # the reader's poll, while it sleeps
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         try:
@@ -54,71 +56,80 @@ class AsyncTransport:
         except ValueError:
             self._ctx.term()
             raise
+        # Non-blocking sends and receives go through a plain-socket view of the same socket:
+        # they complete at once, so nothing is left pending in the asyncio wrapper.
+        self._raw: zmq.Socket[bytes] = zmq.Socket.shadow(self._sock)
+        self._send_part = part_sender(self._raw)
 
     def close(self) -> None:
         """Close the socket and the context (idempotent); waiting tasks wake up."""
-        if self.closed:
+        if self._closed:
             return
-        self.closed = True
+        self._closed = True
+        self._wake_reader(0)  # it finds the client closed (rather than cancelled by close)
         self._sock.close()
         self._ctx.term()
         self._notify()
 
-    def open(self, key: Key) -> None:
-        """Collect replies for a request (call before sending it)."""
-        self._demux.open(key)
-
-    def discard(self, key: Key) -> None:
-        """Stop collecting replies for a request; late ones are dropped."""
-        self._demux.close(key)
-
     def send(self, frames: list[bytes]) -> None:
-        """Send without blocking (a plain call: usable from callbacks and sync code)."""
-        if self.closed:
+        """Send without blocking (a plain call: usable from callbacks, finalizers, sync code)."""
+        if self._closed:
             raise KvrouteError("client is closed")
-        try:
-            self._sock.send_multipart(frames, flags=zmq.NOBLOCK).result()
-        except zmq.Again:
-            # The send queue towards a broker that never took it is full: it is gone, and the
-            # waiting caller gets Timeout.
-            logger.warning("send queue to %s is full; dropped a message", self.url)
-
-    def send_quietly(self, frames: list[bytes]) -> None:
-        """Best-effort :meth:`send` (e.g. a CANCEL on the way out of an error)."""
-        with contextlib.suppress(KvrouteError):
-            self.send(frames)
+        self._outbox.put(frames)
+        self._flush()
+        if self._polling is not None and self._readable():
+            self._wake_reader(zmq.POLLIN)  # the send may have taken the FD's signal
 
     async def recv(self, key: Key, waiting_for: str) -> Reply:
         """The next reply for ``key``; raises Timeout after ``timeout`` seconds of silence."""
         deadline = time.monotonic() + self.timeout
+        me = object()
         while True:
-            reply = self._demux.pop(key)
-            if reply is not None:
-                return reply
-            if self.closed:
-                raise KvrouteError("client is closed")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise Timeout(self.timeout, waiting_for, self.url)
-            if self._reading:
-                if self._arrived is None:
-                    self._arrived = asyncio.Event()
-                # Cancelling this wait is harmless: it is an Event, not a socket receive.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
-                continue
-            self._reading = True
             try:
-                if await self._sock.poll(remaining * 1000, zmq.POLLIN):
-                    for _ in range(_DRAIN_BATCH):
-                        try:  # NOBLOCK: the future is already done; nothing is left pending
-                            frames = self._sock.recv_multipart(flags=zmq.NOBLOCK).result()
-                        except zmq.Again:
-                            break
-                        self._demux.dispatch(frames)
+                got = self._take(key, deadline, waiting_for)
+                if isinstance(got, Reply):
+                    return got
+                if self._reader is not None:
+                    if self._arrived is None:
+                        self._arrived = asyncio.Event()
+                    self.fault("wait")
+                    # Cancelling this wait is harmless: it is an Event, not a socket receive.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._arrived.wait(), min(got, WAIT_SLICE))
+                    continue
+                self._reader = me
+                self._flush()  # a send interrupted half-way is finished before anything else
+                self.fault("poll")
+                if self._readable():
+                    # Queued already (their signal may be spent): no poll. Let the tasks whose
+                    # replies the last read filed take them first.
+                    await asyncio.sleep(0)
+                elif not await self._poll(got):
+                    continue
+                if not self._closed:
+                    read_parts(self._raw, self._demux.feed, self.fault)
             finally:
-                self._reading = False
-                self._notify()
+                if self._reader is me:
+                    self._reader = None
+                    self._notify()
+
+    def _readable(self) -> bool:
+        return not self._closed and bool(self._raw.get(zmq.EVENTS) & zmq.POLLIN)
+
+    async def _poll(self, seconds: float) -> int:
+        # poll() hands back a Future (ensure_future returns it as it is): _wake_reader may
+        # resolve it early. Cancelling it, as a cancelled task does, loses nothing.
+        poll = asyncio.ensure_future(self._sock.poll(math.ceil(seconds * 1000), zmq.POLLIN))
+        self._polling = poll
+        try:
+            return await poll
+        finally:
+            self._polling = None
+
+    def _wake_reader(self, events: int) -> None:
+        poll = self._polling
+        if poll is not None and not poll.done():
+            poll.set_result(events)
 
     def _notify(self) -> None:
         if self._arrived is not None:

@@ -1,407 +1,390 @@
-"""The client's I/O-free core, shared by the sync and asyncio adapters.
+"""The client's turn lifecycle as one I/O-free state machine, in the style of h11 (sans-I/O).
 
-- :class:`Conversation`: a session's history, the TURN built from it, the overflow policy and the
-  commit of a finished turn (DESIGN §1 rule 7: the reply is appended exactly as streamed).
-- :class:`TurnStream`: checks one TURN's replies (sequence numbers, reply hash) and turns
-  terminal replies into typed exceptions.
-- :class:`Demux`: per-request queues, so replies for other sessions read off the shared socket
-  reach their own session instead of being dropped.
+A :class:`RequestMachine` runs one call on a session: a ``send()``'s reply stream (its TURN,
+sent again after an overflow the policy handles), a RESET or a CLOSE; :class:`PingMachine` runs
+a PING. A machine takes replies in and hands actions out, one at a time; it never touches a
+socket, and reads the time only through the clock it is given. The blocking and asyncio drivers
+(:mod:`~kvroute.client.sync`, :mod:`~kvroute.client.aio`) run the same loop over it and differ
+only in how they wait::
 
-Nothing here touches a socket or a clock; the adapters in :mod:`~kvroute.client.sync` and
-:mod:`~kvroute.client.aio` poll, receive and call these.
+    m.start()                     # claim the session (SessionBusy if another call holds it)
+    loop: act = m.next_action()
+        Send(frames, key)   open key's reply queue (if key), send frames
+        Receive(key, ...)   m.on_reply(next reply for key)   (None: nothing more will come)
+        Discard(key)        stop collecting replies for key
+        Yield(text)         hand text to the caller; its next call goes on from here
+        Done(result)        the call is over
+        Raise(error)        raise it
+    on any exception: perform m.fail(exc) without waiting, and re-raise
+
+Phases: NEW -> SETTLING (the session's pending request, if any, is cancelled again and waited
+out) -> RUNNING (ours is on the wire) -> DONE. An overflow the policy handles goes back to
+SETTLING, from where the smaller TURN goes out at once; :meth:`RequestMachine.close` goes back to
+SETTLING on its own, cancelled turn, and from there to DONE.
+
+The history rule (docs/design.md, 'Client turn lifecycle'): a turn is appended exactly as
+streamed once its END checks out; a turn whose stream the caller *closed* is cancelled and
+appended, partial, when its END arrives; a turn *interrupted* by an exception (an interrupt, a
+Timeout, an error reply, a failed check) leaves the history unchanged, and its request stays
+*pending*, cancelled, until the session's next call has waited for its end.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import uuid
+import threading
+import time
 from collections import deque
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
-from kvroute.proto import (
-    TERMINAL_KINDS,
-    ChatMessage,
-    ErrorCode,
-    ErrorReply,
-    Kind,
-    Overflow,
-    ProtocolViolation,
-    Reply,
-    Role,
-    Token,
-    TurnEnd,
-    TurnRequest,
-    decode_empty,
-    parse_reply,
-    reply_sha256,
-)
-from kvroute.proto import SessionLost as LostBody
-from kvroute.proto.limits import MAX_SESSION_ID_BYTES
+from kvroute.proto import Kind, Reply, TurnEnd, request_frames
 
-from .errors import (
-    ContextOverflow,
-    KvrouteError,
-    ProtocolError,
-    SessionBusy,
-    SessionLost,
-    error_for_code,
+from .actions import (
+    Action,
+    Cleanup,
+    Clock,
+    Discard,
+    Done,
+    Phase,
+    Raise,
+    Receive,
+    Send,
+    Yield,
 )
+from .conversation import Attempt, Conversation
+from .demux import Key, RequestIds, ends_request
+from .errors import ContextOverflow, KvrouteError, SessionBusy, Timeout
+from .replies import ack_error, turn_reply
 from .result import TurnResult
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT: float = 30.0
-"""Seconds a client waits for each reply frame (the CLI takes its default from here)."""
-DEFAULT_MAX_TOKENS: int = 256
-"""Default ``max_tokens`` of a turn."""
-DEFAULT_LINGER: float = 0.1
-"""Seconds unsent frames may delay :meth:`close` (ZeroMQ's default, forever, would hang it)."""
 
-OnOverflow = Literal["raise", "drop_oldest"]
-Key = tuple[bytes, bytes]
-"""(session id, request id): how replies are routed to the request that awaits them."""
+@dataclass(eq=False)
+class Request:
+    """A session's request from the moment its Send is handed out until its terminal reply is
+    seen. It outlives the call that sent it when that call is left early (it is then *pending*).
+    The fields from ``attempt`` to ``broken`` are for TURNs only.
 
+    Every request has a CANCEL: a TURN's stops it; any request's, sent while it is waited out,
+    makes a broker that has no record of it in flight (it restarted since) answer ERROR
+    ``not_in_flight`` for it at once, which ends the wait."""
 
-def new_session_id() -> str:
-    """A fresh random session id (uuid4 hex: 32 ASCII characters)."""
-    return uuid.uuid4().hex
-
-
-class RequestIds:
-    """Request ids unique within one client (a counter; ``next`` on it is atomic in CPython)."""
-
-    def __init__(self) -> None:
-        self._n = itertools.count(1)
-
-    def next(self) -> bytes:
-        return b"%x" % next(self._n)
+    key: Key
+    t0: float
+    cancel: list[bytes]  # its CANCEL (same session and request id)
+    attempt: Attempt | None = None
+    parts: list[str] = field(default_factory=list)  # TOKEN texts so far (their count: next seq)
+    ttft_ms: float | None = None
+    sent: bool = False  # the driver asked for more after its Send: CANCEL may follow now
+    keep_partial: bool = False  # its stream was closed: commit the END when it comes
+    broken: bool = False  # a client-side check failed: nothing of it is committed
 
 
-def _checked_message(m: Mapping[str, str]) -> dict[str, str]:
-    try:
-        role, content = Role(m["role"]), m["content"]
-    except (KeyError, ValueError, TypeError) as exc:
-        raise ValueError(f"history entries are {{'role', 'content'}} maps: {m!r:.80}") from exc
-    if not isinstance(content, str):
-        raise ValueError(f"history content must be str, got {type(content).__name__}")
-    return {"role": str(role), "content": content}
+# --- one session ---------------------------------------------------------------------------------
 
 
-def _as_request(
-    messages: Iterable[Mapping[str, str]], params: TurnRequest
-) -> tuple[TurnRequest, bytes]:
-    chat = tuple(ChatMessage(Role(m["role"]), m["content"]) for m in messages)
-    req = TurnRequest(
-        chat, params.max_tokens, params.temperature, params.top_p, params.top_k, params.seed
-    )
-    try:
-        return req, req.encode()
-    except ProtocolViolation as exc:  # our own argument checks, before anything is sent
-        raise ValueError(exc.message) from exc
-
-
-def _oldest_turn(messages: list[dict[str, str]]) -> list[int]:
-    """Indices of the oldest non-system turn: a user message and the replies that follow it."""
-    idx = [i for i, m in enumerate(messages) if m["role"] != Role.SYSTEM]
-    if not idx:
-        return []
-    turn = [idx[0]]
-    for i in idx[1:]:
-        if messages[i]["role"] == Role.USER:
-            break
-        turn.append(i)
-    return turn
-
-
-@dataclass
-class Attempt:
-    """One ``send``: the user's text, sampling settings and the history it is sent with.
-
-    ``history`` is a working copy: ``drop_oldest`` trims it, and it replaces the session's history
-    only when the turn ends (a turn that raises changes nothing).
-    """
-
-    text: str
-    params: TurnRequest
-    on_overflow: OnOverflow
-    history: list[dict[str, str]]
-    dropped: int = 0
-    body: bytes = field(init=False, default=b"")
-
-    def __post_init__(self) -> None:
-        if self.on_overflow not in ("raise", "drop_oldest"):
-            raise ValueError(f"on_overflow is 'raise' or 'drop_oldest', not {self.on_overflow!r}")
-        self.rebuild()
-
-    def refresh(self, history: Iterable[Mapping[str, str]]) -> None:
-        """Take the session's history as it is now (when the turn really starts)."""
-        self.history = [_checked_message(m) for m in history]
-        self.rebuild()
-
-    def rebuild(self) -> None:
-        """Encode the TURN body for the current history (raises ValueError for bad arguments)."""
-        user = {"role": str(Role.USER), "content": self.text}
-        self.params, self.body = _as_request([*self.history, user], self.params)
-
-    def shrink(self, overflow: ContextOverflow) -> bool:
-        """Apply the overflow policy; True if the TURN should be sent again.
-
-        ``drop_oldest`` drops whole turns, oldest first, until the dropped text is estimated to
-        free ``overflow.excess`` tokens (at the prompt's own chars-per-token ratio), so one retry
-        usually suffices; the worker's next answer decides. False when the policy is ``raise`` or
-        nothing is left to drop.
-        """
-        if self.on_overflow != "drop_oldest":
-            return False
-        chars = sum(len(m["content"]) for m in self.history) + len(self.text)
-        chars_per_token = max(chars / max(overflow.prompt_tokens, 1), 0.5)
-        freed = 0.0
-        dropped_now = 0
-        while freed < overflow.excess:
-            turn = _oldest_turn(self.history)
-            if not turn:
-                break
-            # +1: template markup adds tokens per message; guessing low only costs a retry.
-            freed += sum(len(self.history[i]["content"]) for i in turn) / chars_per_token + 1
-            for i in reversed(turn):
-                del self.history[i]
-            dropped_now += len(turn)
-        if not dropped_now:
-            return False
-        self.dropped += dropped_now
-        logger.info("overflow by %d tokens: dropped %d messages", overflow.excess, dropped_now)
-        self.rebuild()
-        return True
-
-
-class Conversation:
-    """A session's client-side state: id, history, last result, messages dropped.
+class SessionCore:
+    """Who holds a session and which of its requests is on the wire.
 
     Parameters
     ----------
-    session_id
-        The session id (1..64 bytes of UTF-8); None for a fresh uuid4 hex.
-    system
-        A system prompt, stored as the first history message.
-    history
-        Earlier ``{"role", "content"}`` messages to resume from (e.g. a saved chat).
+    conversation
+        The session's history, where finished turns are committed.
+    ids
+        The client's request ids.
+    clock
+        Where turns read the time (TTFT, elapsed).
+
+    ``holder`` is the machine of the call running on the session, ``request`` the session's
+    request whose terminal reply has not been seen: it outlives its call when the call is left
+    early. Claiming takes a short lock (never held across I/O), so sessions may be driven from
+    several threads, one call at a time.
     """
 
     def __init__(
-        self,
-        session_id: str | None = None,
-        system: str | None = None,
-        history: Iterable[Mapping[str, str]] | None = None,
+        self, conversation: Conversation, ids: RequestIds, clock: Clock = time.perf_counter
     ) -> None:
-        self.id: str = session_id if session_id is not None else new_session_id()
-        self.key: bytes = self.id.encode()
-        if not 1 <= len(self.key) <= MAX_SESSION_ID_BYTES:
-            raise ValueError(f"session id must be 1..{MAX_SESSION_ID_BYTES} bytes of UTF-8")
-        msgs = [_checked_message(m) for m in history or ()]
-        if system is not None:
-            if msgs and msgs[0]["role"] == Role.SYSTEM:
-                raise ValueError("give the system prompt either as system= or in history, not both")
-            msgs.insert(0, {"role": str(Role.SYSTEM), "content": system})
-        self.history: list[dict[str, str]] = msgs
-        self.last: TurnResult | None = None
-        self.dropped: int = 0
+        self.conv = conversation
+        self.ids = ids
+        self.clock = clock
+        self.holder: RequestMachine | None = None
+        self.request: Request | None = None
+        self._guard = threading.Lock()
 
-    def attempt(
+    def turn(self, attempt: Attempt) -> RequestMachine:
+        """The machine of one ``send()``."""
+        return RequestMachine(self, Kind.TURN, attempt)
+
+    def reset(self, *, keep_history: bool) -> RequestMachine:
+        """The machine of a RESET (it forgets the history unless ``keep_history``)."""
+        return RequestMachine(self, Kind.RESET, keep_history=keep_history)
+
+    def close(self) -> RequestMachine:
+        """The machine of a CLOSE."""
+        return RequestMachine(self, Kind.CLOSE)
+
+    def cancel(self) -> Cleanup | None:
+        """Cancel the turn in flight: None if there is none, else the CANCEL to send now (none
+        while its TURN is not out yet: the machine sends it right after). Lock-free."""
+        holder = self.holder
+        return None if holder is None else holder.cancel()
+
+    def claim(self, machine: RequestMachine) -> None:
+        with self._guard:
+            if self.holder is not None and self.holder is not machine:
+                raise SessionBusy(self.conv.id)
+            self.holder = machine
+
+    def release(self, machine: RequestMachine) -> None:
+        with self._guard:
+            if self.holder is machine:
+                self.holder = None
+
+
+class RequestMachine:
+    """One call on a session (see the module docstring); get one from :class:`SessionCore`."""
+
+    def __init__(
         self,
-        text: str,
+        session: SessionCore,
+        kind: Kind,
+        attempt: Attempt | None = None,
         *,
-        max_tokens: int,
-        temperature: float,
-        top_p: float,
-        top_k: int,
-        seed: int | None,
-        on_overflow: OnOverflow,
-    ) -> Attempt:
-        """Validate a send's arguments and build its first TURN (raises ValueError)."""
-        if not isinstance(text, str):
-            raise ValueError(f"text must be str, got {type(text).__name__}")
-        params = TurnRequest((), max_tokens, temperature, top_p, top_k, seed)
-        history = [_checked_message(m) for m in self.history]  # the user may have edited it
-        return Attempt(text, params, on_overflow, history)
+        keep_history: bool = True,
+    ) -> None:
+        assert (kind is Kind.TURN) == (attempt is not None), "a TURN, and only a TURN, has text"
+        self.phase = Phase.NEW
+        self.attempt = attempt
+        self._s = session
+        self._kind = kind
+        self._keep_history = keep_history
+        self._ok = _OK.get(kind)  # the reply that ends a RESET or CLOSE well
+        self._waiting_for = "TURN reply" if self._ok is None else f"{self._ok.name} reply"
+        self._own: Request | None = None  # our latest request
+        self._recancelled: Request | None = None  # the pending request we sent CANCEL again for
+        self._cancel = False  # cancel() was called
+        self._closing = False  # close() was called
+        self._result: TurnResult | None = None
+        self._queue: deque[Action] = deque()
 
-    def commit(
-        self, attempt: Attempt, end: TurnEnd, reply: str, ttft_ms: float | None, elapsed_ms: float
-    ) -> TurnResult:
-        """Record a finished turn: the history gains the user text and the reply as streamed."""
-        self.history = [
-            *attempt.history,
-            {"role": str(Role.USER), "content": attempt.text},
-            {"role": str(Role.ASSISTANT), "content": reply},
-        ]
-        self.dropped += attempt.dropped
-        self.last = TurnResult(end, reply, attempt.dropped, ttft_ms, elapsed_ms)
-        return self.last
+    def start(self) -> None:
+        """Claim the session; raises SessionBusy at once if another call holds it."""
+        assert self.phase is Phase.NEW, "start() once"
+        self._s.claim(self)
+        self.phase = Phase.SETTLING
 
-    def forget(self) -> None:
-        """After RESET: keep only the leading system prompt."""
-        keep = 1 if self.history and self.history[0]["role"] == Role.SYSTEM else 0
-        self.history = self.history[:keep]
+    def next_action(self) -> Action:
+        """What the driver does next (see the module docstring)."""
+        if self._queue:
+            return self._queue.popleft()
+        req = self._s.request
+        if self.phase is Phase.SETTLING:
+            if req is not None:
+                if req is not self._own and req is not self._recancelled:
+                    # An earlier call's request: its CANCEL may have been lost with a broker
+                    # that died since; one the broker (or its successor) sees is answered.
+                    self._recancelled = req
+                    return Send(req.cancel)
+                return Receive(req.key, "end of an interrupted request", draining=True)
+            if self._closing:
+                self._finish()
+                return Done(self._result)
+            return self._send()
+        assert self.phase is Phase.RUNNING, f"next_action() in phase {self.phase.name}"
+        assert req is not None and req is self._own, "a request that ended was not failed"
+        if not req.sent:  # asked again: the driver has sent it
+            req.sent = True
+            if self._cancel:
+                return Send(req.cancel)  # cancel() came before the TURN was out
+        return Receive(req.key, self._waiting_for)
 
-
-def terminal_error(reply: Reply, session_id: str) -> KvrouteError:
-    """The exception for a terminal reply that is not the one awaited (raises nothing).
-
-    Bodies that fail to decode become a client-side :class:`ProtocolError`.
-    """
-    try:
-        if reply.kind is Kind.OVERFLOW:
-            o = Overflow.decode(reply.body)
-            return ContextOverflow(o.prompt_tokens, o.max_tokens, o.n_ctx)
-        if reply.kind is Kind.BUSY:
-            decode_empty(reply.body, "BUSY")
-            return SessionBusy(session_id)
-        if reply.kind is Kind.ERROR:
-            err = ErrorReply.decode(reply.body)
-            return error_for_code(err.code, err.message)
-        if reply.kind is Kind.SESSION_LOST:
-            lost = LostBody.decode(reply.body)
-            return SessionLost(lost.worker, str(lost.reason), lost.retryable)
-    except ProtocolViolation as exc:
-        return ProtocolError(exc.code, exc.message, remote=False)
-    unexpected = f"unexpected {reply.kind.name} reply"
-    return ProtocolError(ErrorCode.UNKNOWN_KIND, unexpected, remote=False)
-
-
-def check_ack(reply: Reply, ok: Kind, session_id: str) -> None:
-    """Accept the reply ``ok`` (empty body) to a RESET / CLOSE / PING, else raise its error."""
-    if reply.kind is ok:
-        try:
-            decode_empty(reply.body, ok.name)
-        except ProtocolViolation as exc:
-            raise ProtocolError(exc.code, exc.message, remote=False) from exc
-        return
-    raise terminal_error(reply, session_id)
-
-
-class TurnStream:
-    """The replies of one TURN, checked as they arrive.
-
-    Parameters
-    ----------
-    session_id
-        For error messages.
-    """
-
-    def __init__(self, session_id: str) -> None:
-        self.session_id = session_id
-        self.parts: list[str] = []
-        self.seq = 0  # TOKEN frames received
-        self.done = False  # a terminal reply arrived: nothing more will come for this request
-
-    @property
-    def text(self) -> str:
-        """The reply streamed so far."""
-        return "".join(self.parts)
-
-    def feed(self, reply: Reply) -> str | TurnEnd:
-        """Take one reply: a TOKEN's text (may be empty), or END once the stream checks out.
-
-        Raises
-        ------
-        ContextOverflow, SessionBusy, SessionLost, ServiceUnavailable, ProtocolError
-            For the other terminal replies; ProtocolError (client side) for a sequence gap, a
-            reply hash mismatch or an undecodable body.
-        """
-        self.done = reply.kind in TERMINAL_KINDS
-        try:
-            if reply.kind is Kind.TOKEN:
-                tok = Token.decode(reply.body)
-                if tok.seq != self.seq:
-                    raise self._broken(f"TOKEN seq {tok.seq}, expected {self.seq} (frames lost)")
-                self.seq += 1
-                self.parts.append(tok.text)
-                return tok.text
-            if reply.kind is Kind.END:
-                end = TurnEnd.decode(reply.body)
-                if end.seq != self.seq:
-                    raise self._broken(f"END says {end.seq} TOKEN frames, {self.seq} arrived")
-                if reply_sha256(self.text) != end.reply_sha256:
-                    raise self._broken(
-                        "reply hash mismatch: the streamed text is not what the worker committed"
-                    )
-                return end
-        except ProtocolViolation as exc:
-            raise ProtocolError(exc.code, exc.message, remote=False) from exc
-        raise terminal_error(reply, self.session_id)
-
-    def _broken(self, message: str) -> ProtocolError:
-        return ProtocolError(
-            ErrorCode.OUT_OF_RANGE, f"session {self.session_id!r}: {message}", remote=False
-        )
-
-
-class Demux:
-    """Per-request reply queues. Not locked: each adapter guards it its own way."""
-
-    def __init__(self) -> None:
-        self._queues: dict[Key, deque[Reply]] = {}
-
-    def open(self, key: Key) -> None:
-        """Start collecting replies for a request (before its first frame is sent)."""
-        self._queues[key] = deque()
-
-    def close(self, key: Key) -> None:
-        """Stop collecting: later replies for it are dropped (e.g. after a timeout)."""
-        self._queues.pop(key, None)
-
-    def pop(self, key: Key) -> Reply | None:
-        """The oldest queued reply of a request, or None."""
-        q = self._queues.get(key)
-        return q.popleft() if q else None
-
-    def dispatch(self, frames: list[bytes]) -> None:
-        """Queue a received message for its request; log and drop what cannot be routed."""
-        try:
-            reply = parse_reply(frames)
-        except ProtocolViolation as exc:
-            logger.warning("dropped a malformed message from the broker: %s", exc)
+    def on_reply(self, reply: Reply | None) -> None:
+        """The reply a :class:`Receive` waited for (None: nothing more will come for it)."""
+        req = self._s.request
+        assert req is not None, "on_reply() without a request on the wire"
+        if self.phase is Phase.SETTLING:
+            self._settle(req, reply)
             return
-        q = self._queues.get((reply.session_id, reply.request_id))
-        if q is None:
-            # Late replies of an abandoned request (timeout) land here; nobody awaits them.
-            logger.debug(
-                "dropped %s for session %r request %r: nobody waits for it",
-                reply.kind.name,
-                reply.session_id,
-                reply.request_id,
-            )
+        assert reply is not None, "only a request being waited out ends without a reply"
+        if req.attempt is not None:
+            self._turn_reply(req, reply)
             return
-        q.append(reply)
+        assert self._ok is not None
+        if ends_request(reply):
+            self._forget(req)
+        err = ack_error(reply, self._ok, self._s.conv.id)
+        if err is not None:
+            self._queue.append(Raise(err))
+            return
+        if self._kind is Kind.RESET and not self._keep_history:
+            self._s.conv.forget()
+        self._finish()
+        self._queue.append(Done())
+
+    def cancel(self) -> Cleanup | None:
+        """See :meth:`SessionCore.cancel`."""
+        if self._kind is not Kind.TURN or self.phase not in (Phase.SETTLING, Phase.RUNNING):
+            return None
+        self._cancel = True  # first, then look at ``sent``: next_action() does the reverse
+        req = self._own
+        if req is not None and req.sent and req is self._s.request:
+            return [Send(req.cancel)]
+        return []
+
+    def close(self) -> bool:
+        """The caller stops reading: cancel our turn and wait for its END, which commits the
+        partial reply. True if the driver must now run the machine to its Done; False if there is
+        nothing to wait for (the call never started, or is over)."""
+        if self.phase is Phase.NEW or self.phase is Phase.DONE:
+            self.phase = Phase.DONE
+            return False
+        req = self._own
+        if req is not None and req is self._s.request and req.attempt is not None:
+            req.keep_partial = not req.broken
+            self._queue.append(Send(req.cancel))
+        self._closing = True
+        self.phase = Phase.SETTLING
+        return True
+
+    def fail(self, exc: BaseException) -> Cleanup:
+        """An exception went through the driver (the caller's, an interrupt, a Raise): cancel
+        our turn, keep nothing of it, and leave the request pending for the session's next call
+        to wait out; but a Timeout while waiting one out gives up on that request."""
+        return self._leave(keep_partial=False, give_up=isinstance(exc, Timeout))
+
+    def abandon(self) -> Cleanup:
+        """The caller dropped the stream and cannot wait (a finalizer): cancel our turn; the
+        session's next call waits for its END and commits the partial reply."""
+        return self._leave(keep_partial=True, give_up=False)
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _send(self) -> Send:
+        s, attempt = self._s, self.attempt
+        sid, rid = s.conv.key, s.ids.next()
+        cancel = request_frames(Kind.CANCEL, sid, rid)
+        if attempt is None:
+            req = Request((sid, rid), s.clock(), cancel)
+            frames = request_frames(self._kind, sid, rid)
+        else:
+            if self._own is None:
+                attempt.refresh(s.conv.history)  # as it is now, not when send() was called
+            req = Request((sid, rid), s.clock(), cancel, attempt)
+            frames = request_frames(Kind.TURN, sid, rid, attempt.body)
+        s.request = self._own = req
+        self.phase = Phase.RUNNING
+        return Send(frames, req.key)
+
+    def _turn_reply(self, req: Request, reply: Reply) -> None:
+        out = turn_reply(req.parts, reply, self._s.conv.id)
+        if isinstance(out, str):
+            if out:
+                if req.ttft_ms is None:
+                    req.ttft_ms = self._ms(req)
+                self._queue.append(Yield(out))
+        elif isinstance(out, TurnEnd):
+            self._forget(req)
+            result = self._commit(req, out)
+            self._finish()
+            self._queue.append(Done(result))
+        else:
+            if ends_request(reply):
+                self._forget(req)
+            else:
+                req.broken = True  # a TOKEN failed its check: fail() cancels the turn
+            assert self.attempt is not None
+            if isinstance(out, ContextOverflow) and self.attempt.shrink(out, self._s.conv.id):
+                self.phase = Phase.SETTLING  # nothing is pending: the smaller TURN goes out
+            else:
+                self._queue.append(Raise(out))
+
+    def _settle(self, req: Request, reply: Reply | None) -> None:
+        """A reply of the request being waited out: dropped, except that a turn whose stream
+        was closed commits its END. A broken stream there is only logged."""
+        if reply is None:
+            self._forget(req)
+            self._queue.append(Discard(req.key))
+            return
+        if req.keep_partial and not req.broken:
+            out = turn_reply(req.parts, reply, self._s.conv.id)
+            if isinstance(out, TurnEnd):
+                result = self._commit(req, out)
+                if req is self._own:
+                    self._result = result
+            elif isinstance(out, KvrouteError):
+                req.broken = True
+                sid = self._s.conv.id
+                logger.warning("session %s: the closed turn did not end cleanly: %s", sid, out)
+        if ends_request(reply):
+            self._forget(req)
+
+    def _leave(self, *, keep_partial: bool, give_up: bool) -> Cleanup:
+        out: Cleanup = [a for a in self._queue if isinstance(a, Discard)]
+        self._queue.clear()
+        if self.phase is not Phase.SETTLING and self.phase is not Phase.RUNNING:
+            self.phase = Phase.DONE
+            return out
+        req = self._s.request
+        if req is not None and give_up and self.phase is Phase.SETTLING:
+            self._forget(req)
+            out.append(Discard(req.key))
+        elif req is not None and req.attempt is not None:  # a RESET or CLOSE cannot be stopped
+            if req is self._own:  # never upgrades another call's turn, never downgrades a close
+                req.keep_partial = (req.keep_partial or keep_partial) and not req.broken
+            out.append(Send(req.cancel))
+        self._finish()
+        return out
+
+    def _commit(self, req: Request, end: TurnEnd) -> TurnResult:
+        assert req.attempt is not None
+        text = "".join(req.parts)
+        return self._s.conv.commit(req.attempt, end, text, req.ttft_ms, self._ms(req))
+
+    def _ms(self, req: Request) -> float:
+        return (self._s.clock() - req.t0) * 1e3
+
+    def _forget(self, req: Request) -> None:
+        if self._s.request is req:
+            self._s.request = None
+
+    def _finish(self) -> None:
+        self.phase = Phase.DONE
+        self._s.release(self)
 
 
-class SessionView:
-    """What sync and asyncio sessions share: attributes read from their `Conversation`."""
+_OK = {Kind.RESET: Kind.RESET_OK, Kind.CLOSE: Kind.CLOSE_OK}
 
-    _conv: Conversation
 
-    @property
-    def id(self) -> str:
-        """The session id."""
-        return self._conv.id
+class PingMachine:
+    """A PING to the broker (outside any session); ``rtt`` is its round trip in seconds."""
 
-    @property
-    def history(self) -> list[dict[str, str]]:
-        """The messages sent with every turn (editable between turns)."""
-        return self._conv.history
+    def __init__(self, request_id: bytes, clock: Clock = time.perf_counter) -> None:
+        self.phase = Phase.NEW
+        self.rtt = 0.0  # set when Done
+        self._key: Key = (b"", request_id)
+        self._clock = clock
+        self._t0 = 0.0
+        self._queue: deque[Action] = deque()
 
-    @history.setter
-    def history(self, messages: list[dict[str, str]]) -> None:
-        self._conv.history = messages
+    def start(self) -> None:
+        self.phase = Phase.RUNNING
+        self._t0 = self._clock()
+        self._queue.append(Send(request_frames(Kind.PING, b"", self._key[1]), self._key))
 
-    @property
-    def last(self) -> TurnResult | None:
-        """Result of the last finished turn (None before the first)."""
-        return self._conv.last
+    def next_action(self) -> Action:
+        return self._queue.popleft() if self._queue else Receive(self._key, "PONG")
 
-    @property
-    def dropped(self) -> int:
-        """Messages dropped so far by ``on_overflow="drop_oldest"``."""
-        return self._conv.dropped
+    def on_reply(self, reply: Reply | None) -> None:
+        assert reply is not None
+        err = ack_error(reply, Kind.PONG, "")
+        if err is not None:
+            self._queue.append(Raise(err))
+            return
+        self.rtt = self._clock() - self._t0
+        self.phase = Phase.DONE
+        self._queue.append(Done())
+
+    def fail(self, exc: BaseException) -> Cleanup:
+        self.phase = Phase.DONE
+        return [Discard(self._key)]

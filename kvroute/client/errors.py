@@ -7,7 +7,7 @@ the library raises on purpose. The history of a session is never changed by a tu
 
 from __future__ import annotations
 
-from kvroute.proto import ErrorCode
+from kvroute.proto import RETRYABLE_CODES, ErrorCode
 
 
 class KvrouteError(Exception):
@@ -185,12 +185,9 @@ class LimitReached(KvrouteError):
         super().__init__(f"client limit reached: {message}")
 
 
-_UNAVAILABLE_CODES = frozenset({ErrorCode.NO_WORKER, ErrorCode.OVERLOADED, ErrorCode.SHUTTING_DOWN})
-
-
 def error_for_code(code: ErrorCode, message: str) -> KvrouteError:
     """The exception for an ERROR reply from the service."""
-    if code in _UNAVAILABLE_CODES:
+    if code in RETRYABLE_CODES:
         return ServiceUnavailable(code, message)
     if code is ErrorCode.NOT_OWNER:
         return NotOwner(message)

@@ -6,14 +6,17 @@ from dataclasses import dataclass
 
 from kvroute.proto import CachePath, ColdReason, FinishReason, TurnEnd, TurnStats
 
+_REPR_REPLY_CHARS = 60  # a reply longer than this is shortened in repr()
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, repr=False)
 class TurnResult:
     """One finished turn, as ``session.last``.
 
     The worker's numbers live in :attr:`end` (proto's :class:`~kvroute.proto.TurnEnd` and its
     :class:`~kvroute.proto.TurnStats`); the properties below expose them flat, so
-    ``session.last.cached_tokens`` reads naturally.
+    ``session.last.cached_tokens`` reads naturally. ``str()`` is one line for people (cache
+    reuse, time to first token, speed, worker, path); ``repr()`` lists the figures by name.
 
     Attributes
     ----------
@@ -95,3 +98,49 @@ class TurnResult:
         """Worker-side decode speed (tokens after the first per second), None if unmeasurable."""
         n, ms = self.generated_tokens - 1, self.decode_ms
         return n * 1000.0 / ms if n > 0 and ms > 0 else None
+
+    def __str__(self) -> str:
+        ttft = f"TTFT {self.ttft_ms:.0f} ms (worker)"
+        if self.client_ttft_ms is not None:
+            ttft = f"TTFT {self.client_ttft_ms:.0f} ms (worker {self.ttft_ms:.0f} ms)"
+        parts = [
+            f"{self.finish_reason}",
+            f"{self.generated_tokens} tokens",
+            f"cached {self.cached_tokens}/{self.prompt_tokens} prompt tokens",
+            ttft,
+        ]
+        if self.tokens_per_s is not None:
+            parts.append(f"{self.tokens_per_s:.0f} tok/s")
+        parts.append(f"worker {self.worker}")
+        cold = self.cold_reason
+        parts.append(f"cold ({cold})" if cold is not None else str(self.path))
+        if self.dropped:
+            parts.append(f"dropped {self.dropped} old messages")
+        return " · ".join(parts)
+
+    def __repr__(self) -> str:
+        reply = self.reply
+        if len(reply) > _REPR_REPLY_CHARS:
+            reply = reply[: _REPR_REPLY_CHARS - 1] + "…"
+
+        def ms(v: float | None) -> str:
+            return "None" if v is None else f"{v:.1f}"
+
+        cold = None if self.cold_reason is None else str(self.cold_reason)
+        fields = [
+            f"reply={reply!r}",
+            f"finish_reason={str(self.finish_reason)!r}",
+            f"prompt_tokens={self.prompt_tokens}",
+            f"cached_tokens={self.cached_tokens}",
+            f"prefill_tokens={self.prefill_tokens}",
+            f"generated_tokens={self.generated_tokens}",
+            f"path={str(self.path)!r}",
+            f"cold_reason={cold!r}",
+            f"worker={self.worker!r}",
+            f"ttft_ms={ms(self.ttft_ms)}",
+            f"client_ttft_ms={ms(self.client_ttft_ms)}",
+            f"decode_ms={ms(self.decode_ms)}",
+            f"elapsed_ms={ms(self.elapsed_ms)}",
+            f"dropped={self.dropped}",
+        ]
+        return f"TurnResult({', '.join(fields)})"

@@ -1,15 +1,23 @@
-"""Per-sequence KV cache that grows in chunks and can be trimmed.
+"""Per-sequence KV cache that grows geometrically and can be trimmed.
 
 One object holds every layer of one sequence, so a session owns exactly one cache and its
-length is one number. Memory grows with the sequence (``GROW_CHUNK`` positions at a time); nothing
-is preallocated to the context size, so an idle 40-token session costs 40 positions, not n_ctx.
+length is one number. Nothing is preallocated to the context size: the first allocation is what
+the first forward pass needs (at least ``MIN_GROW`` positions), and each later growth adds half
+the current capacity (at least ``MIN_GROW``), so a sequence of n positions is copied O(n) times
+in all and never holds more than about 1.5x what it uses. An idle 20-token session costs 20
+positions.
+
+``growth_limit`` lets the caller cap growth at what a sequence can still reach (a turn knows its
+prompt length and ``max_tokens``), so a turn that reserves its worst case in a memory budget
+never allocates more than it reserved.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-GROW_CHUNK = 256  # positions added per growth step; amortises the copy on growth
+MIN_GROW = 16  # fewest positions one growth adds: decode one token at a time without a copy each
+GROWTH = 0.5  # growth adds this fraction of the capacity: geometric, so copies amortise to O(n)
 
 
 class KVCache:
@@ -27,6 +35,7 @@ class KVCache:
         self.n_kv_heads = n_kv_heads
         self.head_dim = head_dim
         self.max_len = max_len
+        self.growth_limit = max_len  # growth allocates no more positions than this (see reserve)
         self.length = 0  # positions holding committed keys/values
         shape = (n_layers, n_kv_heads, 0, head_dim)
         self.k = np.zeros(shape, dtype=np.float32)
@@ -47,14 +56,24 @@ class KVCache:
         """Bytes one position costs (keys + values, all layers)."""
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 4
 
+    def grown_capacity(self, need: int) -> int:
+        """The capacity `reserve` allocates when ``need`` positions do not fit.
+
+        Geometric: the current capacity plus half of it (at least ``MIN_GROW``), but never less
+        than ``need``, and never more than ``growth_limit`` (unless ``need`` is more) or
+        ``max_len``.
+        """
+        step = max(MIN_GROW, int(self.capacity * GROWTH))
+        target = min(self.capacity + step, max(self.growth_limit, need))
+        return min(self.max_len, max(need, target))
+
     def reserve(self, n_new: int) -> None:
-        """Make room for ``n_new`` more positions, growing in ``GROW_CHUNK`` steps."""
+        """Make room for ``n_new`` more positions (see `grown_capacity`)."""
         need = self.length + n_new
         assert need <= self.max_len, f"cache overflow: {need} > {self.max_len}"
         if need <= self.capacity:
             return
-        cap = min(self.max_len, -(-need // GROW_CHUNK) * GROW_CHUNK)
-        shape = (self.n_layers, self.n_kv_heads, cap, self.head_dim)
+        shape = (self.n_layers, self.n_kv_heads, self.grown_capacity(need), self.head_dim)
         k = np.empty(shape, dtype=np.float32)
         v = np.empty(shape, dtype=np.float32)
         k[:, :, : self.length] = self.k[:, :, : self.length]
@@ -92,8 +111,7 @@ class KVCache:
         self.trim(self.length - length)
 
     def compact(self) -> None:
-        """Release capacity beyond the next chunk boundary (after a large trim)."""
-        cap = min(self.max_len, -(-self.length // GROW_CHUNK) * GROW_CHUNK)
-        if cap < self.capacity:
-            self.k = self.k[:, :, :cap].copy()
-            self.v = self.v[:, :, :cap].copy()
+        """Release all capacity beyond the length (after a large trim, or to park a sequence)."""
+        if self.length < self.capacity:
+            self.k = self.k[:, :, : self.length].copy()
+            self.v = self.v[:, :, : self.length].copy()

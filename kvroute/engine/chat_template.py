@@ -7,14 +7,17 @@ so that every template written for Hugging Face renders identically here. A mode
 template gets plain ChatML.
 
 Messages come from clients, so they are validated here, at the edge, before any template sees
-them.
+them. Their content is data: `ChatTemplate.render_spans` also says where each content landed in
+the prompt, so that a control token's text inside a message is never read as one (``prompt.py``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NoReturn
 
@@ -36,6 +39,19 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+@dataclass(frozen=True)
+class RenderedChat:
+    """A rendered prompt and where the message contents are in it.
+
+    ``content`` holds ``(start, end)`` character ranges of ``text``, one per rendered content
+    (with the whitespace around it), or is None when the template alters contents beyond
+    trimming them so that they cannot be located.
+    """
+
+    text: str
+    content: tuple[tuple[int, int], ...] | None
 
 
 def _one_line(text: str, limit: int = 200) -> str:
@@ -64,6 +80,74 @@ def _environment() -> ImmutableSandboxedEnvironment:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
+
+
+def _tag(messages: Sequence[Mapping[str, str]]) -> str:
+    """A random run of Unicode noncharacters that no content contains, to bracket contents."""
+    while True:
+        tag = "\ufdd0" + "".join(chr(0xFDD1 + b % 31) for b in secrets.token_bytes(8))
+        if not any(tag in m["content"] for m in messages):
+            return tag
+
+
+def _bracket(messages: list[dict[str, str]], tag: str) -> list[dict[str, str]]:
+    """Each content wrapped in numbered begin/end tags inside its surrounding whitespace.
+
+    The whitespace stays outside so that a template's ``trim`` still removes it.
+    """
+    out = []
+    for i, m in enumerate(messages):
+        core = m["content"].strip()
+        if core:
+            lead, _, trail = m["content"].partition(core)
+            m = {**m, "content": f"{lead}{tag}{i}b{tag}{core}{tag}{i}e{tag}{trail}"}
+        out.append(m)
+    return out
+
+
+def _unbracket(
+    text: str, tag: str, messages: list[dict[str, str]]
+) -> tuple[str, list[tuple[int, int]]] | None:
+    """Remove the tags of `_bracket`: the plain text and the content ranges in it.
+
+    None if the tags do not pair up (the template cut or reordered a content).
+    """
+    # Contents never contain the tag, so splitting on it leaves text and labels alternating.
+    pieces = text.split(tag)
+    if len(pieces) % 2 == 0:
+        return None
+    parts: list[str] = [pieces[0]]
+    opened: dict[int, int] = {}
+    found: list[tuple[int, int, int]] = []
+    n = len(pieces[0])
+    for label, after in zip(pieces[1::2], pieces[2::2], strict=True):
+        number, kind = label[:-1], label[-1:]
+        if not (number.isascii() and number.isdigit() and int(number) < len(messages)):
+            return None
+        i = int(number)
+        if kind == "b" and i not in opened:
+            opened[i] = n
+        elif kind == "e" and i in opened:
+            found.append((opened.pop(i), n, i))
+        else:
+            return None
+        parts.append(after)
+        n += len(after)
+    if opened:
+        return None
+    plain = "".join(parts)
+    spans = []
+    for start, end, i in found:
+        # Widen over the whitespace around the content where the template kept it.
+        content = messages[i]["content"]
+        lead = content[: len(content) - len(content.lstrip())]
+        trail = content[len(content.rstrip()) :]
+        if plain[start - len(lead) : start] == lead:
+            start -= len(lead)
+        if plain[end : end + len(trail)] == trail:
+            end += len(trail)
+        spans.append((start, end))
+    return plain, spans
 
 
 def validate_messages(messages: object) -> list[dict[str, str]]:
@@ -128,6 +212,7 @@ class ChatTemplate:
         self.source: str = CHATML_TEMPLATE if source is None else source
         self.bos_token = bos_token
         self.eos_token = eos_token
+        self._warned = False  # about a template that alters contents (logged once)
         try:
             self._template = _environment().from_string(self.source)
         except jinja2.TemplateError as exc:
@@ -174,10 +259,40 @@ class ChatTemplate:
         TemplateError
             If the messages are malformed or the template rejects them.
         """
+        return self._render(validate_messages(messages), add_generation_prompt)
+
+    def render_spans(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+    ) -> RenderedChat:
+        """Render like `render`, and locate every message content in the result.
+
+        The template runs a second time with each content bracketed by random tags; removing
+        them must give exactly the prompt of `render`, else ``content`` is None.
+
+        Raises
+        ------
+        TemplateError
+            If the messages are malformed or the template rejects them.
+        """
         clean = validate_messages(messages)
+        text = self._render(clean, add_generation_prompt)
+        tag = _tag(clean)
+        try:
+            bracketed = self._render(_bracket(clean, tag), add_generation_prompt)
+        except TemplateError:  # a template that inspects contents may reject the tags
+            bracketed = None
+        found = None if bracketed is None else _unbracket(bracketed, tag, clean)
+        if found is None or found[0] != text:
+            if not self._warned:
+                logger.warning("the chat template alters message contents: cannot locate them")
+                self._warned = True
+            return RenderedChat(text, None)
+        return RenderedChat(text, tuple(found[1]))
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         try:
             return self._template.render(
-                messages=clean,
+                messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,

@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from .cache import KVCache
-from .chat_template import ChatTemplate
-from .errors import ContextOverflowError, EngineError
-from .gguf_file import GGUFFile
-from .models import load_model, model_class
+from .chat_template import ChatTemplate, validate_messages
+from .errors import ContextOverflowError, EngineError, TemplateError
+from .models import model_class, open_metadata, open_model
 from .models.llama import LlamaModel
+from .prompt import Prompt, PromptCodec
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
+from .weights_cache import CacheConfig
 
 logger = logging.getLogger(__name__)
 
@@ -77,22 +78,26 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.template = template
+        self.prompts = PromptCodec(tokenizer)
         self.n_ctx = n_ctx
         self.path = path
 
     @classmethod
-    def load(cls, path: str | Path, n_ctx: int | None = None) -> Engine:
-        """Load a GGUF file.
+    def load(
+        cls, path: str | Path, n_ctx: int | None = None, weights: CacheConfig | None = None
+    ) -> Engine:
+        """Load a GGUF file, its weights mapped from the host's weights cache.
 
         ``n_ctx`` defaults to ``DEFAULT_N_CTX`` and is capped by the model's training context.
+        ``weights`` says where prepared weights are cached (default: ``$KVROUTE_HOME/weights``;
+        see `weights_cache`).
 
         Raises
         ------
         ModelLoadError
             Not GGUF, truncated, unknown architecture, missing tokenizer metadata.
         """
-        gguf = GGUFFile(path)
-        model = load_model(gguf)
+        gguf, model = open_model(path, weights)
         tokenizer = Tokenizer.from_gguf(gguf)
         template = ChatTemplate.from_gguf(gguf, tokenizer)
         ctx = min(n_ctx or DEFAULT_N_CTX, model.args.n_ctx_train)
@@ -101,7 +106,7 @@ class Engine:
 
     @staticmethod
     def check(path: str | Path) -> None:
-        """Cheap validation of a model file without loading weights (~2 s: metadata only).
+        """Cheap validation of a model file without loading weights (metadata only).
 
         Lets a parent process fail fast with one clear line before spawning workers.
 
@@ -110,7 +115,7 @@ class Engine:
         ModelLoadError
             Not GGUF, truncated, unknown architecture, missing tokenizer metadata.
         """
-        gguf = GGUFFile(path)
+        gguf = open_metadata(path)
         model_class(gguf)
         Tokenizer.from_gguf(gguf)
 
@@ -132,9 +137,37 @@ class Engine:
         """Render role/content messages with the model's chat template (generation prompt on)."""
         return self.template.render(messages, add_generation_prompt=True)
 
+    def render_prompt(self, messages: Sequence[Mapping[str, str]]) -> Prompt:
+        """Render like `render`; only the template's own control tokens become markers.
+
+        Control-token text inside a message content stays text (see `encode_prompt`).
+
+        Raises
+        ------
+        TemplateError
+            If the messages are malformed or the template rejects them, or if the template
+            alters contents so that they cannot be located and one spells a control token.
+        """
+        chat = self.template.render_spans(messages, add_generation_prompt=True)
+        if chat.content is not None:
+            return self.prompts.mark(chat.text, chat.content)
+        # Contents are somewhere in the text, but where is unknown: safe only without any
+        # control-token text in them.
+        for i, m in enumerate(validate_messages(messages)):
+            if self.prompts.contains_special(m["content"]):
+                raise TemplateError(
+                    f"messages[{i}].content contains control-token text, which this model's "
+                    "chat template does not let us keep apart from the template's own"
+                )
+        return self.prompts.mark(chat.text)
+
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (special tokens parsed, no BOS)."""
+        """Token ids of raw ``text`` (special tokens parsed, no BOS)."""
         return self.tokenizer.encode(text)
+
+    def encode_prompt(self, prompt: Prompt, start: int = 0) -> list[int]:
+        """Token ids of ``prompt.text[start:]``: markers as control ids, the rest as text."""
+        return self.prompts.encode(prompt, start)
 
     def forward(
         self, segments: Sequence[tuple[KVCache, Sequence[int]]], all_logits: bool = False

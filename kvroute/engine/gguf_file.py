@@ -37,6 +37,32 @@ class GGUFFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._reader: gguf.GGUFReader | None = None
+        self._tensors: dict[str, gguf.ReaderTensor] = {}
+        self.meta: dict[str, Any] = {}
+        for key, field in self.reader.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            try:
+                self.meta[key] = field.contents()
+            except Exception as exc:
+                raise ModelLoadError(f"{self.path}: bad metadata field {key} ({exc})") from exc
+
+    @classmethod
+    def from_meta(cls, path: str | Path, meta: dict[str, Any]) -> GGUFFile:
+        """The file at ``path`` with its metadata already known (e.g. from the weights cache).
+
+        Parsing a GGUF's metadata is the slowest part of opening it (every vocabulary entry is
+        a Python object), so this skips it; the file is parsed only if a tensor is asked for.
+        """
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self._reader = None
+        self._tensors = {}
+        self.meta = meta
+        return self
+
+    def _open(self) -> gguf.GGUFReader:
         if not self.path.is_file():
             raise ModelLoadError(f"{self.path}: no such model file")
         with self.path.open("rb") as f:
@@ -44,27 +70,27 @@ class GGUFFile:
         if magic != GGUF_MAGIC:
             raise ModelLoadError(f"{self.path}: not a GGUF file (magic {magic!r})")
         try:
-            self._reader = gguf.GGUFReader(self.path, "r")
+            reader = gguf.GGUFReader(self.path, "r")
         except Exception as exc:  # the reader raises ValueError, IndexError, struct errors...
             raise ModelLoadError(
                 f"{self.path}: unreadable GGUF, truncated or corrupt ({exc})"
             ) from exc
-        self._tensors = {t.name: t for t in self._reader.tensors}
-        self.meta: dict[str, Any] = {}
-        for key, field in self._reader.fields.items():
-            if key.startswith("GGUF."):
-                continue
-            try:
-                self.meta[key] = field.contents()
-            except Exception as exc:
-                raise ModelLoadError(f"{self.path}: bad metadata field {key} ({exc})") from exc
-        self._check_sizes()
+        self._tensors = {t.name: t for t in reader.tensors}
+        self._check_sizes(reader)
+        return reader
 
-    def _check_sizes(self) -> None:
+    @property
+    def reader(self) -> gguf.GGUFReader:
+        """The underlying `gguf.GGUFReader` (opened on first use after `from_meta`)."""
+        if self._reader is None:
+            self._reader = self._open()
+        return self._reader
+
+    def _check_sizes(self, reader: gguf.GGUFReader) -> None:
         # A truncated file can still parse (the reader memory-maps it) but its last tensors
         # then point past the end: catch it here, not as garbage logits later.
         size = self.path.stat().st_size
-        for t in self._reader.tensors:
+        for t in reader.tensors:
             end = int(t.data_offset) + int(t.n_bytes)
             if end > size or t.data.nbytes != int(t.n_bytes):
                 raise ModelLoadError(
@@ -88,6 +114,7 @@ class GGUFFile:
 
     def has_tensor(self, name: str) -> bool:
         """Whether the file holds a tensor called ``name``."""
+        _ = self.reader
         return name in self._tensors
 
     def tensor(self, name: str) -> np.ndarray:
@@ -96,6 +123,7 @@ class GGUFFile:
         GGUF lists dimensions innermost first; the returned array has them reversed, so a
         linear layer's weight comes back as ``(out_features, in_features)``.
         """
+        _ = self.reader
         t = self._tensors.get(name)
         if t is None:
             raise ModelLoadError(f"{self.path}: missing tensor {name}")

@@ -38,6 +38,11 @@ def default_model_path() -> Path:
     return kvroute_home() / "models" / DEFAULT_MODEL_NAME
 
 
+def weights_dir() -> Path:
+    """Where prepared (dequantised, laid-out) weights are cached, one file per model sha256."""
+    return kvroute_home() / "weights"
+
+
 def sha256_of(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()

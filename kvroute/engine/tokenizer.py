@@ -6,8 +6,10 @@ reproduces llama.cpp's choices around it:
 * the pre-tokenizer: llama.cpp picks a list of split regexes by ``tokenizer.ggml.pre``
   (``llm_tokenizer_bpe`` in ``src/llama-vocab.cpp``) and applies them one after another, which is
   exactly a `tokenizers` ``Sequence`` of ``Split(..., "isolated")`` followed by the byte mapping;
-* special tokens: control, unknown and user-defined tokens are matched atomically in the text
-  before any splitting (we always tokenize with llama.cpp's ``parse_special=true``);
+* special tokens: user-defined tokens are always matched atomically in the text before any
+  splitting, control and unknown tokens only when special parsing is on (llama.cpp's
+  ``parse_special``; chat prompts use it only for the template's own markers, see
+  ``prompt.py``);
 * detokenizing: control tokens render as nothing, user-defined tokens as their raw text, every
   other token through the GPT-2 byte table.
 """
@@ -125,7 +127,7 @@ class Tokenizer:
 
     Notes
     -----
-    `encode` runs in Rust without shared mutable state, so one instance may be shared.
+    Encoding runs in Rust without shared mutable state, so one instance may be shared.
     """
 
     def __init__(
@@ -174,8 +176,17 @@ class Tokenizer:
                 types[i] = TOKEN_CONTROL
         self._control = frozenset(i for i, t in enumerate(types) if t == TOKEN_CONTROL)
         self.eot_ids: frozenset[int] = frozenset({eos_id, *extra_eot_ids, *eog_named})
+        # Text -> id of the tokens special parsing switches on and off (control and unknown:
+        # those `tokenizers` holds as special).
+        self.special_ids: dict[str, int] = {
+            self._texts[i]: i for i, t in enumerate(types) if t in (TOKEN_CONTROL, TOKEN_UNKNOWN)
+        }
 
         self._hf = self._build_hf(vocab, merges, types, spec)
+        # The same BPE model and pre-tokenizer (shared, not copied) behind a second front end
+        # that tokenizes special-token texts as plain text; user-defined tokens stay atomic in
+        # both, as in llama.cpp.
+        self._hf_plain = self._wrap(self._hf.model, self._hf.pre_tokenizer, types, special=False)
         self._pieces = self._build_pieces(types)
         logger.debug(
             "tokenizer: %d tokens, %d merges, pre %r, built in %.3f s",
@@ -207,11 +218,23 @@ class Tokenizer:
             model = models.BPE(vocab, pairs, ignore_merges=spec.ignore_merges)
         except Exception as exc:  # tokenizers raises a bare Exception
             raise ValueError(f"cannot build the BPE model ({exc})") from exc
-        hf = HFTokenizer(model)
-        hf.pre_tokenizer = pre_tokenizers.Sequence(
+        pre = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(r), "isolated") for r in spec.regexes]
             + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
+        return self._wrap(model, pre, types, special=True)
+
+    def _wrap(
+        self,
+        model: models.Model,
+        pre: pre_tokenizers.PreTokenizer,
+        types: Sequence[int],
+        *,
+        special: bool,
+    ) -> HFTokenizer:
+        hf = HFTokenizer(model)
+        hf.pre_tokenizer = pre
+        hf.encode_special_tokens = not special  # true: special tokens are not matched
         # Added after the model so that each keeps the id it already has in the vocabulary.
         specials, user = [], []
         for i, t in enumerate(types):
@@ -292,9 +315,15 @@ class Tokenizer:
         except ValueError as exc:
             raise ModelLoadError(f"{gguf.path}: bad tokenizer ({exc})") from exc
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; special-token texts become their single id, no BOS is added."""
-        return self._hf.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, *, special: bool = True) -> list[int]:
+        """Token ids of ``text``, no BOS added.
+
+        With ``special`` (llama.cpp's ``parse_special``) the text of a control token becomes its
+        single id; without, it is tokenized as the plain characters it is. Chat prompts go
+        through ``prompt.PromptCodec``, which parses only the template's own markers.
+        """
+        hf = self._hf if special else self._hf_plain
+        return hf.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int], *, special: bool = False) -> str:
         """Text of ``ids``; invalid UTF-8 becomes U+FFFD.

@@ -12,7 +12,8 @@ msgpack map, at most 1 MiB (:mod:`~kvroute.proto.limits`).
 
 - client -> broker: ``[header, session_id, request_id, body]``
 - broker -> worker: ``[header, client, session_id, request_id, flags, body]`` (flags bit 0:
-  the session's previous worker was lost; drop any state for it, report cold ``worker_lost``)
+  the session's previous worker was lost; drop any state for it, report cold ``worker_lost``),
+  or with ``principal`` (the session's owner) before the body when it is not ``client``
 - worker -> broker: ``[header, client, session_id, request_id, body]`` echoing the delivery
 - worker <-> broker control: ``[header, body]``
 - broker -> client: ``[header, session_id, request_id, body]``
@@ -27,8 +28,13 @@ Client -> service (each TURN/RESET/CLOSE occupies its session until its terminal
 - TURN: :class:`TurnRequest` {messages: [{role, content}], max_tokens, temperature, top_p,
   top_k, seed}. Answer: TOKEN* then one of END, OVERFLOW, ERROR, SESSION_LOST, BUSY.
 - CANCEL (empty body; request id = the TURN's): stop generating; the TURN then ends with END
-  ``finish_reason`` cancelled. No reply of its own (except ERROR ``not_owner`` to a stranger);
-  ignored if that turn is not in flight.
+  ``finish_reason`` cancelled. No reply of its own while that turn is in flight (its END is
+  the answer). If the broker has no such request in flight on the session (it ended, never
+  ran, or ran at a broker that has restarted since), it answers at once ERROR
+  ``not_in_flight`` under that request id, the request's terminal for a client still waiting
+  for it. A CANCEL racing its turn's END thus gets a second terminal for the same request id:
+  clients drop replies for a request whose terminal they already had. A stranger's CANCEL gets
+  ERROR ``not_owner``; a CANCEL with a non-empty body is dropped unanswered.
 - RESET (empty): forget the session's cache; answer RESET_OK (next turn cold ``reset``).
 - CLOSE (empty): forget the session and its pin; answer CLOSE_OK.
 - PING (empty): answered PONG by the broker (checks the broker, not a worker).
@@ -38,8 +44,8 @@ Service -> client:
 - TOKEN :class:`Token` {seq, text, ids}: seq counts from 0 per request without gaps.
 - END :class:`TurnEnd` {seq (= TOKEN frames sent), finish_reason stop|length|cancelled,
   reply_sha256, stats: :class:`TurnStats` {prompt_tokens, cached_tokens, prefill_tokens,
-  generated_tokens, path cold|text_prefix|token_prefix, cold_reason new|evicted|reset|diverged|
-  worker_lost|nil, ttft_ms, decode_ms, worker}}.
+  generated_tokens, path cold|text_prefix|token_prefix, cold_reason new|evicted|reset|cancelled|
+  diverged|worker_lost|nil, ttft_ms, decode_ms, worker}}.
 - OVERFLOW :class:`Overflow` {prompt_tokens, max_tokens, n_ctx}: nothing changed.
 - ERROR :class:`ErrorReply` {code (:class:`ErrorCode`), message}.
 - SESSION_LOST :class:`SessionLost` {worker, reason (:class:`LostReason`), retryable}.
@@ -48,22 +54,28 @@ Service -> client:
 
 Worker <-> broker control:
 
-- READY :class:`Ready` {worker, pid, epoch, capacity, model, n_ctx}: first message on every new
-  socket; a new epoch each time (a known worker id with a new epoch = restart: its old turns end
-  SESSION_LOST, its sessions move elsewhere).
+- READY :class:`Ready` {worker, pid, epoch, capacity, model, n_ctx, sessions?}: first message on
+  every new socket; a new epoch each time. Answered at once with HEARTBEAT; the same connection
+  and epoch again changes nothing. A known worker id from a new connection = restart (its old
+  turns end SESSION_LOST), unless the old connection is still there and heard from: then the
+  READY is refused with ERROR ``not_owner``. ``sessions`` (optional, <= 2048): the sessions the
+  worker still holds (:class:`Resident` [id, owner, kv_bytes, idle_ms, last_turn_ns]); the broker
+  pins them to it again, or sends a CLOSE for each one it gives to another worker.
 - HEARTBEAT: worker -> broker :class:`Heartbeat` {load, sessions, kv_bytes}; broker -> worker an
   empty body. Every ``heartbeat_interval`` (1 s); a peer silent for ``liveness`` (3) intervals is
   dead. Any message counts as a heartbeat.
 - DISCONNECT :class:`Disconnect` {reason}: a worker leaving; or the broker saying "unknown
-  worker": the worker drops every session and turn, recreates its socket, sends READY again.
+  worker": the worker ends its turns, recreates its socket, sends READY again (announcing its
+  sessions).
 - ERROR (control form, 2 frames): answer to a malformed control message.
 
 Identity, ownership and limits
 ------------------------------
 A session belongs to the client identity (*principal*) that created it with its first TURN:
 
-- with CURVE (``kvroute broker --curve-secret FILE --allow-keys DIR``; both ROUTERs are CURVE
-  servers behind a ZAP handler that lets in only the public keys in DIR), the principal is the
+- with CURVE (``kvroute broker --curve-secret FILE --allow-keys DIR --allow-worker-keys
+  WDIR``; both ROUTERs are CURVE servers behind a ZAP handler that lets in only the clients'
+  keys in DIR on the frontend and the workers' keys in WDIR on the backend), the principal is the
   client's authenticated public key (z85), which the broker reads per message as the
   ``User-Id`` property. Any connection holding the key may drive the key's sessions.
 - without CURVE, the principal is the client's routing id on the frontend. The library client
@@ -94,21 +106,31 @@ Untrusted bytes are validated at the edge and answered with ERROR to their sende
 above the socket's ``MAXMSGSIZE`` (4 MiB) is dropped by ZeroMQ. Validation raises
 :class:`ProtocolViolation` (``code``, ``message``); codes are in :class:`ErrorCode`: bad_frame,
 bad_version, unknown_kind, bad_body, out_of_range, too_large, no_worker, overloaded,
-slow_consumer, shutting_down, not_owner, limit, internal. Unknown body fields are rejected (a
-typo must not become a default); a new field means a new version.
+slow_consumer, shutting_down, not_owner, limit, not_in_flight, internal. Unknown body fields are
+rejected (a typo must not become a default); a new field means a new version. One exception:
+READY's optional ``sessions``, left out when empty (so a worker with nothing to announce sends
+the READY of before); a broker that rejects it makes the worker register again without it.
 
-Limits (:mod:`kvroute.proto.limits`): session id 1..64 bytes, request id 1..32 bytes, body
-<= 1 MiB; TURN: 1..1024 messages, <= 256 Ki characters of content in total, last message from
-the user, max_tokens 1..32768, temperature finite 0..100, 0 < top_p <= 1, top_k 0..2**20, seed
-0..2**64-1 or nil; TOKEN: <= 4096 ids, <= 64 Ki characters; names (worker, model, reason) <= 128
-characters; ERROR message <= 1024 characters; READY capacity 1..4096, n_ctx 1..2**24.
+Limits: session id 1..64 bytes, request id 1..32 bytes, body <= 1 MiB (:mod:`.limits`). Each
+body's fields, types, limits and defaults are declared once, as a msgspec ``Struct`` in
+:mod:`.messages` or :mod:`.control` (see :mod:`.fields`); the reference tables in
+``docs/design.md`` are generated from those declarations (:mod:`.reference`).
 
 Who checks what: the broker checks headers and routing-frame sizes of every message (cheap
 length comparisons), ownership and per-client limits of every request, and decodes only control
 bodies addressed to it; a request's body is validated by the worker, a reply's by the client.
 """
 
-from .control import Disconnect, ErrorReply, Heartbeat, LostReason, Ready, SessionLost, error_body
+from .control import (
+    Disconnect,
+    ErrorReply,
+    Heartbeat,
+    LostReason,
+    Ready,
+    Resident,
+    SessionLost,
+    error_body,
+)
 from .errors import RETRYABLE_CODES, ErrorCode, ProtocolViolation
 from .fields import EMPTY_BODY, decode_empty
 from .frames import (
@@ -163,6 +185,7 @@ __all__ = [
     "ProtocolViolation",
     "Ready",
     "Reply",
+    "Resident",
     "Role",
     "SessionLost",
     "Token",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Annotated, ClassVar, NamedTuple
+
+from msgspec import Meta
 
 from . import limits as L
 from .errors import ErrorCode, ProtocolViolation
-from .fields import Body, BodyReader
+from .fields import Body, Count, Name, NCtx, WorkerId
 
 
 class LostReason(StrEnum):
@@ -22,32 +23,20 @@ class LostReason(StrEnum):
     SHUTDOWN = "shutdown"  # sent by a worker ending its own turns as it stops
 
 
-@dataclass(frozen=True, slots=True)
-class ErrorReply(Body):
-    """ERROR body: ``code`` from :class:`ErrorCode`, ``message`` free text (<= 1024 chars)."""
+class ErrorReply(Body, frozen=True):
+    """ERROR body: ``code`` from :class:`ErrorCode`, ``message`` free text."""
 
     WHAT: ClassVar[str] = "ERROR"
     code: ErrorCode
-    message: str
+    message: Annotated[str, Meta(max_length=L.MAX_ERROR_MESSAGE_CHARS)]
 
     @classmethod
     def of(cls, exc: ProtocolViolation) -> ErrorReply:
         """The ERROR that answers a violation (message clipped to the limit)."""
         return cls(exc.code, exc.message[: L.MAX_ERROR_MESSAGE_CHARS])
 
-    def to_map(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message}
 
-    @classmethod
-    def read(cls, r: BodyReader) -> ErrorReply:
-        return cls(
-            code=r.get_enum("code", ErrorCode),
-            message=r.get_str("message", L.MAX_ERROR_MESSAGE_CHARS),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class SessionLost(Body):
+class SessionLost(Body, frozen=True):
     """SESSION_LOST body: the worker owning the session is gone with the turn in flight.
 
     The session's KV state is gone too; ``retryable`` is true when resending the request (with
@@ -55,102 +44,88 @@ class SessionLost(Body):
     """
 
     WHAT: ClassVar[str] = "SESSION_LOST"
-    worker: str
+    worker: Name
     reason: LostReason
     retryable: bool = True
 
-    def to_map(self) -> dict[str, Any]:
-        return {"worker": self.worker, "reason": self.reason, "retryable": self.retryable}
 
-    @classmethod
-    def read(cls, r: BodyReader) -> SessionLost:
-        return cls(
-            worker=r.get_str("worker", L.MAX_NAME_CHARS),
-            reason=r.get_enum("reason", LostReason),
-            retryable=r.get_bool("retryable"),
-        )
+SessionId = Annotated[bytes, Meta(min_length=1, max_length=L.MAX_SESSION_ID_BYTES)]
+Owner = Annotated[bytes, Meta(min_length=1, max_length=L.MAX_OWNER_BYTES)]
 
 
-@dataclass(frozen=True, slots=True)
-class Ready(Body):
-    """READY body: a worker registers (first message on a new socket, and after DISCONNECT).
+class Resident(NamedTuple):
+    """A session a worker holds, as READY announces it (one msgpack array per session).
+
+    ``owner`` is the principal the broker gave with the session's TURNs (see :mod:`.frames`);
+    ``idle_ms`` the time since its last turn started, by the worker's monotonic clock (the
+    broker uses it for idle-pin expiry); ``last_turn_ns`` the wall-clock time (ns since the
+    epoch) that turn started. When two workers announce one session, the later ``last_turn_ns``
+    wins: wall clocks are comparable across hosts and survive the READY waiting in a queue,
+    which a relative age does not.
+    """
+
+    session_id: SessionId
+    owner: Owner
+    kv_bytes: Count
+    idle_ms: Annotated[float, Meta(ge=0.0, le=L.MAX_IDLE_MS)]
+    last_turn_ns: Count
+
+
+class Ready(Body, frozen=True, omit_defaults=True):
+    """READY body: a worker registers (first message on every new socket).
 
     ``worker`` is a stable id (the one ``serve`` prints and END reports); ``epoch`` must change
-    every time the worker (re)registers, e.g. ``time.time_ns()``: a READY with the same id and a
-    different epoch tells the broker the old incarnation and its sessions are gone.
+    every time the worker (re)registers, e.g. ``time.time_ns()``. The same connection and epoch
+    again is a retransmission and changes nothing. A READY with the id of a worker registered
+    from another connection that is still connected and heard from is refused (control ERROR
+    ``not_owner``): the live worker keeps its sessions. Once the old connection is gone, the
+    new READY replaces it (its turns in flight end with SESSION_LOST ``restarted``).
     ``capacity`` is the number of turns it runs concurrently; ``n_ctx`` its context length.
+
+    ``sessions`` lists the sessions the worker still holds (:class:`Resident`), no session id
+    twice (checked). The field is left out when empty, so a READY without sessions is the same
+    as before the field existed. The broker pins each to this worker under its announced owner,
+    unless it knows the session under another owner, has routed a request for it since it
+    (re)started, or another worker announced a later turn of it: then it sends this worker a
+    CLOSE for the session (empty client frame), and the worker drops it.
     """
 
     WHAT: ClassVar[str] = "READY"
-    worker: str
-    pid: int
-    epoch: int
-    capacity: int
-    model: str
-    n_ctx: int
+    worker: WorkerId
+    pid: Count
+    epoch: Count
+    capacity: Annotated[int, Meta(ge=1, le=L.MAX_CAPACITY)]
+    model: Name
+    n_ctx: NCtx
+    sessions: Annotated[tuple[Resident, ...], Meta(max_length=L.MAX_RESIDENT_SESSIONS)] = ()
 
-    def to_map(self) -> dict[str, Any]:
-        return {
-            "worker": self.worker,
-            "pid": self.pid,
-            "epoch": self.epoch,
-            "capacity": self.capacity,
-            "model": self.model,
-            "n_ctx": self.n_ctx,
-        }
-
-    @classmethod
-    def read(cls, r: BodyReader) -> Ready:
-        return cls(
-            worker=r.get_str("worker", L.MAX_NAME_CHARS, min_chars=1),
-            pid=r.get_int("pid", 0, L.MAX_COUNT),
-            epoch=r.get_int("epoch", 0, L.MAX_COUNT),
-            capacity=r.get_int("capacity", 1, L.MAX_CAPACITY),
-            model=r.get_str("model", L.MAX_NAME_CHARS),
-            n_ctx=r.get_int("n_ctx", 1, L.MAX_N_CTX),
-        )
+    def check(self) -> None:
+        """No session id twice in ``sessions`` (``bad_body``)."""
+        if len({s.session_id for s in self.sessions}) != len(self.sessions):
+            raise ProtocolViolation(ErrorCode.BAD_BODY, "READY.sessions: a session id repeats")
 
 
-@dataclass(frozen=True, slots=True)
-class Heartbeat(Body):
+class Heartbeat(Body, frozen=True):
     """HEARTBEAT body from a worker: ``load`` turns in flight, ``sessions`` held, ``kv_bytes``
     of KV cache in use. The broker's HEARTBEAT to a worker has an empty body instead."""
 
     WHAT: ClassVar[str] = "HEARTBEAT"
-    load: int = 0
-    sessions: int = 0
-    kv_bytes: int = 0
-
-    def to_map(self) -> dict[str, Any]:
-        return {"load": self.load, "sessions": self.sessions, "kv_bytes": self.kv_bytes}
-
-    @classmethod
-    def read(cls, r: BodyReader) -> Heartbeat:
-        return cls(
-            load=r.get_int("load", 0, L.MAX_COUNT),
-            sessions=r.get_int("sessions", 0, L.MAX_COUNT),
-            kv_bytes=r.get_int("kv_bytes", 0, L.MAX_COUNT),
-        )
+    load: Count = 0
+    sessions: Count = 0
+    kv_bytes: Count = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Disconnect(Body):
+class Disconnect(Body, frozen=True):
     """DISCONNECT body (either direction): ``reason`` is free text for logs.
 
     From a worker: it is leaving; its turns in flight end with SESSION_LOST. From the broker:
-    "I do not know you" -- the worker must drop all sessions and turns, recreate its socket and
-    send READY with a new epoch.
+    "I do not know you" -- the worker must end its turns in flight (nobody can receive their
+    replies any more), recreate its socket and send READY with a new epoch, announcing the
+    sessions it still holds; the broker answers with a CLOSE for each it will not re-pin.
     """
 
     WHAT: ClassVar[str] = "DISCONNECT"
-    reason: str = ""
-
-    def to_map(self) -> dict[str, Any]:
-        return {"reason": self.reason}
-
-    @classmethod
-    def read(cls, r: BodyReader) -> Disconnect:
-        return cls(reason=r.get_str("reason", L.MAX_NAME_CHARS))
+    reason: Name = ""
 
 
 def error_body(code: ErrorCode, message: str) -> bytes:

@@ -33,6 +33,13 @@ class ErrorCode(StrEnum):
     LIMIT = "limit"
     """A per-client limit (sessions, requests in flight) was reached; the request was not run
     (client: LimitReached)."""
+    NOT_IN_FLIGHT = "not_in_flight"
+    """A CANCEL named a request of the caller's that the broker has no record of in flight: it
+    already ended (its terminal reply, if it could be delivered, went out before this one), it
+    was never run, or it was in flight at a broker that restarted since. This ERROR is the
+    terminal reply of that request id, so a client still waiting for the request's end stops
+    waiting; one that already saw its end drops this one. Nothing was changed, and a CANCEL sent
+    again gets the same answer (not retryable)."""
     INTERNAL = "internal"
     """A bug on the answering side; the message says what."""
 
@@ -40,7 +47,8 @@ class ErrorCode(StrEnum):
 RETRYABLE_CODES: frozenset[ErrorCode] = frozenset(
     {ErrorCode.NO_WORKER, ErrorCode.OVERLOADED, ErrorCode.SHUTTING_DOWN}
 )
-"""Codes after which sending the same request again may succeed."""
+"""Codes after which sending the same request again may succeed: the one table of them (the
+client raises ServiceUnavailable for these)."""
 
 
 class ProtocolViolation(Exception):

@@ -1,236 +1,187 @@
-"""msgpack bodies: the one place bytes become maps, and typed, range-checked field reading.
+"""Declared bodies: each body is one msgspec ``Struct`` whose fields say name, type, limits and
+default once; encoding, decoding, validation and the docs' reference table all derive from it.
 
-Bodies are decoded one frame at a time with ``unpackb(raw=False, strict_map_key=True)`` and every
-exception is turned into :class:`ProtocolViolation` here, at the edge. Nothing is ever unpickled;
-msgpack extension types (including timestamps) decode to objects no field accepts, so they are
-rejected as wrong types.
+Bodies travel as msgpack maps. msgspec decodes and checks a frame in one pass in C (types,
+``Meta`` bounds, unknown fields); the few rules that span fields live in each body's
+:meth:`Body.check`. Every exception is turned into :class:`ProtocolViolation` here, at the edge,
+with the code the protocol documents:
+
+- ``bad_body``: not msgpack, not one map with string keys, a missing or unknown field, a value
+  of the wrong type (``bool`` is not ``int``; an int is a valid float), or an array of the wrong
+  shape;
+- ``out_of_range``: right type, forbidden value: a bound (NaN fails every bound), an enum value,
+  a pattern, a minimum length, or a rule of :meth:`Body.check`;
+- ``too_large``: a body, text or array above its limit.
+
+Nothing is ever unpickled; msgpack extension types (timestamps included) match no field type.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-from enum import StrEnum
-from typing import Any, ClassVar, Self, TypeVar
+import re
+from typing import Annotated, Any, ClassVar, Self, cast
 
-import msgpack
+import msgspec
+from msgspec import Meta
 
+from . import limits as L
 from .errors import ErrorCode, ProtocolViolation
-from .limits import MAX_BODY_BYTES
 
-E = TypeVar("E", bound=StrEnum)
+# --- field types shared by several bodies (the bounds travel with the type) ---
+Count = Annotated[int, Meta(ge=0, le=L.MAX_COUNT)]
+"""Token counts, byte counts, loads, epochs and pids."""
+Seq = Annotated[int, Meta(ge=0, le=L.MAX_SEQ)]
+"""A per-request frame sequence number."""
+Millis = Annotated[float, Meta(ge=0.0, le=L.MAX_MS)]
+"""A worker-side duration in milliseconds."""
+Name = Annotated[str, Meta(max_length=L.MAX_NAME_CHARS)]
+"""Free text for logs: a model name, a reason."""
+WorkerId = Annotated[str, Meta(min_length=1, max_length=L.MAX_NAME_CHARS)]
+"""A worker's stable id (the one READY announces and END reports)."""
+MaxTokens = Annotated[int, Meta(ge=1, le=L.MAX_MAX_TOKENS)]
+NCtx = Annotated[int, Meta(ge=1, le=L.MAX_N_CTX)]
 
-EMPTY_BODY: bytes = msgpack.packb({})
+EMPTY_BODY: bytes = msgspec.msgpack.encode({})
 """The body of kinds that carry no fields (CANCEL, RESET, CLOSE, PING, PONG, BUSY, RESET_OK,
 CLOSE_OK and the broker's HEARTBEAT)."""
 
-_MISSING: Any = object()
 
+class Body(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Base of every body: decode with ``Cls.decode(frame)``, encode with ``body.encode()``.
 
-def pack(body: Mapping[str, Any]) -> bytes:
-    """Encode a body map; msgpack errors become ProtocolViolation (bad_body / too_large)."""
-    try:
-        frame: bytes = msgpack.packb(body, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
-        raise ProtocolViolation(ErrorCode.BAD_BODY, f"cannot encode body: {exc}") from exc
-    if len(frame) > MAX_BODY_BYTES:
-        raise ProtocolViolation(
-            ErrorCode.TOO_LARGE, f"body of {len(frame)} bytes > {MAX_BODY_BYTES}"
-        )
-    return frame
-
-
-def unpack(frame: bytes, what: str) -> dict[str, Any]:
-    """Decode a body frame that must be a msgpack map with string keys.
-
-    Raises
-    ------
-    ProtocolViolation
-        ``too_large`` above :data:`MAX_BODY_BYTES`; ``bad_body`` for anything undecodable
-        (truncated data, trailing bytes, invalid UTF-8, non-string keys, not a map).
-    """
-    if len(frame) > MAX_BODY_BYTES:
-        raise ProtocolViolation(
-            ErrorCode.TOO_LARGE, f"{what} body of {len(frame)} bytes > {MAX_BODY_BYTES}"
-        )
-    try:
-        obj = msgpack.unpackb(frame, raw=False, strict_map_key=True)
-    except (
-        Exception
-    ) as exc:  # msgpack raises many types (ValueError, StackError, ...); all are ours
-        raise ProtocolViolation(ErrorCode.BAD_BODY, f"{what} body is not msgpack: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise ProtocolViolation(ErrorCode.BAD_BODY, f"{what} body is not a map")
-    for key in obj:
-        if not isinstance(key, str):  # strict_map_key still allows bytes keys
-            raise ProtocolViolation(ErrorCode.BAD_BODY, f"{what} body has a non-string key")
-    return obj
-
-
-def _type_name(value: object) -> str:
-    return "nil" if value is None else type(value).__name__
-
-
-class BodyReader:
-    """Reads typed fields out of a decoded body, then rejects any field nobody read.
-
-    Every getter raises :class:`ProtocolViolation`: ``bad_body`` for a missing field or a wrong
-    type, ``out_of_range`` for a value outside its bounds, ``too_large`` for text or lists over
-    their limit. ``bool`` never passes for ``int`` (msgpack keeps them apart, Python does not).
-
-    Parameters
-    ----------
-    body
-        The decoded map (see :func:`unpack`).
-    what
-        Name used in messages, e.g. ``"TURN"`` or ``"END.stats"``.
+    Every field is required on the wire, even one with a default (defaults are for senders):
+    a field a sender forgot must not silently take a value. A body that sets ``omit_defaults``
+    (READY) instead leaves a field at its default out, and a receiver accepts its absence. A
+    subclass sets ``WHAT`` (its name in error messages) and overrides :meth:`check` for rules
+    that span fields. Construction checks nothing (senders build bodies freely);
+    :meth:`encode` applies the receiver's checks, so a sender gets ProtocolViolation at the
+    call that is wrong instead of its peer answering ERROR later.
     """
 
-    def __init__(self, body: Mapping[str, Any], what: str) -> None:
-        self._body = body
-        self._what = what
-        self._seen: set[str] = set()
-
-    def _fail(self, code: ErrorCode, key: str, detail: str) -> ProtocolViolation:
-        return ProtocolViolation(code, f"{self._what}.{key}: {detail}")
-
-    def _get(self, key: str) -> Any:
-        self._seen.add(key)
-        if key not in self._body:
-            raise ProtocolViolation(ErrorCode.BAD_BODY, f"{self._what}: missing field {key!r}")
-        return self._body[key]
-
-    def get_int(self, key: str, lo: int, hi: int, *, optional: bool = False) -> Any:
-        """An int in [lo, hi] (or None when ``optional`` and the value is nil)."""
-        value = self._get(key)
-        if value is None and optional:
-            return None
-        if type(value) is not int:
-            raise self._fail(ErrorCode.BAD_BODY, key, f"expected int, got {_type_name(value)}")
-        if not lo <= value <= hi:
-            raise self._fail(ErrorCode.OUT_OF_RANGE, key, f"{value} not in [{lo}, {hi}]")
-        return value
-
-    def get_float(self, key: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
-        """A finite number in [lo, hi] (or (lo, hi] when ``lo_open``); ints are accepted."""
-        value = self._get(key)
-        if type(value) not in (float, int):
-            raise self._fail(ErrorCode.BAD_BODY, key, f"expected number, got {_type_name(value)}")
-        value = float(value)
-        if not math.isfinite(value):
-            raise self._fail(ErrorCode.OUT_OF_RANGE, key, f"{value} is not finite")
-        if value > hi or value < lo or (lo_open and value == lo):
-            bounds = f"{'(' if lo_open else '['}{lo}, {hi}]"
-            raise self._fail(ErrorCode.OUT_OF_RANGE, key, f"{value} not in {bounds}")
-        return value
-
-    def get_bool(self, key: str) -> bool:
-        """A msgpack boolean."""
-        value = self._get(key)
-        if type(value) is not bool:
-            raise self._fail(ErrorCode.BAD_BODY, key, f"expected bool, got {_type_name(value)}")
-        return value
-
-    def get_str(self, key: str, max_chars: int, *, min_chars: int = 0) -> str:
-        """A string of min_chars..max_chars characters (UTF-8 validity is msgpack's job)."""
-        value = self._get(key)
-        if not isinstance(value, str):  # subclasses (StrEnum) only come from local senders
-            raise self._fail(ErrorCode.BAD_BODY, key, f"expected str, got {_type_name(value)}")
-        if len(value) > max_chars:
-            raise self._fail(ErrorCode.TOO_LARGE, key, f"{len(value)} chars > {max_chars}")
-        if len(value) < min_chars:
-            raise self._fail(ErrorCode.OUT_OF_RANGE, key, f"{len(value)} chars < {min_chars}")
-        return value
-
-    def get_enum(self, key: str, enum: type[E], *, optional: bool = False) -> Any:
-        """A string that is one of ``enum``'s values (or None when ``optional`` and nil)."""
-        value = self._get(key)
-        if value is None and optional:
-            return None
-        if not isinstance(value, str):
-            raise self._fail(ErrorCode.BAD_BODY, key, f"expected str, got {_type_name(value)}")
-        try:
-            return enum(value)
-        except ValueError:
-            allowed = ", ".join(m.value for m in enum)
-            raise self._fail(
-                ErrorCode.OUT_OF_RANGE, key, f"{value[:40]!r} not one of {allowed}"
-            ) from None
-
-    def get_list(self, key: str, max_len: int, *, min_len: int = 0) -> list[Any]:
-        """An array of min_len..max_len items (the caller checks the items)."""
-        value = self._get(key)
-        if type(value) is not list:
-            raise self._fail(ErrorCode.BAD_BODY, key, f"expected array, got {_type_name(value)}")
-        if len(value) > max_len:
-            raise self._fail(ErrorCode.TOO_LARGE, key, f"{len(value)} items > {max_len}")
-        if len(value) < min_len:
-            raise self._fail(ErrorCode.OUT_OF_RANGE, key, f"{len(value)} items < {min_len}")
-        return value
-
-    def get_map(self, key: str) -> BodyReader:
-        """A nested map, returned as its own reader (call its :meth:`finish` too)."""
-        value = self._get(key)
-        return self.nested(value, f"{self._what}.{key}")
-
-    @staticmethod
-    def nested(value: object, what: str) -> BodyReader:
-        """A reader over ``value``, which must be a map with string keys (e.g. a list item)."""
-        if type(value) is not dict or not all(type(k) is str for k in value):
-            raise ProtocolViolation(
-                ErrorCode.BAD_BODY, f"{what}: expected map, got {_type_name(value)}"
-            )
-        return BodyReader(value, what)
-
-    def finish(self) -> None:
-        """Reject fields that were not read: a typo must not silently become a default."""
-        unknown = self._body.keys() - self._seen
-        if unknown:
-            names = ", ".join(sorted(repr(k)[:40] for k in unknown)[:5])
-            raise ProtocolViolation(ErrorCode.BAD_BODY, f"{self._what}: unknown field(s) {names}")
-
-
-class Body:
-    """Base of every body dataclass: one field reader, used by both encode and decode.
-
-    Subclasses define ``WHAT`` (the name used in error messages), :meth:`to_map` and
-    :meth:`read`. :meth:`encode` runs the decoder's own checks on the map before packing it, so a
-    sender gets :class:`ProtocolViolation` at the call that is wrong instead of its peer
-    answering ERROR later (and the rules exist once).
-    """
-
-    __slots__ = ()
     WHAT: ClassVar[str] = "body"
 
-    def to_map(self) -> dict[str, Any]:
-        """The body as a plain map of msgpack-able values."""
-        raise NotImplementedError
-
-    @classmethod
-    def read(cls, r: BodyReader) -> Self:
-        """Build an instance from a reader (fields only; :meth:`from_map` checks leftovers)."""
-        raise NotImplementedError
-
-    @classmethod
-    def from_map(cls, body: Mapping[str, Any]) -> Self:
-        """Validate a decoded map and build the instance; raises ProtocolViolation."""
-        r = BodyReader(body, cls.WHAT)
-        obj = cls.read(r)
-        r.finish()
-        return obj
+    def check(self) -> None:
+        """Rules across fields that field types cannot state; raise ProtocolViolation."""
 
     @classmethod
     def decode(cls, frame: bytes) -> Self:
         """Decode and validate a body frame; raises ProtocolViolation."""
-        return cls.from_map(unpack(frame, cls.WHAT))
+        codec = _CODECS.get(cls) or _Codec.register(cls)
+        return cast(Self, codec.decode(frame))  # the codec of cls builds cls
 
     def encode(self) -> bytes:
         """Validate and encode; raises ProtocolViolation if a field breaks the protocol."""
-        body = self.to_map()
-        self.from_map(body)
-        return pack(body)
+        try:
+            frame = _ENCODER.encode(self)
+        except (TypeError, ValueError, OverflowError) as exc:  # a surrogate is a ValueError
+            raise ProtocolViolation(
+                ErrorCode.BAD_BODY, f"cannot encode {self.WHAT}: {exc}"
+            ) from exc
+        type(self).decode(frame)
+        return frame
+
+    def to_map(self) -> dict[str, Any]:
+        """The body as the plain map a receiver sees (for tests and tools building variants)."""
+        out: dict[str, Any] = msgspec.to_builtins(self, builtin_types=(bytes,))
+        return out
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_SIZE = re.compile(r"Expected `[^`]*` of length <=")
+_RANGE = re.compile(r"Expected `[^`]*` (?:[<>]=?|of length >=|matching regex)|Invalid enum value")
+
+
+def _violation(what: str, exc: msgspec.ValidationError) -> ProtocolViolation:
+    """The ProtocolViolation for msgspec's verdict on a body named ``what``.
+
+    msgspec reports one problem as ``<detail> - at `$.path``; the detail's form gives the code.
+    """
+    detail, _, path = str(exc).partition(" - at `")
+    where = what + path[1:-1] if path.startswith("$") else what
+    if _SIZE.match(detail):
+        code = ErrorCode.TOO_LARGE
+    elif _RANGE.match(detail):
+        code = ErrorCode.OUT_OF_RANGE
+    else:
+        code = ErrorCode.BAD_BODY
+    return ProtocolViolation(code, f"{where}: {detail}")
+
+
+def _decode(
+    decoder: msgspec.msgpack.Decoder[Any], frame: bytes, what: str, required: tuple[str, ...] = ()
+) -> Any:
+    if len(frame) > L.MAX_BODY_BYTES:
+        raise ProtocolViolation(
+            ErrorCode.TOO_LARGE, f"{what} body of {len(frame)} bytes > {L.MAX_BODY_BYTES}"
+        )
+    try:
+        return decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        raise _missing(frame, what, required) or _violation(what, exc) from None
+    except Exception as exc:  # DecodeError, RecursionError...: untrusted bytes, all ours
+        raise ProtocolViolation(ErrorCode.BAD_BODY, f"{what} body is not msgpack: {exc}") from None
+
+
+def _missing(frame: bytes, what: str, required: tuple[str, ...]) -> ProtocolViolation | None:
+    """A body with several faults is reported by a missing field first, whatever the order of
+    its keys (msgspec reports the first fault it meets, and a missing field only at the end)."""
+    try:
+        body = msgspec.msgpack.decode(frame)
+    except Exception:  # undecodable further on: the fault msgspec met first is the answer
+        return None
+    if type(body) is dict:
+        for name in required:
+            if name not in body:
+                return ProtocolViolation(ErrorCode.BAD_BODY, f"{what}: missing field {name!r}")
+    return None
+
+
+class _Codec:
+    """The decoder of one body class.
+
+    A class whose fields have defaults but that does not omit them on the wire is decoded
+    through a twin Struct with the same fields and no defaults (so every key is required),
+    then rebuilt as the class itself.
+    """
+
+    def __init__(self, cls: type[Body]) -> None:
+        self.cls = cls
+        fields = msgspec.structs.fields(cls)
+        self.twin: type[msgspec.Struct] | None = None
+        if not cls.__struct_config__.omit_defaults and any(not f.required for f in fields):
+            self.twin = msgspec.defstruct(
+                f"{cls.__name__}OnWire",
+                [(f.name, f.type) for f in fields],
+                forbid_unknown_fields=True,
+                module=cls.__module__,
+            )
+        self.decoder = msgspec.msgpack.Decoder(self.twin or cls)
+        self.required = tuple(f.encode_name for f in fields if self.twin or f.required)
+
+    @staticmethod
+    def register(cls: type[Body]) -> _Codec:
+        codec = _CODECS[cls] = _Codec(cls)
+        return codec
+
+    def decode(self, frame: bytes) -> Body:
+        body: Body = _decode(self.decoder, frame, self.cls.WHAT, self.required)
+        if self.twin is not None:
+            body = self.cls(*msgspec.structs.astuple(body))
+        body.check()
+        return body
+
+
+_CODECS: dict[type[Body], _Codec] = {}
+
+
+class _Empty(Body, frozen=True):
+    """The body of a kind without fields: an empty map."""
+
+
+_EMPTY_DECODER = msgspec.msgpack.Decoder(_Empty)
 
 
 def decode_empty(frame: bytes, what: str) -> None:
     """Check the body of a kind that carries no fields (it must be an empty map)."""
-    BodyReader(unpack(frame, what), what).finish()
+    if frame != EMPTY_BODY:
+        _decode(_EMPTY_DECODER, frame, what)

@@ -10,10 +10,16 @@ Layouts (identity frames are added/removed by the ROUTER sockets):
 =====================  ===========================================================================
 client -> broker       [header, session_id, request_id, body]
 broker -> worker       [header, client, session_id, request_id, flags, body]
+                       [header, client, session_id, request_id, flags, principal, body]
 worker -> broker       [header, client, session_id, request_id, body]      (replies)
 worker <-> broker      [header, body]                                      (control)
 broker -> client       [header, session_id, request_id, body]
 =====================  ===========================================================================
+
+The 7-frame delivery carries the session's owner (*principal*) when it is not the ``client``
+frame itself, i.e. when the broker runs CURVE and the owner is the client's public key. Without
+CURVE the owner is the client's routing id, so the 6 frames say it already. A worker keeps the
+owner with the session and announces it in READY when it registers again.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from .kinds import (
     WORKER_CONTROL_KINDS,
     Kind,
 )
-from .limits import MAX_BODY_BYTES, MAX_REQUEST_ID_BYTES, MAX_SESSION_ID_BYTES
+from .limits import MAX_BODY_BYTES, MAX_OWNER_BYTES, MAX_REQUEST_ID_BYTES, MAX_SESSION_ID_BYTES
 
 
 class ClientRequest(NamedTuple):
@@ -65,11 +71,17 @@ class Delivery(NamedTuple):
     request_id: bytes
     flags: int
     body: bytes
+    principal: bytes = b""  # the session's owner, when it is not ``client`` (7-frame form)
 
     @property
     def worker_lost(self) -> bool:
         """Flags bit 0: drop any state held for the session; the turn is cold, worker_lost."""
         return bool(self.flags & FLAG_WORKER_LOST)
+
+    @property
+    def owner(self) -> bytes:
+        """The session's owner as the broker knows it (keep it to announce in READY)."""
+        return self.principal or self.client
 
 
 class Control(NamedTuple):
@@ -275,9 +287,13 @@ def delivery_frames(
     request_id: bytes,
     flags: int,
     body: bytes,
+    principal: bytes | None = None,
 ) -> list[bytes]:
-    """Frames the broker sends on its backend ROUTER to forward a request to ``worker``."""
-    return [worker, header, client, session_id, request_id, FLAG_BYTES[flags], body]
+    """Frames the broker sends on its backend ROUTER to forward a request to ``worker``;
+    with ``principal`` (the session's owner when it is not ``client``), the 7-frame form."""
+    if principal is None:
+        return [worker, header, client, session_id, request_id, FLAG_BYTES[flags], body]
+    return [worker, header, client, session_id, request_id, FLAG_BYTES[flags], principal, body]
 
 
 def client_frames(
@@ -291,19 +307,27 @@ def client_frames(
 
 
 def parse_delivery(frames: list[bytes]) -> Delivery | Control:
-    """Parse what a worker's DEALER received: a 6-frame delivery or a 2-frame control message
-    (HEARTBEAT, DISCONNECT, ERROR). Raises ProtocolViolation."""
+    """Parse what a worker's DEALER received: a 6- or 7-frame delivery or a 2-frame control
+    message (HEARTBEAT, DISCONNECT, ERROR). Raises ProtocolViolation."""
     n = len(frames)
-    if n == 6:
-        header, client, session_id, request_id, flags, body = frames
+    if n == 6 or n == 7:
+        header, client, session_id, request_id, flags = frames[:5]
+        body = frames[-1]
         kind = parse_header(header, FORWARDED_KINDS)
         check_routing(kind, session_id, request_id, body)
         if len(flags) != 1:
             raise ProtocolViolation(ErrorCode.BAD_FRAME, "flags frame must be 1 byte")
-        return Delivery(kind, client, session_id, request_id, flags[0], body)
+        if n == 6:
+            return Delivery(kind, client, session_id, request_id, flags[0], body)
+        principal = frames[5]
+        if not 0 < len(principal) <= MAX_OWNER_BYTES:
+            raise ProtocolViolation(
+                ErrorCode.BAD_FRAME, f"principal frame must be 1..{MAX_OWNER_BYTES} bytes"
+            )
+        return Delivery(kind, client, session_id, request_id, flags[0], body, principal)
     if n == 2:
         return Control(parse_header(frames[0], BROKER_CONTROL_KINDS), frames[1])
-    raise ProtocolViolation(ErrorCode.BAD_FRAME, f"{n} frames, expected 2 or 6")
+    raise ProtocolViolation(ErrorCode.BAD_FRAME, f"{n} frames, expected 2, 6 or 7")
 
 
 def reply_frames(

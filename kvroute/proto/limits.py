@@ -50,3 +50,16 @@ MAX_ERROR_MESSAGE_CHARS: int = 1024
 MAX_CAPACITY: int = 4096
 """READY ``capacity``: turns the worker runs concurrently (>= 1)."""
 MAX_N_CTX: int = 1 << 24
+
+# --- READY's resident sessions (a worker re-registering announces the sessions it holds) ---
+MAX_OWNER_BYTES: int = 255
+"""A session's owner (principal) as the broker knows it: a client's routing id (ZeroMQ's limit
+is 255 bytes; the library's owner token is 22) or a z85 CURVE public key (40 characters)."""
+MAX_RESIDENT_SESSIONS: int = 2048
+"""Sessions one READY may announce. At the worst case (64-byte ids, 255-byte owners, every number
+at its widest) 2048 entries encode to about 720 KiB, inside :data:`MAX_BODY_BYTES`, so READY
+needs no chunking. A worker holding more announces its most recently used ones and drops the
+rest (their next turn runs cold): a session the broker does not know must not stay on a worker,
+where a later session with the same id could find it."""
+MAX_IDLE_MS: float = 1e10
+"""Upper bound of a resident session's ``idle_ms`` (about 116 days)."""

@@ -1,22 +1,23 @@
 """Bodies of the turn path: the TURN request and the replies streamed for it.
 
 A TURN is answered by zero or more TOKEN, then exactly one terminal: END, OVERFLOW, ERROR,
-SESSION_LOST or BUSY. Each class here encodes with ``.encode()`` and decodes with
-``Cls.decode(frame)``; both apply the same checks (see :class:`kvroute.proto.fields.Body`).
+SESSION_LOST or BUSY. Each class here is the one declaration of its body: it encodes with
+``.encode()`` and decodes with ``Cls.decode(frame)``, both applying the same checks (see
+:class:`kvroute.proto.fields.Body`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
-from collections.abc import Sequence
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Annotated, ClassVar
+
+import msgspec
+from msgspec import Meta
 
 from . import limits as L
 from .errors import ErrorCode, ProtocolViolation
-from .fields import Body, BodyReader
+from .fields import Body, Count, MaxTokens, Millis, NCtx, Seq, WorkerId
 
 
 class Role(StrEnum):
@@ -48,86 +49,59 @@ class ColdReason(StrEnum):
 
     NEW = "new"  # the worker never saw the session
     EVICTED = "evicted"  # the worker evicted it to stay in its KV budget
-    RESET = "reset"  # the client sent RESET
+    RESET = "reset"  # the client sent RESET (or the worker reset it after an internal error)
+    CANCELLED = "cancelled"  # the previous turn was cancelled before anything could be kept
     DIVERGED = "diverged"  # history shares no token with the cache
     WORKER_LOST = "worker_lost"  # the previous owner died (flags bit 0 was set)
 
 
-@dataclass(frozen=True, slots=True)
-class ChatMessage:
+class ChatMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One chat message of a TURN's history."""
 
     role: Role
-    content: str
+    content: Annotated[str, Meta(max_length=L.MAX_TEXT_CHARS)]
 
 
-@dataclass(frozen=True, slots=True)
-class TurnRequest(Body):
+class TurnRequest(Body, frozen=True):
     """TURN body: the whole chat history plus sampling settings.
 
-    Every key is required on the wire (the defaults here are for senders). Limits: 1 to
-    :data:`~kvroute.proto.limits.MAX_MESSAGES` messages, the last one from the user, at most
-    :data:`~kvroute.proto.limits.MAX_TEXT_CHARS` characters of content in total;
-    ``1 <= max_tokens <= MAX_MAX_TOKENS``; ``temperature`` finite in [0, MAX_TEMPERATURE]
-    (0 = greedy); ``0 < top_p <= 1``; ``0 <= top_k <= MAX_TOP_K`` (0 = off); ``seed`` in
-    [0, 2**64 - 1] or nil. The worker answers OVERFLOW if prompt + max_tokens exceed its n_ctx.
+    Every key is required on the wire (the defaults here are for senders). The history holds
+    at most :data:`~kvroute.proto.limits.MAX_TEXT_CHARS` characters of content in total and
+    ends with a user message (checked). ``temperature`` 0 is greedy, ``top_k`` 0 is off,
+    ``seed`` nil lets the worker pick. The worker answers OVERFLOW if prompt + max_tokens
+    exceed its n_ctx.
     """
 
     WHAT: ClassVar[str] = "TURN"
-    messages: Sequence[ChatMessage]
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
+    messages: Annotated[tuple[ChatMessage, ...], Meta(min_length=1, max_length=L.MAX_MESSAGES)]
+    max_tokens: MaxTokens = 256
+    temperature: Annotated[float, Meta(ge=0.0, le=L.MAX_TEMPERATURE)] = 0.0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Meta(ge=0, le=L.MAX_TOP_K)] = 0
+    # No upper bound here: msgpack's widest int is L.MAX_SEED (and msgspec bounds fit int64).
+    seed: Annotated[int, Meta(ge=0)] | None = None
 
     def message_dicts(self) -> list[dict[str, str]]:
         """The history as ``[{"role": ..., "content": ...}]`` (what chat templates take)."""
         return [{"role": str(m.role), "content": m.content} for m in self.messages]
 
-    def to_map(self) -> dict[str, Any]:
-        return {
-            "messages": self.message_dicts(),
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "seed": self.seed,
-        }
-
-    @classmethod
-    def read(cls, r: BodyReader) -> TurnRequest:
-        items = r.get_list("messages", L.MAX_MESSAGES, min_len=1)
-        messages = []
-        total = 0
-        for i, item in enumerate(items):
-            m = BodyReader.nested(item, f"TURN.messages[{i}]")
-            msg = ChatMessage(m.get_enum("role", Role), m.get_str("content", L.MAX_TEXT_CHARS))
-            m.finish()
-            total += len(msg.content)
-            messages.append(msg)
+    def check(self) -> None:
+        """At most ``MAX_TEXT_CHARS`` characters of content in all messages together
+        (``too_large``); the last message is from the user (``out_of_range``)."""
+        total = sum(len(m.content) for m in self.messages)
         if total > L.MAX_TEXT_CHARS:
             raise ProtocolViolation(
                 ErrorCode.TOO_LARGE, f"TURN.messages: {total} chars > {L.MAX_TEXT_CHARS}"
             )
-        if messages[-1].role != Role.USER:
+        if self.messages[-1].role != Role.USER:
             # The worker appends the assistant prompt after the history; anything but a user
             # message last would make it answer itself.
             raise ProtocolViolation(
                 ErrorCode.OUT_OF_RANGE, "TURN.messages: the last message must be from the user"
             )
-        return cls(
-            messages=tuple(messages),
-            max_tokens=r.get_int("max_tokens", 1, L.MAX_MAX_TOKENS),
-            temperature=r.get_float("temperature", 0.0, L.MAX_TEMPERATURE),
-            top_p=r.get_float("top_p", 0.0, 1.0, lo_open=True),
-            top_k=r.get_int("top_k", 0, L.MAX_TOP_K),
-            seed=r.get_int("seed", 0, L.MAX_SEED, optional=True),
-        )
 
 
-@dataclass(frozen=True, slots=True)
-class Token(Body):
+class Token(Body, frozen=True):
     """TOKEN body: one or more generated tokens.
 
     ``seq`` counts TOKEN frames of this request from 0 without gaps (a gap means loss). ``text`` is
@@ -136,28 +110,15 @@ class Token(Body):
     """
 
     WHAT: ClassVar[str] = "TOKEN"
-    seq: int
-    text: str
-    ids: Sequence[int]
-
-    def to_map(self) -> dict[str, Any]:
-        return {"seq": self.seq, "text": self.text, "ids": list(self.ids)}
-
-    @classmethod
-    def read(cls, r: BodyReader) -> Token:
-        seq = r.get_int("seq", 0, L.MAX_SEQ)
-        text = r.get_str("text", L.MAX_TOKEN_TEXT_CHARS)
-        ids = r.get_list("ids", L.MAX_TOKEN_IDS)
-        for i in ids:
-            if type(i) is not int or not 0 <= i <= L.MAX_TOKEN_ID:
-                raise ProtocolViolation(
-                    ErrorCode.OUT_OF_RANGE, f"TOKEN.ids: {i!r:.40} is not a token id"
-                )
-        return cls(seq=seq, text=text, ids=tuple(ids))
+    seq: Seq
+    text: Annotated[str, Meta(max_length=L.MAX_TOKEN_TEXT_CHARS)]
+    ids: Annotated[
+        tuple[Annotated[int, Meta(ge=0, le=L.MAX_TOKEN_ID)], ...],
+        Meta(max_length=L.MAX_TOKEN_IDS),
+    ]
 
 
-@dataclass(frozen=True, slots=True)
-class TurnStats(Body):
+class TurnStats(Body, frozen=True):
     """END ``stats``: what the turn cost and how the cache was used.
 
     Invariants (checked): ``prompt_tokens == cached_tokens + prefill_tokens``; ``cold_reason`` is
@@ -167,58 +128,32 @@ class TurnStats(Body):
     """
 
     WHAT: ClassVar[str] = "END.stats"
-    prompt_tokens: int
-    cached_tokens: int
-    prefill_tokens: int
-    generated_tokens: int
+    prompt_tokens: Count
+    cached_tokens: Count
+    prefill_tokens: Count
+    generated_tokens: Count
     path: CachePath
     cold_reason: ColdReason | None
-    ttft_ms: float
-    decode_ms: float
-    worker: str
+    ttft_ms: Millis
+    decode_ms: Millis
+    worker: WorkerId
 
-    def to_map(self) -> dict[str, Any]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "cached_tokens": self.cached_tokens,
-            "prefill_tokens": self.prefill_tokens,
-            "generated_tokens": self.generated_tokens,
-            "path": self.path,
-            "cold_reason": self.cold_reason,
-            "ttft_ms": self.ttft_ms,
-            "decode_ms": self.decode_ms,
-            "worker": self.worker,
-        }
-
-    @classmethod
-    def read(cls, r: BodyReader) -> TurnStats:
-        s = cls(
-            prompt_tokens=r.get_int("prompt_tokens", 0, L.MAX_COUNT),
-            cached_tokens=r.get_int("cached_tokens", 0, L.MAX_COUNT),
-            prefill_tokens=r.get_int("prefill_tokens", 0, L.MAX_COUNT),
-            generated_tokens=r.get_int("generated_tokens", 0, L.MAX_COUNT),
-            path=r.get_enum("path", CachePath),
-            cold_reason=r.get_enum("cold_reason", ColdReason, optional=True),
-            ttft_ms=r.get_float("ttft_ms", 0.0, L.MAX_MS),
-            decode_ms=r.get_float("decode_ms", 0.0, L.MAX_MS),
-            worker=r.get_str("worker", L.MAX_NAME_CHARS, min_chars=1),
-        )
-        if s.cached_tokens + s.prefill_tokens != s.prompt_tokens:
+    def check(self) -> None:
+        """``prompt_tokens == cached_tokens + prefill_tokens``; ``cold_reason`` is set exactly
+        when ``path`` is ``cold``, and a cold turn reused nothing (``cached_tokens == 0``).
+        Each is ``out_of_range``."""
+        if self.cached_tokens + self.prefill_tokens != self.prompt_tokens:
             raise ProtocolViolation(
                 ErrorCode.OUT_OF_RANGE,
-                f"END.stats: cached {s.cached_tokens} + prefill {s.prefill_tokens}"
-                f" != prompt {s.prompt_tokens}",
+                f"END.stats: cached {self.cached_tokens} + prefill {self.prefill_tokens}"
+                f" != prompt {self.prompt_tokens}",
             )
-        if (s.path == CachePath.COLD) != (s.cold_reason is not None):
+        if (self.path == CachePath.COLD) != (self.cold_reason is not None):
             raise ProtocolViolation(
                 ErrorCode.OUT_OF_RANGE, "END.stats: cold_reason must be set iff path is cold"
             )
-        if s.path == CachePath.COLD and s.cached_tokens:
+        if self.path == CachePath.COLD and self.cached_tokens:
             raise ProtocolViolation(ErrorCode.OUT_OF_RANGE, "END.stats: a cold turn reused tokens")
-        return s
-
-
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def reply_sha256(text: str) -> str:
@@ -226,8 +161,7 @@ def reply_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-@dataclass(frozen=True, slots=True)
-class TurnEnd(Body):
+class TurnEnd(Body, frozen=True):
     """END body: the turn finished and was committed (or rolled back, if cancelled).
 
     ``seq`` is the number of TOKEN frames sent before it, so a client can tell it lost none.
@@ -236,67 +170,41 @@ class TurnEnd(Body):
     """
 
     WHAT: ClassVar[str] = "END"
-    seq: int
+    seq: Seq
     finish_reason: FinishReason
-    reply_sha256: str
+    reply_sha256: Annotated[str, Meta(max_length=64, pattern="^[0-9a-f]{64}$")]
     stats: TurnStats
 
-    def to_map(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "finish_reason": self.finish_reason,
-            "reply_sha256": self.reply_sha256,
-            "stats": self.stats.to_map(),
-        }
-
-    @classmethod
-    def read(cls, r: BodyReader) -> TurnEnd:
-        seq = r.get_int("seq", 0, L.MAX_SEQ)
-        finish = r.get_enum("finish_reason", FinishReason)
-        digest = r.get_str("reply_sha256", 64)
-        if not _SHA256_HEX.fullmatch(digest):
-            raise ProtocolViolation(
-                ErrorCode.OUT_OF_RANGE, "END.reply_sha256: expected 64 lowercase hex digits"
-            )
-        stats_reader = r.get_map("stats")
-        stats = TurnStats.read(stats_reader)
-        stats_reader.finish()
-        return cls(seq=seq, finish_reason=finish, reply_sha256=digest, stats=stats)
+    def check(self) -> None:
+        """The rules of ``stats`` (see TurnStats)."""
+        self.stats.check()
 
 
-@dataclass(frozen=True, slots=True)
-class Overflow(Body):
+class Overflow(Body, frozen=True):
     """OVERFLOW body: prompt + max_tokens would not fit the worker's context; nothing changed.
 
-    Checked: ``prompt_tokens + max_tokens > n_ctx`` (otherwise it is not an overflow).
+    The worker's scheduler builds one for every turn and sends it when it does not
+    :attr:`fit`; a receiver rejects one that fits (it is not an overflow).
     """
 
     WHAT: ClassVar[str] = "OVERFLOW"
-    prompt_tokens: int
-    max_tokens: int
-    n_ctx: int
+    prompt_tokens: Count
+    max_tokens: MaxTokens
+    n_ctx: NCtx
 
     @property
     def needed(self) -> int:
         """Context positions the turn would need."""
         return self.prompt_tokens + self.max_tokens
 
-    def to_map(self) -> dict[str, Any]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "max_tokens": self.max_tokens,
-            "n_ctx": self.n_ctx,
-        }
+    @property
+    def fits(self) -> bool:
+        """Whether the turn fits the context: the one statement of the overflow rule."""
+        return self.needed <= self.n_ctx
 
-    @classmethod
-    def read(cls, r: BodyReader) -> Overflow:
-        o = cls(
-            prompt_tokens=r.get_int("prompt_tokens", 0, L.MAX_COUNT),
-            max_tokens=r.get_int("max_tokens", 1, L.MAX_MAX_TOKENS),
-            n_ctx=r.get_int("n_ctx", 1, L.MAX_N_CTX),
-        )
-        if o.needed <= o.n_ctx:
+    def check(self) -> None:
+        """``prompt_tokens + max_tokens > n_ctx``: one that fits is ``out_of_range``."""
+        if self.fits:
             raise ProtocolViolation(
-                ErrorCode.OUT_OF_RANGE, f"OVERFLOW: {o.needed} tokens fit in n_ctx {o.n_ctx}"
+                ErrorCode.OUT_OF_RANGE, f"OVERFLOW: {self.needed} tokens fit in n_ctx {self.n_ctx}"
             )
-        return o

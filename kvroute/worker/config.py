@@ -1,11 +1,53 @@
-"""Worker configuration (the CLI takes its defaults from here)."""
+"""Worker configuration (the CLI takes its defaults from here), and the default KV budget."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
 
 from kvroute.engine.engine import DEFAULT_N_CTX
+from kvroute.proto.endpoint import parse_endpoint
 from kvroute.proto.identity import KeyPair
+
+from .admission import AdmissionConfig
+
+MIB = 1 << 20
+KV_SHARE = 0.5  # of the machine's memory, for all workers' weights and KV caches together
+WORKER_BASE_MIB = 800  # a worker's RSS before any session (default model: f32 weights 513 MiB)
+KV_DEFAULT_MIN_MIB = 64
+KV_DEFAULT_MAX_MIB = 4096  # beyond a few GiB, more idle sessions kept warm buy little
+KV_DEFAULT_RULE = (
+    f"{KV_SHARE:g} x RAM / workers on the host - {WORKER_BASE_MIB} MiB,"
+    f" within {KV_DEFAULT_MIN_MIB}..{KV_DEFAULT_MAX_MIB} MiB"
+)
+"""The default budget rule in words (CLI help, the worker's start-up log)."""
+
+
+def machine_memory_bytes() -> int:
+    """Physical memory, or the cgroup's memory limit if that is lower (containers)."""
+    total = int(psutil.virtual_memory().total)
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def default_kv_budget_mib(host_workers: int, memory_bytes: int | None = None) -> int:
+    """The KV budget of one worker when none is given (see `KV_DEFAULT_RULE`).
+
+    Each of ``host_workers`` workers on the machine gets an equal part of ``KV_SHARE`` of its
+    memory, less what the worker itself holds; the rest is left to the OS, the broker, clients
+    and the copies caches make while they grow.
+    """
+    memory = machine_memory_bytes() if memory_bytes is None else memory_bytes
+    per_worker = KV_SHARE * memory / MIB / max(1, host_workers) - WORKER_BASE_MIB
+    return int(min(KV_DEFAULT_MAX_MIB, max(KV_DEFAULT_MIN_MIB, per_worker)))
 
 
 @dataclass
@@ -16,10 +58,14 @@ class WorkerConfig:
     worker_id: str = ""  # stable id shown by serve and reported in END; "" = w<pid>
     model: str = "default"  # GGUF path or "default"
     n_ctx: int = DEFAULT_N_CTX  # positions per session (prompt + reply)
-    kv_budget_mb: float | None = None  # KV cache for all sessions; idle LRU ones evicted beyond
+    kv_budget_mb: float | None = None  # KV cache for all sessions; None: KV_DEFAULT_RULE
+    host_workers: int = 1  # workers sharing this machine's memory (serve sets it): default budget
     prefill_chunk: int = 256  # prompt tokens per step: bounds the time between socket polls
     threads: int = 1  # BLAS threads: N workers on few cores must not fight over them
-    capacity: int = 16  # turns run together (advertised in READY; more queue in the broker)
+    capacity: int = 16  # turns run at once (advertised in READY); more wait in a fair queue
+    max_waiting: int = 256  # turns waiting for a slot; beyond, ERROR overloaded (retryable)
+    max_waiting_per_client: int = 64  # of those, from one client (session owner)
+    max_wait_s: float = 10.0  # a turn waiting longer gets ERROR overloaded
     heartbeat_interval: float = 1.0  # seconds between HEARTBEATs to the broker
     liveness: int = 3  # silent intervals before the broker is presumed gone (re-register)
     linger_ms: int = 100  # time given to the last frames when the socket closes
@@ -29,7 +75,32 @@ class WorkerConfig:
     server_key: str | None = None
     key: str | KeyPair | None = None
 
+    def __post_init__(self) -> None:
+        self.connect = parse_endpoint(self.connect)  # one-line error, not a ZMQError later
+
     @property
-    def kv_budget_bytes(self) -> int | None:
-        """The KV budget in bytes, or None for unbounded."""
-        return None if self.kv_budget_mb is None else int(self.kv_budget_mb * (1 << 20))
+    def kv_budget_bytes(self) -> int:
+        """The KV budget in bytes: ``kv_budget_mb``, or the default for this machine."""
+        mb = self.kv_budget_mb
+        return int((default_kv_budget_mib(self.host_workers) if mb is None else mb) * MIB)
+
+    def describe_kv_budget(self) -> str:
+        """``kv budget N MiB (why)``, for the worker's start-up log."""
+        mib = self.kv_budget_bytes // MIB
+        if self.kv_budget_mb is not None:
+            return f"kv budget {mib} MiB (--kv-budget-mb)"
+        memory = machine_memory_bytes() // MIB
+        return (
+            f"kv budget {mib} MiB (default: {KV_DEFAULT_RULE};"
+            f" RAM {memory} MiB, {self.host_workers} workers)"
+        )
+
+    @property
+    def admission(self) -> AdmissionConfig:
+        """Capacity and queue bounds for the scheduler."""
+        return AdmissionConfig(
+            capacity=self.capacity,
+            max_waiting=self.max_waiting,
+            max_waiting_per_client=self.max_waiting_per_client,
+            max_wait_s=self.max_wait_s,
+        )

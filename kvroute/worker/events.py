@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvroute.proto.errors import ErrorCode
-from kvroute.proto.messages import FinishReason, TurnStats
+from kvroute.proto.messages import FinishReason, Overflow, TurnStats
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,11 @@ class EndEvent:
 
 @dataclass(frozen=True)
 class OverflowEvent:
-    """The turn does not fit in n_ctx; nothing was changed."""
+    """The turn does not fit in n_ctx; nothing was changed. ``overflow`` is the OVERFLOW body."""
 
     request_id: bytes
     session_id: bytes
-    prompt_tokens: int
-    max_tokens: int
-    n_ctx: int
+    overflow: Overflow
 
 
 @dataclass(frozen=True)

@@ -4,20 +4,25 @@ Each `Scheduler.step` is one forward pass over a ragged batch: one token for eve
 generating (batched decode) plus prompt chunks of turns still prefilling, within a token budget
 (``prefill_chunk``), so a long prompt never blocks the worker for more than one chunk. A cancel
 takes effect at the next step. Overflow and busy are decided before any session state changes.
+
+No exception leaves `submit`, `step`, `cancel`, `reset` or `close`: a failure inside one turn (our
+own bug, an exhausted machine) ends that turn with ERROR ``internal`` and resets its session, and
+the worker and every other session go on.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvroute.engine.engine import Engine
 from kvroute.engine.errors import EngineError
 from kvroute.engine.sampling import SamplingParams
 from kvroute.proto.errors import ErrorCode
-from kvroute.proto.messages import ColdReason
+from kvroute.proto.messages import ColdReason, Overflow
 
+from .admission import Admission, AdmissionConfig
 from .events import BusyEvent, ErrorEvent, Event, OverflowEvent
 from .planner import plan_prefill
 from .sessions import SessionStore
@@ -32,6 +37,7 @@ class SchedulerConfig:
 
     prefill_chunk: int = 256  # max prompt tokens fed per step, over all prefilling turns
     kv_budget_bytes: int | None = None  # KV bytes for all sessions; idle ones evicted beyond it
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # capacity, queue
 
 
 class Scheduler:
@@ -55,11 +61,14 @@ class Scheduler:
         self.config = config or SchedulerConfig()
         self.store = SessionStore(engine.new_cache, self.config.kv_budget_bytes)
         self.turns: dict[bytes, Turn] = {}  # session id -> turn in flight
+        # Turns beyond capacity or the KV budget wait here, started in fair order by client.
+        self.admission = Admission(self.config.admission, self.store, engine.n_ctx)
+        self._outbox: list[Event] = []  # events produced between steps, sent with the next one
 
     @property
     def busy(self) -> bool:
         """Whether `step` has work to do."""
-        return bool(self.turns)
+        return bool(self.turns or self._outbox or self.admission)
 
     def submit(
         self,
@@ -68,87 +77,154 @@ class Scheduler:
         messages: Sequence[Mapping[str, str]],
         params: SamplingParams,
         worker_lost: bool = False,
+        client: bytes = b"",
     ) -> list[Event]:
-        """Start a turn. Returns immediate answers (BUSY, OVERFLOW, ERROR), else nothing.
+        """Start a turn, or queue it (see `Admission`). Returns immediate answers (BUSY,
+        OVERFLOW, ERROR; ``overloaded`` if the queue is full), else nothing.
 
         ``worker_lost`` is the broker's word that the session's previous owner died: whatever
-        this worker holds for it is stale and is dropped first.
+        this worker holds for it is stale and is dropped first. ``client`` is who owns the
+        session (waiting turns start round-robin over clients; default: the session itself).
+        Never raises: a failure is answered ERROR ``internal`` and the session is reset.
         """
-        if session_id in self.turns:
-            return [BusyEvent(request_id, session_id)]
         try:
-            prompt = self.engine.render(messages)
+            return self._submit(
+                request_id, session_id, messages, params, worker_lost, client or session_id
+            )
+        except Exception:
+            logger.exception("starting a turn failed for session %r", session_id)
+            return [self._fail_request(request_id, session_id)]
+
+    def _submit(
+        self,
+        request_id: bytes,
+        session_id: bytes,
+        messages: Sequence[Mapping[str, str]],
+        params: SamplingParams,
+        worker_lost: bool,
+        client: bytes,
+    ) -> list[Event]:
+        if session_id in self.turns or session_id in self.admission:
+            return [BusyEvent(request_id, session_id)]
+        if not self.admission.has_room(client):  # before any work: a flood is refused cheaply
+            return [self._overloaded(request_id, session_id, "the worker's queue is full")]
+        try:
+            prompt = self.engine.render_prompt(messages)
         except EngineError as exc:
             return [ErrorEvent(request_id, session_id, ErrorCode.BAD_BODY, str(exc))]
         if worker_lost:
             self.store.reset(session_id, ColdReason.WORKER_LOST)
         held = self.store.get(session_id)
         text, tokens = (held.text, held.tokens) if held else ("", [])
-        plan = plan_prefill(text, tokens, prompt, self.engine.encode)
-        n_ctx = self.engine.n_ctx
-        if len(plan.prompt_ids) + params.max_tokens > n_ctx:
-            return [
-                OverflowEvent(
-                    request_id, session_id, len(plan.prompt_ids), params.max_tokens, n_ctx
-                )
-            ]
+        plan = plan_prefill(text, tokens, prompt, self.engine.prompts)
+        overflow = Overflow(len(plan.prompt_ids), params.max_tokens, self.engine.n_ctx)
+        if not overflow.fits:
+            return [OverflowEvent(request_id, session_id, overflow)]
         # Past this point the turn is accepted and the session may change.
         session = self.store.acquire(session_id)
-        session.cache.truncate(plan.keep)
-        session.in_flight = request_id
+        session.begin(request_id, plan.keep)
         turn = Turn(
             request_id,
             session,
-            prompt,
+            prompt.text,
             plan,
             params,
             self.engine.tokenizer,
             self.engine.eot_ids,
             self.worker_id,
         )
-        self.turns[session_id] = turn
-        grow = len(plan.new_ids) + params.max_tokens
-        self.store.evict_to_fit(grow * session.cache.bytes_per_token)
+        self.admission.wait(turn, client)
+        self.admission.admit(self.turns)
         return []
+
+    def _overloaded(self, request_id: bytes, session_id: bytes, why: str) -> ErrorEvent:
+        return ErrorEvent(request_id, session_id, ErrorCode.OVERLOADED, f"{why}; retry later")
+
+    def _admit_waiting(self, events: list[Event]) -> None:
+        """End waiting turns that were cancelled or waited too long; start what fits now."""
+        cancelled, expired = self.admission.expel()
+        for turn in cancelled:
+            events.extend(self._end(turn))
+        for turn in expired:
+            turn.session.rollback()  # it never ran: the session is as it was
+            wait = self.admission.config.max_wait_s
+            why = f"no slot or KV budget freed up within {wait:g} s"
+            events.append(self._overloaded(turn.request_id, turn.session.session_id, why))
+        self.admission.admit(self.turns)
 
     def cancel(self, session_id: bytes, request_id: bytes | None = None) -> bool:
         """Cancel the session's turn in flight (if ``request_id`` given, only that one)."""
-        turn = self.turns.get(session_id)
+        turn = self.turns.get(session_id) or self.admission.get(session_id)
         if turn is None or (request_id is not None and turn.request_id != request_id):
             return False
-        turn.cancel()
+        try:
+            turn.cancel()
+        except Exception:
+            logger.exception("cancelling failed for session %r", session_id)
+            self._outbox.append(self._fail(turn))
         return True
 
     def reset(self, session_id: bytes) -> list[Event]:
-        """Forget a session (idempotent). A turn in flight ends as cancelled first."""
-        events: list[Event] = []
-        turn = self.turns.pop(session_id, None)
-        if turn is not None:
-            turn.cancel()
-            events.extend(self._finish(turn))
-        self.store.reset(session_id)
+        """Drop a session's state (idempotent); its next turn runs cold with reason ``reset``.
+
+        A turn in flight ends as cancelled first.
+        """
+        return self._drop(session_id, forget=False)
+
+    def close(self, session_id: bytes) -> list[Event]:
+        """Drop a session and every memory of it (idempotent).
+
+        A later turn with this id, whoever sends it, runs cold with reason ``new``. A turn in
+        flight ends as cancelled first.
+        """
+        return self._drop(session_id, forget=True)
+
+    def _drop(self, session_id: bytes, forget: bool) -> list[Event]:
+        turn = self.turns.get(session_id) or self.admission.remove(session_id)
+        events = self._end(turn, cancel=True) if turn is not None else []
+        if forget:
+            self.store.forget(session_id)
+        else:
+            self.store.reset(session_id)
         return events
 
     def step(self) -> list[Event]:
-        """One forward pass over every turn in flight; returns the events it produced."""
-        events: list[Event] = []
+        """One forward pass over every turn in flight; returns the events it produced.
+
+        Never raises: a turn that fails ends with ERROR ``internal`` and its session is reset.
+        """
+        events, self._outbox = self._outbox, []
+        try:
+            self._step(events)
+        except Exception:
+            # A bug outside any one turn's guard: fail the turns in flight, not the worker.
+            logger.exception("scheduler step failed; failing %d turns", len(self.turns))
+            for turn in list(self.turns.values()):
+                events.append(self._fail(turn))
+        return events
+
+    def _step(self, events: list[Event]) -> None:
         for turn in [t for t in self.turns.values() if t.cancelled or t.done]:
-            del self.turns[turn.session.session_id]
-            events.extend(self._finish(turn))
+            events.extend(self._end(turn))
+        self._admit_waiting(events)
         segments, batch = [], []
-        budget = self.config.prefill_chunk
-        for turn in self.turns.values():
-            if turn.prefilling:
-                if budget <= 0:
-                    continue
-                ids = turn.take(budget)
+        budget = self.admission.prefill_budget(self.turns, self.config.prefill_chunk)
+        for turn in self.admission.fair_order(self.turns):  # light clients' prompts first
+            prefilling = turn.prefilling
+            if prefilling and budget <= 0:
+                continue
+            try:
+                ids = turn.take(budget if prefilling else 1)
+            except Exception:
+                logger.exception("taking ids failed for session %r", turn.session.session_id)
+                events.append(self._fail(turn))
+                continue
+            if prefilling:
                 budget -= len(ids)
-            else:
-                ids = turn.take(1)
             segments.append((turn.session.cache, ids))
             batch.append(turn)
         if not segments:
-            return events
+            return
         try:
             logits = self.engine.forward(segments)
         except Exception:
@@ -156,33 +232,51 @@ class Scheduler:
             logger.exception("forward pass failed for %d turns", len(batch))
             for turn in batch:
                 events.append(self._fail(turn))
-            return events
+            return
         for turn, row in zip(batch, logits, strict=True):
             try:
+                turn.check()
                 piece = turn.on_logits(row)
             except Exception:
-                # A bug in one turn's sampling must not take the worker and the others down.
-                logger.exception("sampling failed for session %r", turn.session.session_id)
+                # A bug in one turn must not take the worker and the others down.
+                logger.exception("a step failed for session %r", turn.session.session_id)
                 events.append(self._fail(turn))
                 continue
             if piece is not None:
                 events.append(piece)
             if turn.done:
-                del self.turns[turn.session.session_id]
-                events.extend(self._finish(turn))
-        return events
+                events.extend(self._end(turn))
 
-    def _finish(self, turn: Turn) -> list[Event]:
-        last, end = turn.finish()
-        turn.session.in_flight = None
+    def _end(self, turn: Turn, cancel: bool = False) -> list[Event]:
+        """Take a turn out of flight, commit or roll back its session; its last events."""
+        sid = turn.session.session_id
+        if self.turns.get(sid) is turn:
+            del self.turns[sid]
+        try:
+            if cancel:
+                turn.cancel()
+            last, end = turn.finish()
+        except Exception:
+            logger.exception("finishing the turn failed for session %r", sid)
+            return [self._fail(turn)]
         return [last, end] if last is not None else [end]
 
     def _fail(self, turn: Turn) -> ErrorEvent:
-        self.turns.pop(turn.session.session_id, None)
-        self.store.reset(turn.session.session_id)
+        return self._fail_request(turn.request_id, turn.session.session_id)
+
+    def _fail_request(self, request_id: bytes, session_id: bytes) -> ErrorEvent:
+        """End a request our own code failed: drop its turn, reset its session, ERROR internal.
+
+        A session whose turn in flight belongs to another request is left alone.
+        """
+        turn = self.turns.get(session_id) or self.admission.get(session_id)
+        if turn is None or turn.request_id == request_id:
+            self.turns.pop(session_id, None)
+            self.admission.remove(session_id)
+            self.store.reset(session_id)
         return ErrorEvent(
-            turn.request_id,
-            turn.session.session_id,
+            request_id,
+            session_id,
             ErrorCode.INTERNAL,
             "the turn failed on the worker; the session will restart cold",
         )

@@ -4,8 +4,11 @@ The loop polls, drains every pending frame without blocking, runs one scheduler 
 forward pass: a prefill chunk and/or a batched decode step), sends what it produced, and keeps the
 heartbeat both ways. Polling between steps is what keeps a worker in a long prefill alive in the
 broker's eyes. If the broker falls silent for ``liveness`` intervals (or tells us it does not
-know us), the worker drops its sessions, rebuilds its socket and registers again with a new
-epoch (the guide's Paranoid Pirate): ZeroMQ reconnects sockets, but only READY re-registers.
+know us), the worker rebuilds its socket and registers again with a new epoch (the guide's
+Paranoid Pirate): ZeroMQ reconnects sockets, but only READY re-registers. It ends its turns in
+flight first (nobody can receive their replies any more) but keeps its sessions, and READY
+announces them with their owners, so a restarted broker pins them here again and their next
+turns stay warm; the broker sends a CLOSE for each one it gives to someone else instead.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import assert_never
 
 import zmq
 
@@ -27,7 +31,6 @@ from kvroute.proto import (
     Delivery,
     Heartbeat,
     Kind,
-    Overflow,
     ProtocolViolation,
     Ready,
     Token,
@@ -38,11 +41,14 @@ from kvroute.proto import (
     parse_delivery,
     reply_frames,
 )
-from kvroute.proto.control import Disconnect
+from kvroute.proto.control import Disconnect, Resident
+from kvroute.proto.errors import ErrorCode
 from kvroute.proto.identity import CurveClient, KeyFileError
+from kvroute.proto.limits import MAX_IDLE_MS, MAX_RESIDENT_SESSIONS
 
 from .config import WorkerConfig
 from .events import BusyEvent, EndEvent, ErrorEvent, Event, OverflowEvent, TokenEvent
+from .process import setup_worker_process
 from .scheduler import Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
@@ -76,12 +82,16 @@ class WorkerService:
         self.epoch = 0
         self.registrations = 0
         self.scheduler = self._new_scheduler()
+        logger.info("worker %s: %s", self.worker_id, config.describe_kv_budget())
         self._clients: dict[tuple[bytes, bytes], bytes] = {}  # (session, request) -> client
+        self._announce = True  # announce resident sessions in the next READY
+        self._announced = 0  # sessions the last READY announced
         self._stop = stop or threading.Event()
         self._sock: zmq.Socket[bytes] | None = None
 
     def _new_scheduler(self) -> Scheduler:
-        cfg = SchedulerConfig(self.config.prefill_chunk, self.config.kv_budget_bytes)
+        c = self.config
+        cfg = SchedulerConfig(c.prefill_chunk, c.kv_budget_bytes, c.admission)
         return Scheduler(self.engine, cfg, self.worker_id)
 
     def stop(self) -> None:
@@ -125,21 +135,57 @@ class WorkerService:
             self.config.capacity,
             self.engine.model_name,
             self.engine.n_ctx,
+            self._resident(),
         )
         self._send(control_frames(Kind.READY, ready.encode()))
         logger.info(
-            "worker %s: READY to %s (epoch %d)", self.worker_id, self.config.connect, self.epoch
+            "worker %s: READY to %s (epoch %d, %d sessions announced)",
+            self.worker_id,
+            self.config.connect,
+            self.epoch,
+            len(ready.sessions),
         )
 
+    def _resident(self) -> tuple[Resident, ...]:
+        """The sessions READY announces: the most recently used ones with an owner and a
+        cache, up to the protocol's cap. Every other session is dropped here: one the broker
+        does not know must not linger, where a later session with the same id would find it."""
+        store = self.scheduler.store
+        now, wall = time.monotonic(), time.time_ns()
+        announced: list[Resident] = []
+        announce, self._announce = self._announce, True
+        for session in store.recent(MAX_RESIDENT_SESSIONS if announce else 0):
+            if session.owner and session.tokens and session.in_flight is None:
+                idle_ms = min(max(0.0, (now - session.last_used) * 1e3), MAX_IDLE_MS)
+                turn_ns = session.last_turn_ns or wall
+                announced.append(
+                    Resident(
+                        session.session_id, session.owner, session.cache.nbytes, idle_ms, turn_ns
+                    )
+                )
+        keep = {r.session_id for r in announced}
+        for session in store:
+            if session.session_id not in keep:
+                self.scheduler.close(session.session_id)
+        self._announced = len(announced)
+        return tuple(announced)
+
     def _reconnect(self, ctx: zmq.Context[zmq.Socket[bytes]], why: str) -> None:
+        # The turns in flight answer a broker connection that is gone: end them now (what they
+        # fed is committed or rolled back as for a CANCEL), so their sessions can be announced.
+        in_flight = [s.session_id for s in self.scheduler.store if s.in_flight is not None]
+        for session_id in in_flight:
+            self.scheduler.cancel(session_id)
+        if in_flight:
+            self.scheduler.step()  # ends the cancelled turns; their events have nowhere to go
+        self._clients.clear()
         logger.warning(
-            "worker %s: %s; dropping %d sessions and re-registering",
+            "worker %s: %s; ended %d turns in flight, re-registering with %d sessions",
             self.worker_id,
             why,
+            len(in_flight),
             len(self.scheduler.store),
         )
-        self.scheduler = self._new_scheduler()
-        self._clients.clear()
         self._connect(ctx)
 
     def _loop(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
@@ -186,8 +232,23 @@ class WorkerService:
                     return False
                 if msg.kind == Kind.ERROR:
                     logger.error("worker %s: broker says %r", self.worker_id, msg.body[:200])
+                    if self._announced and b"sessions" in msg.body:
+                        # A broker of an older release rejects READY's sessions field: register
+                        # once more without it (the sessions are dropped; next turns run cold).
+                        self._announce = False
+                        return False
                 continue
-            self._handle(msg)
+            try:
+                self._handle(msg)
+            except Exception:
+                # Our bug while serving one request: that request fails, the worker goes on.
+                logger.exception(
+                    "worker %s: handling %s for session %r failed",
+                    self.worker_id,
+                    msg.kind.name,
+                    msg.session_id,
+                )
+                self._fail_request(msg.session_id, msg.request_id, msg.client)
 
     def _handle(self, d: Delivery) -> None:
         key = (d.session_id, d.request_id)
@@ -212,39 +273,79 @@ class WorkerService:
             )
             self._clients[key] = d.client
             events = self.scheduler.submit(
-                d.request_id, d.session_id, req.message_dicts(), params, worker_lost=d.worker_lost
+                d.request_id,
+                d.session_id,
+                req.message_dicts(),
+                params,
+                worker_lost=d.worker_lost,
+                client=d.owner,  # waiting turns start round-robin over owners
             )
+            held = self.scheduler.store.get(d.session_id)
+            if held is not None and held.in_flight == d.request_id:  # accepted (run or queued)
+                held.owner, held.last_turn_ns = d.owner, time.time_ns()  # for a later READY
             self._emit(events)
         elif d.kind == Kind.CANCEL:
             self.scheduler.cancel(d.session_id, d.request_id)
-        elif d.kind in (Kind.RESET, Kind.CLOSE):
-            self._emit(self.scheduler.reset(d.session_id))
-            ok = Kind.RESET_OK if d.kind == Kind.RESET else Kind.CLOSE_OK
-            self._reply(d.client, d.session_id, d.request_id, ok, EMPTY_BODY)
+        elif d.kind == Kind.RESET:
+            self._emit(self.scheduler.reset(d.session_id))  # the next turn says cold "reset"
+            self._reply(d.client, d.session_id, d.request_id, Kind.RESET_OK, EMPTY_BODY)
+        elif d.kind == Kind.CLOSE:
+            # Forgotten entirely: whoever uses this id next (maybe another client) starts "new".
+            self._emit(self.scheduler.close(d.session_id))
+            self._reply(d.client, d.session_id, d.request_id, Kind.CLOSE_OK, EMPTY_BODY)
 
     # --- sending --------------------------------------------------------------------------------
 
     def _emit(self, events: list[Event]) -> None:
         for e in events:
-            key = (e.session_id, e.request_id)
-            client = self._clients.get(key)
-            if client is None:
-                logger.error("worker %s: no client for %s", self.worker_id, key)
-                continue
-            if isinstance(e, TokenEvent):
-                self._reply(client, *key, Kind.TOKEN, Token(e.seq, e.text, e.token_ids).encode())
-                continue
-            del self._clients[key]  # every other event ends the request
-            if isinstance(e, EndEvent):
-                body = TurnEnd(e.seq, e.finish_reason, e.reply_sha256, e.stats).encode()
-                self._reply(client, *key, Kind.END, body)
-            elif isinstance(e, OverflowEvent):
-                body = Overflow(e.prompt_tokens, e.max_tokens, e.n_ctx).encode()
-                self._reply(client, *key, Kind.OVERFLOW, body)
-            elif isinstance(e, BusyEvent):
-                self._reply(client, *key, Kind.BUSY, EMPTY_BODY)
-            elif isinstance(e, ErrorEvent):
-                self._reply(client, *key, Kind.ERROR, error_body(e.code, e.message))
+            try:
+                self._emit_one(e)
+            except Exception:
+                # One event we cannot send (our bug) fails its request only.
+                logger.exception(
+                    "worker %s: sending %s for session %r failed",
+                    self.worker_id,
+                    type(e).__name__,
+                    e.session_id,
+                )
+                self._fail_request(e.session_id, e.request_id)
+
+    def _emit_one(self, e: Event) -> None:
+        key = (e.session_id, e.request_id)
+        client = self._clients.get(key)
+        if client is None:
+            logger.error("worker %s: no client for %s", self.worker_id, key)
+            return
+        if isinstance(e, TokenEvent):
+            self._reply(client, *key, Kind.TOKEN, Token(e.seq, e.text, e.token_ids).encode())
+            return
+        if isinstance(e, EndEvent):
+            body = TurnEnd(e.seq, e.finish_reason, e.reply_sha256, e.stats).encode()
+            kind = Kind.END
+        elif isinstance(e, OverflowEvent):
+            body = e.overflow.encode()
+            kind = Kind.OVERFLOW
+        elif isinstance(e, BusyEvent):
+            body, kind = EMPTY_BODY, Kind.BUSY
+        elif isinstance(e, ErrorEvent):
+            body, kind = error_body(e.code, e.message), Kind.ERROR
+        else:
+            assert_never(e)
+        del self._clients[key]  # every other event ends the request
+        self._reply(client, *key, kind, body)
+
+    def _fail_request(
+        self, session_id: bytes, request_id: bytes, client: bytes | None = None
+    ) -> None:
+        """Stop a request we failed and answer it ERROR ``internal`` if it can be addressed."""
+        client = self._clients.pop((session_id, request_id), client)
+        try:
+            self.scheduler.cancel(session_id, request_id)  # its END will find no client
+            if client is not None:
+                body = error_body(ErrorCode.INTERNAL, "the worker failed this request")
+                self._reply(client, session_id, request_id, Kind.ERROR, body)
+        except Exception:
+            logger.exception("worker %s: could not fail request %r", self.worker_id, request_id)
 
     def _reply(
         self, client: bytes, session_id: bytes, request_id: bytes, kind: Kind, body: bytes
@@ -296,6 +397,7 @@ def serve_worker(
 
 def worker_process_main(config: WorkerConfig) -> None:
     """Entry point of a spawned worker process: a bad model or key is one log line, exit 2."""
+    setup_worker_process(config.worker_id)  # a title for ps; exit when serve is gone
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )

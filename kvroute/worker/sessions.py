@@ -3,7 +3,8 @@
 Sessions are created by one factory (new, reset and re-created-after-eviction all go through
 `SessionStore._fresh`) so no path forgets a field. Memory is bounded by a KV budget in bytes:
 idle sessions are evicted least-recently-used; a session with a turn in flight never is. A session
-that is gone (evicted or reset) is remembered by id so its next turn can say why it runs cold.
+that is gone (evicted or reset) is remembered by id so its next turn can say why it runs cold; a
+closed one is forgotten entirely, so whoever reuses its id starts ``new``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ class Session:
     """One chat session's committed state (T, K, S) plus bookkeeping.
 
     Invariant: ``cache.length == len(tokens)`` and ``tokens`` are the ids whose text is
-    ``text``. Only `Turn.commit` / `Turn.abort` change them.
+    ``text``. Only the turn verbs change them, and each checks the invariant:
+
+    - `begin` marks a turn in flight that will reuse the first ``keep`` positions; it changes
+      nothing else, so a turn cancelled before it feeds the model leaves no trace;
+    - `trim_to_keep` drops the positions past ``keep`` right before the turn's first forward
+      pass (from then on the cache holds ``keep`` positions plus what the turn fed);
+    - `commit` ends the turn with new (T, K), ids the cache already holds;
+    - `rollback` ends it without committing: back to the old (T, K) if the cache still holds
+      them, else empty.
     """
 
     session_id: bytes
@@ -37,14 +46,80 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     in_flight: bytes | None = None  # request id of the running turn
     cold_reason: str = ColdReason.NEW  # reported if the next turn finds nothing to reuse
-    turns: int = 0
+    turns: int = 0  # turns committed
+    keep: int = 0  # positions of K the turn in flight reuses
+    feeding: bool = False  # the turn in flight has trimmed the cache to ``keep`` and feeds it
+    # Announced in READY when the worker registers again (the broker re-pins the session):
+    owner: bytes = b""  # the principal the broker gave with the session's last TURN
+    last_turn_ns: int = 0  # wall clock (ns) when its last turn was accepted
 
     def check(self) -> None:
         """Assert the session invariant (our own bug if it fails)."""
+        if self.feeding:
+            assert self.keep <= self.cache.length, (
+                f"session {self.session_id}: cache holds {self.cache.length} positions, "
+                f"below the {self.keep} its turn reuses"
+            )
+            return
         assert self.cache.length == len(self.tokens), (
             f"session {self.session_id}: cache holds {self.cache.length} positions, "
             f"K has {len(self.tokens)}"
         )
+
+    def begin(self, request_id: bytes, keep: int) -> None:
+        """Mark a turn in flight that reuses the first ``keep`` positions of K."""
+        assert self.in_flight is None, f"session {self.session_id}: a turn is already in flight"
+        assert 0 <= keep <= len(self.tokens), f"keep {keep} outside K of {len(self.tokens)}"
+        self.check()
+        self.in_flight, self.keep, self.feeding = request_id, keep, False
+
+    def trim_to_keep(self) -> None:
+        """Drop cache positions past ``keep``, before the turn's first forward pass (idempotent).
+
+        Deferred to here rather than done in `begin` because a full hit or an edited history
+        trims positions that K still needs: until the model is fed, a cancel loses nothing.
+        """
+        assert self.in_flight is not None, f"session {self.session_id}: no turn in flight"
+        if not self.feeding:
+            self.cache.truncate(self.keep)
+            self.feeding = True
+
+    def commit(self, text: str, tokens: list[int]) -> None:
+        """End the turn in flight with (T, K) = (``text``, ``tokens``).
+
+        ``tokens`` must be ids the cache already holds (the reused positions, then what the turn
+        fed): the cache is cut back to them, never grown.
+        """
+        assert self.in_flight is not None and self.feeding, "commit without a turn that fed"
+        assert len(tokens) <= self.cache.length, (
+            f"session {self.session_id}: committing {len(tokens)} ids, "
+            f"the cache holds {self.cache.length}"
+        )
+        assert tokens[: self.keep] == self.tokens[: self.keep], "the reused prefix changed"
+        self.cache.truncate(len(tokens))
+        self.text, self.tokens = text, tokens
+        self.turns += 1
+        self._land()
+
+    def rollback(self) -> None:
+        """End the turn in flight without committing anything.
+
+        If the cache still starts with K (the turn fed nothing, or only appended to K), (T, K)
+        stay as they were and the cache is cut back to K. Otherwise positions K needs were
+        trimmed (a full hit, an edited or diverged history) and the session starts over empty.
+        An empty session says ``cancelled`` on its next cold turn.
+        """
+        assert self.in_flight is not None, f"session {self.session_id}: no turn in flight"
+        if self.feeding and self.keep < len(self.tokens):
+            self.text, self.tokens = "", []
+        self.cache.truncate(len(self.tokens))
+        if not self.tokens:
+            self.cold_reason = ColdReason.CANCELLED
+        self._land()
+
+    def _land(self) -> None:
+        self.in_flight, self.keep, self.feeding = None, 0, False
+        self.check()
 
 
 class SessionStore:
@@ -86,6 +161,15 @@ class SessionStore:
         """The live session, or None."""
         return self._sessions.get(session_id)
 
+    def recent(self, limit: int) -> list[Session]:
+        """Up to ``limit`` sessions, most recently used first (read-only: nothing moves)."""
+        out: list[Session] = []
+        for session in reversed(self._sessions.values()):
+            if len(out) >= limit:
+                break
+            out.append(session)
+        return out
+
     @property
     def kv_bytes(self) -> int:
         """Bytes held by all sessions' KV caches."""
@@ -123,6 +207,14 @@ class SessionStore:
         session = self._sessions.pop(session_id, None)
         self._remember(session_id, reason)
         return session is not None
+
+    def forget(self, session_id: bytes) -> bool:
+        """Drop a session and every memory of it (idempotent): the id is free again.
+
+        Returns whether a live session was dropped. The caller ends a turn in flight first.
+        """
+        self._gone.pop(session_id, None)
+        return self._sessions.pop(session_id, None) is not None
 
     def _remember(self, session_id: bytes, reason: str) -> None:
         self._gone[session_id] = reason

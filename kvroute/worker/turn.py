@@ -2,13 +2,18 @@
 
 A `Turn` never calls the model itself: the scheduler batches ``pending`` ids of many turns into
 one forward pass and hands each turn its logits. The turn samples, streams whole UTF-8 characters,
-and at the end commits (T, K) so that they match the cache exactly (DESIGN §1):
+and at the end commits (T, K) so that they match the cache exactly:
 
 - the stop token is neither fed nor streamed;
 - a token sampled but never fed (the last one at ``length`` or ``cancelled``) is not committed,
   and neither are trailing tokens that end mid-character: K stops at the last fed token after which
   the reply text is whole, T = prompt + that text. The client's echo of the full reply still starts
-  with T, so the next turn takes the text-prefix path and re-feeds the few missing characters.
+  with T, so the next turn takes the text-prefix path and re-feeds the few missing characters;
+- a turn that ends before its prompt is all in (cancelled while prefilling) commits nothing: the
+  session rolls back (`Session.rollback`).
+
+The turn writes the session only through `Session.trim_to_keep`, `Session.commit` and
+`Session.rollback`, which check the invariant.
 """
 
 from __future__ import annotations
@@ -43,8 +48,8 @@ class Turn:
     prompt:
         The rendered prompt text.
     plan:
-        How much of the cache is reused (``planner.plan_prefill``); the session cache has
-        already been trimmed to ``plan.keep``.
+        How much of the cache is reused (``planner.plan_prefill``); ``session.begin`` has been
+        called with ``plan.keep``, and the cache is trimmed to it when the first ids are taken.
     params:
         Sampling parameters (max_tokens already checked against n_ctx).
     """
@@ -97,7 +102,12 @@ class Turn:
         return self.finish_reason is not None
 
     def take(self, budget: int) -> list[int]:
-        """The next ids to feed, at most ``budget`` (prefill is chunked by the scheduler)."""
+        """The next ids to feed, at most ``budget`` (prefill is chunked by the scheduler).
+
+        The caller feeds them to the model at once: the session's cache is trimmed to
+        ``plan.keep`` first, so they land right after the reused positions.
+        """
+        self.session.trim_to_keep()
         ids, self.pending = self.pending[:budget], self.pending[budget:]
         if not self.prefilling:
             self.fed_generated += len(ids)
@@ -129,6 +139,27 @@ class Turn:
     def cancel(self) -> None:
         """Stop at the next step; what was fed is committed."""
         self.cancelled = True
+
+    @property
+    def fed(self) -> int:
+        """Ids this turn has handed to the model so far (prompt, then generated)."""
+        new = len(self.plan.prompt_ids) - self.plan.keep
+        return new - len(self.pending) if self.prefilling else new + self.fed_generated
+
+    def check(self) -> None:
+        """Assert the in-flight invariant (our own bug if it fails).
+
+        Until the first feed the cache is K; from then on it is exactly the reused positions
+        plus what this turn fed.
+        """
+        s = self.session
+        assert s.in_flight == self.request_id, f"session {s.session_id}: not this turn's"
+        s.check()
+        if s.feeding:
+            assert s.cache.length == self.plan.keep + self.fed, (
+                f"session {s.session_id}: cache holds {s.cache.length} positions, "
+                f"the turn reused {self.plan.keep} and fed {self.fed}"
+            )
 
     def _token_event(self, text: str, ids: tuple[int, ...]) -> TokenEvent:
         event = TokenEvent(self.request_id, self.session.session_id, self.seq, text, ids)
@@ -169,21 +200,13 @@ class Turn:
         return last, end
 
     def _commit(self) -> None:
-        s = self.session
         if self.prefilling:
-            # Cancelled before the prompt was in. The text-prefix path only appended to K, so the
-            # old state is intact once the cache is cut back; otherwise the old T is no longer
-            # known to match, and the session starts over.
-            if self.plan.path == CachePath.TEXT_PREFIX:
-                s.cache.truncate(len(s.tokens))
-            else:
-                s.text, s.tokens = "", []
-                s.cache.truncate(0)
-                s.cold_reason = ColdReason.RESET
+            # Ended before the prompt was in: no text of this turn is known to match what the
+            # cache holds, so nothing of it is kept.
+            self.session.rollback()
             return
         n_tok, n_chars = max(b for b in self._boundaries if b[0] <= self.fed_generated)
-        s.tokens = self.plan.prompt_ids + self.generated[:n_tok]
-        s.text = self.prompt + self._decoder.text[:n_chars]
-        s.cache.truncate(len(s.tokens))
-        s.turns += 1
-        s.check()
+        self.session.commit(
+            self.prompt + self._decoder.text[:n_chars],
+            self.plan.prompt_ids + self.generated[:n_tok],
+        )

@@ -1,6 +1,8 @@
 """LLaMA-family forward pass in numpy (SmolLM2, TinyLlama, Llama 3.x): GGUF architecture ``llama``.
 
-Weights are dequantised once to float32 and laid out for sgemm at load time:
+Weights are dequantised once to float32 and laid out for sgemm by `LlamaModel.prepare`, whose
+named arrays the engine writes to the host's weights cache and every worker maps read-only
+(`LlamaModel.from_arrays`):
 
 - Q, K and V projections are fused into one ``(D, (H + 2 KV) * hd)`` matrix and gate/up into one
   ``(D, 2 F)`` matrix, stored (in, out) so activations multiply them without a transposed view
@@ -14,13 +16,14 @@ Weights are dequantised once to float32 and laid out for sgemm at load time:
 
 A forward pass takes a ragged batch of segments (cache, new token ids): all rows share the
 matmuls, attention runs per segment against that segment's own cache. Batched prefill, batched
-decode and a mix of both are the same call.
+decode and a mix of both are the same call. Each product goes through the model's `MatmulPlan`
+(``self.mm``), which picks per row count how to multiply (see `matmul`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +31,7 @@ import numpy as np
 from ..cache import KVCache
 from ..errors import ModelLoadError
 from ..gguf_file import GGUFFile
+from ..matmul import MatmulPlan
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +101,10 @@ def _pairs_to_halves(w: np.ndarray, n_heads: int, hd: int) -> np.ndarray:
 class LlamaModel:
     """The llama forward pass over float32 weights."""
 
+    # Names what `prepare` writes; change it whenever the prepared arrays change, so that weights
+    # caches written by older code are rebuilt rather than misread.
+    LAYOUT = "llama-f32-halves-1"
+
     def __init__(
         self,
         args: ModelArgs,
@@ -112,12 +120,23 @@ class LlamaModel:
         # (V, D) embeddings; None when tied to the head: rows are then gathered from head
         # columns, which saves a second 113 MB copy per worker for SmolLM2.
         self.embed = embed
+        # How to multiply N rows by a weight matrix; the engine replaces this default with
+        # one measured on the host (see `matmul`).
+        self.mm = MatmulPlan()
         hd = args.head_dim
         self._inv_freq = args.rope_base ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> LlamaModel:
-        """Dequantise and lay out every tensor of a llama GGUF."""
+        """Dequantise and lay out every tensor of a llama GGUF (in memory, nothing cached)."""
+        return cls.from_arrays(gguf, dict(cls.prepare(gguf)))
+
+    @classmethod
+    def prepare(cls, gguf: GGUFFile) -> Iterator[tuple[str, np.ndarray]]:
+        """Dequantise and lay out every tensor, one named array at a time (see `from_arrays`).
+
+        A generator, so a weights cache can write each array before the next is made.
+        """
         a = ModelArgs.from_gguf(gguf)
         hd = a.head_dim
         scale = np.float32(1.0 / np.sqrt(hd))
@@ -127,7 +146,6 @@ class LlamaModel:
                 f"{gguf.path}: token_embd.weight has shape {embed.shape}, "
                 f"expected {(a.vocab_size, a.d_model)}"
             )
-        layers = []
         for i in range(a.n_layers):
             p = f"blk.{i}."
             attn_norm = gguf.tensor(p + "attn_norm.weight")[:, None]
@@ -142,24 +160,62 @@ class LlamaModel:
                 ).T
                 * ffn_norm
             )
-            layers.append(
-                LayerWeights(
-                    wqkv=np.ascontiguousarray(wqkv, dtype=np.float32),
-                    wo=np.ascontiguousarray(gguf.tensor(p + "attn_output.weight").T),
-                    w_gate_up=np.ascontiguousarray(gate_up, dtype=np.float32),
-                    w_down=np.ascontiguousarray(gguf.tensor(p + "ffn_down.weight").T),
-                )
-            )
-        out_norm = gguf.tensor("output_norm.weight")
+            yield p + "wqkv", np.ascontiguousarray(wqkv, dtype=np.float32)
+            yield p + "wo", np.ascontiguousarray(gguf.tensor(p + "attn_output.weight").T)
+            yield p + "w_gate_up", np.ascontiguousarray(gate_up, dtype=np.float32)
+            yield p + "w_down", np.ascontiguousarray(gguf.tensor(p + "ffn_down.weight").T)
+        yield "out_norm", gguf.tensor("output_norm.weight")
         if gguf.has_tensor("output.weight"):
-            head = np.ascontiguousarray(gguf.tensor("output.weight").T)
-            return cls(a, layers, out_norm, head, embed)
-        return cls(a, layers, out_norm, np.ascontiguousarray(embed.T))  # tied embeddings
+            yield "head", np.ascontiguousarray(gguf.tensor("output.weight").T)
+            yield "embed", embed
+        else:
+            yield "head", np.ascontiguousarray(embed.T)  # tied embeddings
+
+    @classmethod
+    def from_arrays(cls, gguf: GGUFFile, arrays: Mapping[str, np.ndarray]) -> LlamaModel:
+        """Build the model on prepared arrays (from `prepare`, or mapped from a weights cache).
+
+        Only ``gguf``'s metadata is read, so it may come from `GGUFFile.from_meta`.
+
+        Raises
+        ------
+        ModelLoadError
+            If an array is missing or its shape does not match the metadata.
+        """
+        a = ModelArgs.from_gguf(gguf)
+        qkv = (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
+        shapes = {"out_norm": (a.d_model,), "head": (a.d_model, a.vocab_size)}
+        for i in range(a.n_layers):
+            p = f"blk.{i}."
+            shapes |= {
+                p + "wqkv": (a.d_model, qkv),
+                p + "wo": (a.n_heads * a.head_dim, a.d_model),
+                p + "w_gate_up": (a.d_model, 2 * a.d_ff),
+                p + "w_down": (a.d_ff, a.d_model),
+            }
+        if "embed" in arrays:
+            shapes["embed"] = (a.vocab_size, a.d_model)
+        for name, shape in shapes.items():
+            got = arrays[name].shape if name in arrays else None
+            if got != shape:
+                raise ModelLoadError(f"prepared weights: {name} has shape {got}, expected {shape}")
+        layers = [
+            LayerWeights(*(arrays[f"blk.{i}.{n}"] for n in ("wqkv", "wo", "w_gate_up", "w_down")))
+            for i in range(a.n_layers)
+        ]
+        return cls(a, layers, arrays["out_norm"], arrays["head"], arrays.get("embed"))
 
     def new_cache(self, max_len: int) -> KVCache:
         """An empty cache sized for this model, allowed to grow to ``max_len`` positions."""
         a = self.args
         return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, max_len)
+
+    def matrices(self) -> list[np.ndarray]:
+        """Every matrix a decode step multiplies by, in the order it does."""
+        mats = []
+        for lw in self.layers:
+            mats += [lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down]
+        return [*mats, self.head]
 
     @property
     def weight_bytes(self) -> int:
@@ -220,43 +276,30 @@ class LlamaModel:
         bounds = np.concatenate([[0], np.cumsum(lens)])
         for cache, _ in segments:
             cache.reserve(len(_))
-        n_rows = len(ids)
-        # OpenBLAS (x86 kernels unroll the batch dimension by 4) runs a 2- or 3-row sgemm slower
-        # than a 4-row one (measured on SmolLM2 decode: 44 / 58 ms vs 39 ms per step), so ragged
-        # batches are padded with zero rows to a multiple of 4. One row stays one row (gemv).
-        if n_rows > 1 and n_rows % 4:
-            pad = 4 - n_rows % 4
-            ids = np.concatenate([ids, np.zeros(pad, dtype=np.int64)])
-            positions = np.concatenate([positions, np.zeros(pad, dtype=positions.dtype)])
         cos, sin = self._rope(positions)
         x = self.embed[ids] if self.embed is not None else self.head[:, ids].T.copy()  # (N, D)
-        x[n_rows:] = 0.0  # padding rows stay zero through norms, matmuls and SwiGLU
+        mm = self.mm
         for li, lw in enumerate(self.layers):
-            qkv = self._rms(x) @ lw.wqkv  # (N, (H + 2KV) hd)
+            qkv = mm(self._rms(x), lw.wqkv)  # (N, (H + 2KV) hd)
             q = self._rotate(qkv[:, : H * hd].reshape(-1, H, hd), cos, sin)  # (N, H, hd)
             k = self._rotate(qkv[:, H * hd : (H + KV) * hd].reshape(-1, KV, hd), cos, sin)
             v = qkv[:, (H + KV) * hd :].reshape(-1, KV, hd)
             attn = np.empty((x.shape[0], H * hd), dtype=np.float32)
-            attn[n_rows:] = 0.0
             for si, (cache, _) in enumerate(segments):
                 s, e = bounds[si], bounds[si + 1]
                 attn[s:e] = self._attend(cache, li, q[s:e], k[s:e], v[s:e], G)
-            x = x + attn @ lw.wo
-            gu = self._rms(x) @ lw.w_gate_up  # (N, 2F)
+            x = x + mm(attn, lw.wo)
+            gu = mm(self._rms(x), lw.w_gate_up)  # (N, 2F)
             g, u = gu[:, : a.d_ff], gu[:, a.d_ff :]
-            x = x + ((g / (1.0 + np.exp(-g))) * u) @ lw.w_down  # SwiGLU
+            x = x + mm((g / (1.0 + np.exp(-g))) * u, lw.w_down)  # SwiGLU
         for (cache, _), n in zip(segments, lens, strict=True):
             cache.advance(n)
         if all_logits:
-            logits = (self._rms(x) * self.out_norm) @ self.head  # (N, V)
+            logits = mm(self._rms(x) * self.out_norm, self.head)  # (N, V)
             return [logits[bounds[i] : bounds[i + 1]] for i in range(len(segments))]
         # The head is 49152 x 576: apply it to the last row of each segment only.
-        rows = x[bounds[1:] - 1]
-        B = rows.shape[0]
-        if B > 1 and B % 4:  # same sgemm edge-case padding as above
-            rows = np.concatenate([rows, np.zeros((4 - B % 4, rows.shape[1]), rows.dtype)])
-        last = (self._rms(rows) * self.out_norm) @ self.head  # (B, V)
-        return list(last[:B])
+        last = mm(self._rms(x[bounds[1:] - 1]) * self.out_norm, self.head)  # (B, V)
+        return list(last)
 
     @staticmethod
     def _attend(

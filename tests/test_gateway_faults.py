@@ -1,0 +1,278 @@
+"""The gateway over a real broker and fake workers: exact SSE bytes, stop strings, every error
+status, disconnect -> CANCEL, a worker lost mid-stream, parallel regenerations.
+
+The fake worker (tests/fake_peers.py) streams ``"t0 ", "t1 ", ...`` (one TOKEN per
+``token_delay``) and reports fixed stats, so replies and bodies are known to the byte. Every
+wait is bounded; fixtures stop the gateway, the workers and the broker.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+from fake_peers import INTERVAL, TIMEOUT, FakeWorker, wait_until
+from procs import free_port
+
+from kvroute.broker import Broker, BrokerConfig
+from kvroute.gateway import GatewayConfig, GatewayThread
+
+
+@dataclass
+class Fleet:
+    """A broker thread and its fake workers."""
+
+    broker: Broker
+    frontend: str
+    backend: str
+    thread: threading.Thread
+    workers: list[FakeWorker] = field(default_factory=list)
+
+    def add(self, name: str, token_delay: float = 0.0) -> FakeWorker:
+        w = FakeWorker(self.backend, name, token_delay)
+        w.start()
+        self.workers.append(w)
+        wait_until(lambda: self.broker.table.worker_key(name) is not None)
+        return w
+
+
+@contextmanager
+def fleet(**broker_kw: Any) -> Iterator[Fleet]:
+    cfg = BrokerConfig("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", INTERVAL, **broker_kw)
+    b = Broker(cfg)
+    t = threading.Thread(target=b.run, name="broker", daemon=True)
+    t.start()
+    frontend, backend = b.wait_bound(TIMEOUT)
+    f = Fleet(b, frontend, backend, t)
+    try:
+        yield f
+    finally:
+        for w in f.workers:
+            w.stop.set()
+        for w in f.workers:
+            w.join()
+        b.close()
+        t.join(TIMEOUT)
+        assert not t.is_alive(), "broker did not stop"
+
+
+@contextmanager
+def gateway(connect: str, **cfg: Any) -> Iterator[httpx.Client]:
+    cfg.setdefault("timeout", 5.0)
+    with (
+        GatewayThread(GatewayConfig(connect=connect, port=0, **cfg)) as gw,
+        httpx.Client(base_url=gw.url, timeout=10.0) as http,
+    ):
+        yield http
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+
+
+def sse_data(text: str) -> list[str]:
+    assert text.endswith("\n\n"), text[-100:]
+    frames = text.split("\n\n")[:-1]
+    assert all(f.startswith("data: ") for f in frames), frames
+    return [f.removeprefix("data: ") for f in frames]
+
+
+def streamed_text(events: list[str]) -> str:
+    chunks = [json.loads(e) for e in events if e != "[DONE]"]
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+
+
+def test_sse_framing_byte_for_byte() -> None:
+    with fleet() as f:
+        f.add("f0")
+        with gateway(f.frontend) as http:
+            req = chat(max_tokens=3, stream=True, stream_options={"include_usage": True})
+            r = http.post("/v1/chat/completions", json=req, headers={"X-Session-ID": "abc"})
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    body = r.text
+    cid = re.search(r'"id":"(chatcmpl-[0-9a-f]{32})"', body)
+    created = re.search(r'"created":(\d+)', body)
+    assert cid and created
+    head = (
+        f'data: {{"id":"{cid[1]}","object":"chat.completion.chunk","created":{created[1]},'
+        '"model":"kvroute","system_fingerprint":null,"choices":'
+    )
+    token = '[{"index":0,"delta":{"content":"%s"},"logprobs":null,"finish_reason":null}]'
+    expected = (
+        head
+        + '[{"index":0,"delta":{"role":"assistant","content":"t0 "},"logprobs":null,'
+        + '"finish_reason":null}],"usage":null}\n\n'
+        + head
+        + token % "t1 "
+        + ',"usage":null}\n\n'
+        + head
+        + token % "t2 "
+        + ',"usage":null}\n\n'
+        + head
+        + '[{"index":0,"delta":{},"logprobs":null,"finish_reason":"length"}],"usage":null}\n\n'
+        + head
+        + '[],"usage":{"prompt_tokens":10,"completion_tokens":3,"total_tokens":13,'
+        + '"prompt_tokens_details":{"cached_tokens":0}},"kvroute":{"session":"s.abc",'
+        + '"affinity":"x-session-id","worker":"f0","path":"cold","cold_reason":"new",'
+        + '"cached_tokens":0,"prefill_tokens":10,"ttft_ms":1.0,"decode_ms":2.0}}\n\n'
+        + "data: [DONE]\n\n"
+    )
+    assert body == expected
+
+
+def test_stop_strings_cut_the_reply_and_cancel_the_turn() -> None:
+    with fleet() as f:
+        w = f.add("f0", token_delay=0.02)
+        with gateway(f.frontend) as http:
+            r = http.post("/v1/chat/completions", json=chat(max_tokens=50, stop=["t3", "zz"]))
+            body = r.json()
+            assert body["choices"][0]["message"]["content"] == "t0 t1 t2 "
+            assert body["choices"][0]["finish_reason"] == "stop"
+            wait_until(lambda: len(w.cancels) == 1)  # the turn was stopped on the worker
+            # a stop string split across two tokens ("t1 " + "t2 "), streamed
+            req = chat(max_tokens=50, stop="1 t2", stream=True)
+            r = http.post("/v1/chat/completions", json=req)
+            events = sse_data(r.text)
+            assert streamed_text(events) == "t0 t" and events[-1] == "[DONE]"
+            assert json.loads(events[-2])["choices"][0]["finish_reason"] == "stop"
+            wait_until(lambda: len(w.cancels) == 2)
+            # a stop string that never occurs changes nothing
+            r = http.post("/v1/chat/completions", json=chat(max_tokens=3, stop="t9"))
+            assert r.json()["choices"][0]["message"]["content"] == "t0 t1 t2 "
+            assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_client_disconnect_cancels_the_turn() -> None:
+    with fleet() as f:
+        w = f.add("f0", token_delay=0.05)
+        with gateway(f.frontend) as http:
+            # streamed: leave after the first event
+            req = chat(max_tokens=200, stream=True)
+            with http.stream("POST", "/v1/chat/completions", json=req) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        break
+            t0 = time.monotonic()
+            wait_until(lambda: len(w.cancels) == 1)
+            assert time.monotonic() - t0 < 1.0  # within a couple of token steps
+            # not streamed: the client gives up waiting for the whole reply
+            with pytest.raises(httpx.ReadTimeout):
+                http.post("/v1/chat/completions", json=chat(max_tokens=200), timeout=0.3)
+            wait_until(lambda: len(w.cancels) == 2)
+
+
+def test_worker_lost_mid_stream_is_an_sse_error_event() -> None:
+    with fleet() as f:
+        w = f.add("f0", token_delay=0.05)
+        with gateway(f.frontend) as http:
+            lines = []
+            with http.stream(
+                "POST", "/v1/chat/completions", json=chat(max_tokens=500, stream=True)
+            ) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    lines.append(line)
+                    if len(lines) == 3:
+                        w.crash.set()  # the worker vanishes mid-stream
+            data = [ln.removeprefix("data: ") for ln in lines if ln.startswith("data: ")]
+            assert data[-1] != "[DONE]"
+            err = json.loads(data[-1])["error"]
+            assert err["code"] == "worker_lost" and err["type"] == "service_unavailable"
+
+
+def test_no_worker_is_503() -> None:
+    with fleet() as f, gateway(f.frontend) as http:
+        assert http.get("/health").status_code == 200  # the broker answers; nothing known yet
+        for stream in (False, True):
+            r = http.post("/v1/chat/completions", json=chat(stream=stream))
+            assert r.status_code == 503
+            assert r.json()["error"]["code"] == "no_worker"
+        h = http.get("/health")
+        assert h.status_code == 503 and h.json()["no_worker"] is True
+
+
+def test_broker_gone_is_504_within_the_timeout() -> None:
+    nowhere = f"tcp://127.0.0.1:{free_port()}"
+    with gateway(nowhere, timeout=1.0, health_timeout=0.5) as http:
+        t0 = time.monotonic()
+        r = http.post("/v1/chat/completions", json=chat(stream=True))
+        assert r.status_code == 504 and r.json()["error"]["code"] == "broker_timeout"
+        assert time.monotonic() - t0 < 3.0
+        h = http.get("/health")
+        assert h.status_code == 503 and h.json()["broker"] is False
+
+
+def _slow_stream_then(http: httpx.Client, then: Any) -> Any:
+    """Hold one streamed request open (first event read) while ``then()`` runs."""
+    with http.stream("POST", "/v1/chat/completions", json=chat(max_tokens=100, stream=True)) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()  # kept: a dropped iterator closes the response (a disconnect)
+        next(lines)
+        return then()
+
+
+QUICK = chat(max_tokens=2)
+
+
+def test_gateway_limit_is_429() -> None:
+    with fleet() as f:
+        f.add("f0", token_delay=0.05)
+        with gateway(f.frontend, max_in_flight=1) as http:
+            r = _slow_stream_then(http, lambda: http.post("/v1/chat/completions", json=QUICK))
+            assert r.status_code == 429
+            assert r.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_broker_client_limit_is_429() -> None:
+    with fleet(max_requests_per_client=1) as f:
+        f.add("f0", token_delay=0.05)
+        with gateway(f.frontend) as http:
+            r = _slow_stream_then(http, lambda: http.post("/v1/chat/completions", json=QUICK))
+            assert r.status_code == 429
+            assert r.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_parallel_regenerations_run_on_separate_sessions() -> None:
+    with fleet() as f:
+        f.add("f0", token_delay=0.02)
+        with gateway(f.frontend) as http:
+            first = http.post("/v1/chat/completions", json=chat(max_tokens=2)).json()
+            reply = first["choices"][0]["message"]
+            msgs = [{"role": "user", "content": "hi"}, reply, {"role": "user", "content": "more"}]
+            req = {"model": "m", "messages": msgs, "max_tokens": 20}
+            with ThreadPoolExecutor(2) as pool:
+                rs = list(pool.map(lambda _: http.post("/v1/chat/completions", json=req), range(2)))
+    assert [r.status_code for r in rs] == [200, 200]
+    infos = [r.json()["kvroute"] for r in rs]
+    assert sorted(i["affinity"] for i in infos) == ["fallback", "transcript"]
+    by = {i["affinity"]: i["session"] for i in infos}
+    assert by["transcript"] == first["kvroute"]["session"] != by["fallback"]
+
+
+def test_bad_requests_are_400_with_the_field() -> None:
+    with fleet() as f, gateway(f.frontend) as http:
+        r = http.post("/v1/chat/completions", content=b"{not json")
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+        r = http.post("/v1/chat/completions", json=chat(n=2))
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        r = http.post("/v1/chat/completions", json=chat(), headers={"X-Session-ID": ""})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "X-Session-ID"
+        r = http.post("/v1/chat/completions", content=b"[" * 100_000)
+        assert r.status_code == 400
+        r = http.get("/v1/chat/completions")
+        assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+        r = http.get("/v1/nothing")
+        assert r.status_code == 404 and "error" in r.json()
+    with fleet() as f, gateway(f.frontend, max_body_bytes=1000) as http:
+        r = http.post("/v1/chat/completions", json=chat(stop="x" * 2000))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "too_large"
