@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine (Python 3.11+):
 #   make demo   - install into .venv, fetch the default model, serve 2 workers and run a short bench
-#   make test   - install into .venv (with test extras), fetch the default model, lint, run the tests
+#   make test   - install into .venv (with test extras), fetch the default model, lint,
+#                 type-check (mypy --strict), run the tests
 VENV ?= .venv
 PY := $(VENV)/bin/python
 KV := $(VENV)/bin/kvroute
@@ -27,7 +28,9 @@ demo: install
 
 test: install
 	$(KV) model fetch
+	sh scripts/ensure-chromium.sh
 	$(VENV)/bin/ruff check kvroute tests benchmarks
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 clean:

@@ -19,5 +19,5 @@ def limit_blas_threads(n: int = 1) -> None:
 
 
 def llamacpp_reference() -> dict[str, Any]:
-    """llama.cpp's figures on this machine class (see tests/data/README.md)."""
+    """llama.cpp's figures as recorded with the test data (see tests/data/README.md)."""
     return json.loads(REFERENCE.read_text())

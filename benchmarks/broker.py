@@ -6,9 +6,10 @@ Three processes on loopback TCP: the broker (``kvroute.broker.Broker``), an echo
 on the backend that answers each TURN with ``--tokens`` TOKEN frames and an END, without decoding
 anything) and, for the baseline, a direct echo server (a ROUTER answering the same way). The
 client runs in this process and never decodes bodies either, and client and echo processes use
-the broker's own lean multipart calls (``kvroute.broker.wire``), so on a 2-core machine they take
-as little CPU from the broker as possible. ``cpu_*`` fields say who used the cores during each
-run (``cpu_foreign``: other processes on the machine, which make the figures pessimistic).
+the broker's own lean multipart calls (``kvroute.broker.wire``), so on a machine with few cores
+they take as little CPU from the broker as possible. ``cpu_*`` fields say who used the cores
+during each run (``cpu_foreign``: other processes on the machine, which make the figures
+pessimistic).
 
 - throughput: ``--window`` sessions each keep one turn in flight for ``--seconds``; frames/s
   counts every message through the broker (requests in + replies out). Two shapes: ``echo``
@@ -18,8 +19,8 @@ run (``cpu_foreign``: other processes on the machine, which make the figures pes
   (so drift hits both). Added latency per frame = half the round-trip difference (a round trip
   through the broker is two broker hops).
 
-Targets (issue 4): >= 50k frames/s, <= 0.2 ms p50 added per frame. DESIGN §3 calibration: a bare
-Python ROUTER-ROUTER forwarder does ~52k frames/s and adds ~80 us per hop on this machine class.
+Targets: >= 50k frames/s, <= 0.2 ms p50 added per frame; the direct server's figures from the
+same run say how much of that the machine itself allows.
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def round_trips(sock: zmq.Socket[bytes], n: int, tag: bytes = b"") -> list[float
     """``n`` sequential TURN -> END round trips on one session; seconds each.
 
     ``tag`` prefixes session ids: each client socket needs its own, as sessions belong to the
-    client that created them (issue 7) and a new socket is a new client."""
+    client that created them (docs/design.md, *Security*) and a new socket is a new client."""
     out = []
     for i in range(n):
         t0 = time.perf_counter()

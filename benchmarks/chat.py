@@ -6,8 +6,9 @@ One run measures, on 1 BLAS thread:
 - a 10-turn chat (system + ~30-token user turns, 32-token greedy replies): time to first token of
   every turn in the warm session, and of the same history sent to a fresh session (cold);
 - aggregate decode tok/s with 1 and with 8 concurrent sessions.
-It prints one JSON object with the ratios the worker-session issue targets, and llama.cpp's
-turn-10 TTFT with its KV kept (1 thread) on a conversation of the same shape for reference.
+It prints one JSON object with the ratios and their targets, and llama.cpp's turn-10 TTFT with
+its KV kept (1 thread) on a conversation of the same shape, from tests/data/llamacpp_speed.json:
+recorded once on another machine, so context for the ratios rather than a same-run baseline.
 """
 
 from __future__ import annotations

@@ -305,7 +305,7 @@ def best_reference(refs: list[dict[str, Any]]) -> dict[str, Any]:
     return best
 
 
-def serve_run(workers: int, model: str) -> dict[str, float]:
+def serve_run(workers: int, model: str) -> dict[str, Any]:
     """``kvroute bench --serve N`` (16 users, 4 turns, max_tokens 32): output tok/s, error rate.
 
     Failed turns are counted, not fatal (``--max-error-rate 1``): a ratio over runs that lost
@@ -319,7 +319,12 @@ def serve_run(workers: int, model: str) -> dict[str, float]:
         cmd += ["--model", model, "--json", str(out)]
         subprocess.run(cmd, check=True, capture_output=True)
         doc = json.loads(out.read_text())
-        return {"output_tok_s": round(doc["output_tok_s"], 1), "error_rate": doc["error_rate"]}
+        return {
+            "output_tok_s": round(doc["output_tok_s"], 1),
+            "error_rate": doc["error_rate"],
+            "errors": {k: v for k, v in doc["errors"].items() if v},
+            "error_examples": doc["error_examples"],
+        }
 
 
 # --------------------------------------------------------------------------- report

@@ -21,7 +21,10 @@ One run measures:
    ``failed_turns`` (and its wait in the wall time) instead of stalling the run.
 3. **Turn-10 warm TTFT over HTTP with no session key vs with one** (``X-Session-ID``): pairs of
    10-turn conversations, turns interleaved; the ratio of the median turn-10 TTFTs (target <=
-   1.1x), and of all warm turns.
+   1.1x), and of all warm turns. A third conversation per round has no key either and
+   alternates between two gateways sharing an owner token (``--owner-token-file``): its ratio
+   to the keyed one says what finding the session through the broker's index costs when the
+   previous turn went through another gateway.
 
 Prints one JSON object (also written to ``--json``).
 """
@@ -39,6 +42,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -233,24 +237,33 @@ def added_ttft(frontend: str, url: str, pairs: int) -> dict[str, Any]:
     }
 
 
-def keyless_vs_keyed(url: str, rounds: int) -> dict[str, Any]:
-    """Measurement 3: 10-turn conversations with and without X-Session-ID, interleaved."""
-    t10: dict[str, list[float]] = {"keyless": [], "keyed": []}
-    warm: dict[str, list[float]] = {"keyless": [], "keyed": []}
-    with httpx.Client(base_url=url, timeout=120) as http:
+def keyless_vs_keyed(url: str, url2: str, rounds: int) -> dict[str, Any]:
+    """Measurement 3: 10-turn conversations with and without X-Session-ID, interleaved; the
+    ``two_gateways`` one has no key and alternates between ``url`` and ``url2``."""
+    kinds = ("keyless", "keyed", "two_gateways")
+    t10: dict[str, list[float]] = {k: [] for k in kinds}
+    warm: dict[str, list[float]] = {k: [] for k in kinds}
+    with (
+        httpx.Client(base_url=url, timeout=120) as http,
+        httpx.Client(base_url=url2, timeout=120) as http2,
+    ):
         for r in range(rounds):
-            # Within a round both conversations are the same text (same prompt lengths: a fair
-            # comparison; keyed sessions never enter the transcript index, so they do not
-            # meet). Rounds differ, or a later round would continue an earlier one's session.
-            system = {"role": "system", "content": SYSTEM.format(r)}
-            convs = {k: [system] for k in ("keyless", "keyed")}
-            headers = {"keyless": {}, "keyed": {"X-Session-ID": f"bench-{uuid.uuid4().hex}"}}
-            order = ["keyless", "keyed"] if r % 2 == 0 else ["keyed", "keyless"]
+            # Within a round the conversations differ by one word of the system prompt (same
+            # prompt lengths: a fair comparison; keyless ones must not meet in the transcript
+            # index). Rounds differ, or a later round would continue an earlier one's session.
+            convs = {
+                k: [{"role": "system", "content": SYSTEM.format(f"{r}{'abc'[i]}")}]
+                for i, k in enumerate(kinds)
+            }
+            headers: dict[str, dict[str, str]] = {k: {} for k in kinds}
+            headers["keyed"] = {"X-Session-ID": f"bench-{uuid.uuid4().hex}"}
+            order = list(kinds[r % 3 :] + kinds[: r % 3])
             for turn, text in enumerate(USER_TURNS, start=1):
                 for kind in order:
                     msgs = convs[kind]
                     msgs.append({"role": "user", "content": text})
-                    reply, ttft, info = http_turn(http, msgs, 32, headers[kind])
+                    client = http2 if kind == "two_gateways" and turn % 2 == 0 else http
+                    reply, ttft, info = http_turn(client, msgs, 32, headers[kind])
                     msgs.append({"role": "assistant", "content": reply})
                     if turn > 1:
                         assert info["path"] == "text_prefix", (kind, info)
@@ -261,7 +274,9 @@ def keyless_vs_keyed(url: str, rounds: int) -> dict[str, Any]:
         "rounds": rounds,
         "turn10_ttft_ms_p50": {k: p50(v) for k, v in t10.items()},
         "turn10_keyless_vs_keyed": p50(t10["keyless"]) / p50(t10["keyed"]),
+        "turn10_two_gateways_vs_keyed": p50(t10["two_gateways"]) / p50(t10["keyed"]),
         "warm_turns_keyless_vs_keyed": p50(warm["keyless"]) / p50(warm["keyed"]),
+        "warm_turns_two_gateways_vs_keyed": p50(warm["two_gateways"]) / p50(warm["keyed"]),
         "target_ratio": 1.1,
     }
 
@@ -437,10 +452,14 @@ def main() -> None:
             )
         )
         wait_for_worker(frontend)
-        gw, url = start_gateway(frontend)
-        procs.append(gw)
-        out["added_ttft"] = added_ttft(frontend, url, args.pairs)
-        out["keyless_vs_keyed"] = keyless_vs_keyed(url, args.rounds)
+        with tempfile.TemporaryDirectory() as tmp:
+            token = f"{tmp}/owner.token"  # the first gateway creates it, the second reads it
+            gw, url = start_gateway(frontend, "--owner-token-file", token)
+            procs.append(gw)
+            gw2, url2 = start_gateway(frontend, "--owner-token-file", token)
+            procs.append(gw2)
+            out["added_ttft"] = added_ttft(frontend, url, args.pairs)
+            out["keyless_vs_keyed"] = keyless_vs_keyed(url, url2, args.rounds)
     finally:
         for p in reversed(procs):
             p.stop()

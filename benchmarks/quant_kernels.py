@@ -14,7 +14,9 @@ alternating rounds), against OpenBLAS SGEMV on the engine's float32 layout:
 - ``transposed_f32``: the same blocks transposed at load so that consecutive bytes belong to
   consecutive output rows (values, scales and mins unchanged): the inner loop runs over output
   rows, one activation broadcast times 16 rows per instruction, no horizontal sums, float32
-  activations (so the result equals the float32 path's up to rounding).
+  activations (so the result equals the float32 path's up to rounding);
+- ``head_transposed_q8_0``: the same idea for the Q8_0 LM head (the tied token embedding),
+  against SGEMV on its float32 copy (``head_sgemv_f32``).
 
 It also reports what importing numba and running one kernel costs in private memory per process,
 which every worker would pay. Prints one JSON object with the times and ratios.
@@ -44,6 +46,7 @@ from kvroute.engine.model_store import resolve_model  # noqa: E402
 ROUNDS = 3
 REPEATS = 5
 Q4_1_BLOCK = 20  # bytes: f16 scale, f16 min, 16 bytes of nibbles (element j low, j + 16 high)
+Q8_0_BLOCK = 34  # bytes: f16 scale, 32 int8 values
 
 
 def anon_mib() -> float:
@@ -91,7 +94,26 @@ def kernels() -> dict[str, Callable[..., None]]:
             for o in range(n_out):
                 out[o] += d[b, o] * tmp[o] + m[b, o] * xsum[b]
 
-    return {"blocks_int8": blocks_int8, "transposed_f32": transposed_f32}
+    @njit(fastmath=True, boundscheck=False, error_model="numpy", nogil=True)
+    def transposed_q8_0(qt, d, x, out, tmp):  # type: ignore[no-untyped-def]
+        n_out = qt.shape[2]
+        for o in range(n_out):
+            out[o] = 0.0
+        for b in range(qt.shape[0]):
+            for o in range(n_out):
+                tmp[o] = 0.0
+            for j in range(32):
+                xj = x[b * 32 + j]
+                for o in range(n_out):
+                    tmp[o] += np.float32(qt[b, j, o]) * xj
+            for o in range(n_out):
+                out[o] += d[b, o] * tmp[o]
+
+    return {
+        "blocks_int8": blocks_int8,
+        "transposed_f32": transposed_f32,
+        "transposed_q8_0": transposed_q8_0,
+    }
 
 
 def quantize_row(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -111,6 +133,14 @@ def transpose_blocks(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return qt, np.ascontiguousarray(dm[:, :, 0].T), np.ascontiguousarray(dm[:, :, 1].T)
 
 
+def transpose_q8_0(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GGUF Q8_0 rows (O, nb * 34) to values (nb, 32, O) int8 and scales (nb, O) float32."""
+    blocks = raw.reshape(raw.shape[0], -1, Q8_0_BLOCK)
+    qt = np.ascontiguousarray(blocks[:, :, 2:].view(np.int8).transpose(1, 2, 0))
+    d = blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)
+    return qt, np.ascontiguousarray(d.T)
+
+
 def run(model: str) -> dict[str, Any]:
     """Time the kernels against SGEMV; check them against the float32 product."""
     gguf = GGUFFile(resolve_model(model))
@@ -127,6 +157,14 @@ def run(model: str) -> dict[str, Any]:
     outs = [np.empty(w.shape[1], np.float32) for w in f32]
     tmp = np.empty(max(w.shape[1] for w in f32), np.float32)
 
+    # The LM head (tied to the Q8_0 token embedding in SmolLM2): float32 (D, V) against Q8_0.
+    embed = tensors["token_embd.weight"]
+    head_f32 = np.ascontiguousarray(gguf.tensor("token_embd.weight").T)
+    head_q = transpose_q8_0(np.asarray(embed.data)) if embed.tensor_type.name == "Q8_0" else None
+    hx = rng.standard_normal(head_f32.shape[0], dtype=np.float32)
+    hout = np.empty(head_f32.shape[1], np.float32)
+    htmp = np.empty_like(hout)
+
     before = anon_mib()
     k = kernels()
 
@@ -142,11 +180,21 @@ def run(model: str) -> dict[str, Any]:
         for t, x, s, o in zip(transposed, xs, xsums, outs, strict=True):
             k["transposed_f32"](*t, x, s, o, tmp[: o.shape[0]])
 
+    def head_sgemv_f32() -> None:
+        np.matmul(hx, head_f32, out=hout)
+
+    def head_transposed_q8_0() -> None:
+        assert head_q is not None
+        k["transposed_q8_0"](*head_q, hx, hout, htmp)
+
     ways: dict[str, Callable[[], None]] = {
         "sgemv_f32": sgemv_f32,
         "blocks_int8": blocks_int8,
         "transposed_f32": transposed_f32,
+        "head_sgemv_f32": head_sgemv_f32,
     }
+    if head_q is not None:
+        ways["head_transposed_q8_0"] = head_transposed_q8_0
     errors = {}
     for name in ("blocks_int8", "transposed_f32"):
         ways[name]()  # compiles on the first call
@@ -154,6 +202,10 @@ def run(model: str) -> dict[str, Any]:
             float(np.abs(o - x @ w).max() / np.abs(x @ w).max())
             for o, x, w in zip(outs, xs, f32, strict=True)
         )
+    if head_q is not None:
+        head_transposed_q8_0()
+        ref = hx @ head_f32
+        errors["head_transposed_q8_0"] = float(np.abs(hout - ref).max() / np.abs(ref).max())
     numba_mib = anon_mib() - before
 
     best = dict.fromkeys(ways, float("inf"))
@@ -163,7 +215,7 @@ def run(model: str) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 op()
                 best[name] = min(best[name], (time.perf_counter() - t0) * 1e3)
-    base = best["sgemv_f32"]
+    base = {k_: best["head_sgemv_f32" if k_.startswith("head") else "sgemv_f32"] for k_ in best}
     return {
         "matrices": len(names),
         "bytes": {
@@ -172,7 +224,7 @@ def run(model: str) -> dict[str, Any]:
             "transposed": sum(sum(a.nbytes for a in t) for t in transposed),
         },
         "ms_per_step_best": {k_: round(v, 2) for k_, v in best.items()},
-        "speed_vs_sgemv": {k_: round(base / v, 2) for k_, v in best.items()},
+        "speed_vs_sgemv": {k_: round(base[k_] / v, 2) for k_, v in best.items()},
         "max_relative_error_vs_float32": errors,
         "numba_private_anon_mib": round(numba_mib, 1),
         "process_uss_mib": round(psutil.Process().memory_full_info().uss / 2**20, 1),

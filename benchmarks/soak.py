@@ -1,4 +1,4 @@
-"""Soak: many sessions x many turns on a served model, checking every turn (issue 7, item 3).
+"""Soak: many sessions x many turns on a served model, checking every turn.
 
     python benchmarks/soak.py [--sessions 64] [--turns 20] [--workers 2] [--model default]
                               [--max-tokens 24] [--concurrency 16] [--json OUT]
@@ -320,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     flood.add_argument("--think-s", type=float, default=0.3, help="quiet client's pause (s)")
     flood.add_argument("--flood-warmup-s", type=float, default=10.0, help="flood before measuring")
     flood.add_argument("--flood-max-tokens", type=int, default=16)
+    flood.add_argument(
+        "--flood-retry-s", type=float, default=0.5, help="mean pause after a refusal"
+    )
     flood.add_argument("--kv-budget-mb", type=float, default=None, help="default: the machine's")
     flood.add_argument("--capacity", type=int, default=WorkerConfig.capacity)
     flood.add_argument("--prefill-chunk", type=int, default=WorkerConfig.prefill_chunk)

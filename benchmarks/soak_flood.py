@@ -51,17 +51,17 @@ QUIET_TURNS = ("Name a fruit.", "Name a colour.", "Name a planet.", "Name an ani
 
 
 def flood_process(
-    frontend: str, max_tokens: int, timeout: float, stop: Any, out: Any, seed: int
+    frontend: str, max_tokens: int, retry_s: float, timeout: float, stop: Any, out: Any, seed: int
 ) -> None:
     """Spawned: keep the broker's per-client limits full until ``stop`` is set, then put what
     happened on ``out``.
 
     The flood speaks the protocol on one DEALER (one client identity) with no threads: a client
     library with a thread or task per request would spend a core of its own on 256 requests in
-    flight, which this 2-core machine's worker would feel more than the flood itself. Every turn
-    is the first of a new session, which stays open (up to the sessions limit; the oldest are
-    then closed); a refused turn is sent again on the same session after a pause (a new id per
-    attempt would pin a session at the broker for every refusal).
+    flight, which a worker on a machine with few cores would feel more than the flood itself.
+    Every turn is the first of a new session, which stays open (up to the sessions limit; the
+    oldest are then closed); a refused turn is sent again on the same session after a pause (a
+    new id per attempt would pin a session at the broker for every refusal).
     """
     limits = BrokerConfig(frontend="tcp://127.0.0.1:0", backend="tcp://127.0.0.1:0")
     rng = random.Random(seed)
@@ -122,7 +122,7 @@ def flood_process(
                 else:
                     tally[reply.kind.name.lower()] += 1
                 # A client at its limits comes back soon, with the same turn.
-                retry_at.append((time.monotonic() + rng.uniform(0.25, 0.75), sid))
+                retry_at.append((time.monotonic() + rng.uniform(0.5, 1.5) * retry_s, sid))
             retry_at.sort(reverse=True)
         out.put({"tally": dict(tally), "prompt_tokens": prompt_tokens, "open": len(open_sessions)})
     finally:
@@ -161,7 +161,15 @@ def flood_phases(frontend: str, args: argparse.Namespace, progress: Progress) ->
     stop, out = ctx.Event(), ctx.Queue()
     proc = ctx.Process(
         target=flood_process,
-        args=(frontend, args.flood_max_tokens, args.timeout, stop, out, args.seed),
+        args=(
+            frontend,
+            args.flood_max_tokens,
+            args.flood_retry_s,
+            args.timeout,
+            stop,
+            out,
+            args.seed,
+        ),
         name="soak-flood",
     )
     progress.done = 1

@@ -55,11 +55,10 @@ def tiny_engine(tiny_model_path: Path) -> Engine:
 def single_blas_thread() -> Iterator[None]:
     """Run BLAS on one thread for the whole test session.
 
-    On this 2-core machine class OpenBLAS's second thread helps little even on an idle machine
-    (decode step ~16 ms vs ~21 ms), and as soon as another CPU-bound process runs (a parallel
-    test run, a worker) its two threads wait on each other for whole scheduler slices: we measured
-    decode steps of 30-180 ms with one busy process beside it and ~700 ms with two. One thread
-    keeps test durations stable.
+    On a machine with few cores OpenBLAS's second thread helps little even when the machine is
+    idle, and as soon as another CPU-bound process runs (a parallel test run, a worker) its
+    threads wait on each other for whole scheduler slices, making a decode step many times
+    slower. One thread keeps test durations stable.
     """
     with threadpool_limits(limits=1):
         yield

@@ -1,7 +1,7 @@
 """Fake protocol peers for broker tests: a worker thread without an engine, and a test client.
 
 Both speak only through :mod:`kvroute.proto`, so they double as executable documentation of the
-worker and client sides of the protocol (and as honest peers next to the fuzzing of issue 7).
+worker and client sides of the protocol (and as honest peers next to the fuzzing in test_fuzz.py).
 """
 
 from __future__ import annotations

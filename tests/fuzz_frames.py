@@ -40,8 +40,8 @@ E = ErrorCode
 SESSION_POOL = 64  # session ids the frontend attacker draws from (its lifecycle cases CLOSE them)
 HONEST_PREFIX = b"honest"
 """Session ids of the honest sessions start with this, and the fuzzer never uses them: what a
-stranger may do to another client's session is session ownership (issue 7, item 5), tested
-with it; here the honest sessions must come out exactly as without the fuzz."""
+stranger may do to another client's session is session ownership (test_broker_access.py); here
+the honest sessions must come out exactly as without the fuzz."""
 
 
 # --- frontend cases -------------------------------------------------------------------------
@@ -165,12 +165,20 @@ class FrontendFuzzer:
         return self.one("random_frames", frames)
 
     def _control_kinds(self) -> Case:
-        kind = self.r.pick([Kind.RESET, Kind.CLOSE, Kind.PING, Kind.CANCEL])
+        kind = self.r.pick(
+            [Kind.RESET, Kind.CLOSE, Kind.PING, Kind.CANCEL, Kind.LOOKUP, Kind.INDEX]
+        )
         body = EMPTY_BODY if self.r.chance(0.4) else pack(self.r.value())
+        if kind in (Kind.LOOKUP, Kind.INDEX) and self.r.chance(0.5):
+            body = pack({"digest": self.r.rng.randbytes(self.r.pick([15, 16, 32, 33]))})
         if self.r.chance(0.3):
             body = msgpack_garbage(self.r, EMPTY_BODY)[1]
-        sid = b"" if kind is Kind.PING and self.r.chance(0.5) else self.sid()
-        return self.one(f"control:{kind.name}", [HEADERS[kind], sid, self.rid(), body])
+        sessionless = kind in (Kind.PING, Kind.LOOKUP)
+        sid = b"" if sessionless and self.r.chance(0.5) else self.sid()
+        frames = [HEADERS[kind], sid, self.rid(), body]
+        if self.r.chance(0.3):  # an owner frame: another principal (or a malformed one)
+            frames.insert(3, self.r.pick([b"tok-%d" % self.r.rng.randrange(3), b"", b"\x00t"]))
+        return self.one(f"control:{kind.name}", frames)
 
     def _lifecycle(self) -> Case:
         """A session of the attacker's own: TURN, then RESET / CANCEL / CLOSE (forwarded to its

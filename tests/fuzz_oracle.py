@@ -16,7 +16,9 @@ from kvroute.proto import (
     ErrorCode,
     ErrorReply,
     Heartbeat,
+    Index,
     Kind,
+    Lookup,
     ProtocolViolation,
     Ready,
     TurnRequest,
@@ -92,13 +94,24 @@ def turn_body_expect(body: bytes, echo: bytes) -> Expect:
     return Expect(TURN_RAN, echo=echo)
 
 
+def _body_expect(cls: type[Lookup] | type[Index], body: bytes, answer: Expect) -> Expect:
+    """A LOOKUP / INDEX body's answer: the code the proto decoder raises, else ``answer``."""
+    try:
+        cls.decode(body)
+    except ProtocolViolation as exc:
+        return error(exc.code, echo=answer.echo)
+    return answer
+
+
 def expect_frontend(frames: list[bytes]) -> Expect:
     """What the service answers a client DEALER that sent ``frames`` (oracle, from the docs)."""
-    if len(frames) != 4:
+    if len(frames) not in (4, 5):
         # With at least three frames the broker still echoes frames 1 and 2 as the ids.
         ok = len(frames) >= 3 and len(frames[1]) <= 64 and len(frames[2]) <= 32
         return error(E.BAD_FRAME, echo=frames[2] if ok else b"")
-    header, sid, rid, body = frames
+    header, sid, rid = frames[:3]
+    body = frames[-1]
+    owner = frames[3] if len(frames) == 5 else None  # an owner token: another principal
     # The ERROR echoes the ids only if both fit their limits (else empty frames).
     echo = rid if len(sid) <= L.MAX_SESSION_ID_BYTES and len(rid) <= L.MAX_REQUEST_ID_BYTES else b""
     code = _header_code(header, CLIENT_KINDS)
@@ -107,19 +120,41 @@ def expect_frontend(frames: list[bytes]) -> Expect:
     kind = Kind(header[4])
     if not 1 <= len(rid) <= L.MAX_REQUEST_ID_BYTES:
         return error(E.BAD_FRAME, echo=b"")
-    min_sid = 0 if kind is Kind.PING else 1
+    min_sid = 0 if kind in (Kind.PING, Kind.LOOKUP) else 1
     if not min_sid <= len(sid) <= L.MAX_SESSION_ID_BYTES:
         return error(E.BAD_FRAME, echo=rid)
     if len(body) > L.MAX_BODY_BYTES:
         return error(E.TOO_LARGE, echo=rid)
+    if owner is not None and not (0 < len(owner) <= L.MAX_OWNER_BYTES and owner[0] != 0):
+        return error(E.BAD_FRAME, echo=rid)
+    if kind is Kind.LOOKUP:  # nothing indexed for the attacker: nil (or its own session)
+        return _body_expect(Lookup, body, Expect(frozenset({Kind.FOUND}), echo=rid))
+    if kind is Kind.INDEX:  # its session (or nobody's), or one its owner frame does not own
+        ok_or_not_owner = Expect(
+            frozenset({Kind.INDEX_OK, Kind.ERROR}), frozenset({E.NOT_OWNER}), rid
+        )
+        return _body_expect(Index, body, ok_or_not_owner)
     if kind is Kind.TURN:
-        return turn_body_expect(body, rid)
+        expect = turn_body_expect(body, rid)
+        if owner is not None and expect.kinds == TURN_RAN:
+            # The attacker's session, seen by another principal.
+            return Expect(TURN_RAN | {Kind.ERROR}, frozenset({E.NOT_OWNER}), rid)
+        return expect
     if kind is Kind.CANCEL:
         # No request of this client is in flight here: an empty CANCEL gets its terminal,
         # not_in_flight; any other body is dropped unanswered.
-        return error(E.NOT_IN_FLIGHT, echo=rid) if body == EMPTY_BODY else SILENT
+        if body != EMPTY_BODY:
+            return SILENT
+        return (
+            error(E.NOT_IN_FLIGHT, E.NOT_OWNER, echo=rid)
+            if owner
+            else error(E.NOT_IN_FLIGHT, echo=rid)
+        )
     ack = {Kind.RESET: Kind.RESET_OK, Kind.CLOSE: Kind.CLOSE_OK, Kind.PING: Kind.PONG}[kind]
-    return _ack_or_bad_body(ack, body, rid)
+    expect = _ack_or_bad_body(ack, body, rid)
+    if owner is not None and kind is not Kind.PING and expect.kinds == {ack}:
+        return Expect(frozenset({ack, Kind.ERROR}), frozenset({E.NOT_OWNER}), rid)
+    return expect
 
 
 def expect_backend(frames: list[bytes]) -> Expect:

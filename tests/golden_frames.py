@@ -55,6 +55,15 @@ from kvroute.proto import (
 )
 from kvroute.proto import limits as L
 from kvroute.proto.frames import client_frames, delivery_frames
+from kvroute.proto.status import (
+    BrokerCounters,
+    Fleet,
+    TurnOutcome,
+    WorkerCounters,
+    WorkerGauges,
+    WorkerView,
+)
+from kvroute.proto.transcripts import Found, Index, Lookup
 
 DATA = Path(__file__).parent / "data" / "golden_frames.json"
 
@@ -68,6 +77,10 @@ BODY_TYPES: dict[Kind, Any] = {
     Kind.READY: Ready,
     Kind.HEARTBEAT: Heartbeat,
     Kind.DISCONNECT: Disconnect,
+    Kind.FLEET: Fleet,
+    Kind.LOOKUP: Lookup,
+    Kind.INDEX: Index,
+    Kind.FOUND: Found,
 }
 """The body class of each kind that has fields; every other kind carries EMPTY_BODY."""
 
@@ -176,7 +189,101 @@ def valid_bodies() -> dict[str, tuple[Kind, Any]]:
             lost = SessionLost("w0", reason, retryable=retryable)
             cases[f"SESSION_LOST/{reason.value}/{retryable}"] = (Kind.SESSION_LOST, lost)
     cases["SESSION_LOST/default"] = (Kind.SESSION_LOST, SessionLost("", LostReason.EXITED))
+    cases.update(fleet_bodies())
+    cases.update(transcript_bodies())
     return cases
+
+
+DIGEST = bytes(range(16))
+
+
+def transcript_bodies() -> dict[str, tuple[Kind, Any]]:
+    """TURN with stop strings (an optional field, absent from every other TURN case), and the
+    LOOKUP / FOUND / INDEX bodies of the transcript index."""
+    return {
+        "TURN/stop": (
+            Kind.TURN,
+            TurnRequest(HISTORY, max_tokens=64, seed=7, stop=("\n\n", "User:", "é✓", "<|x|>")),
+        ),
+        "TURN/stop_limits": (
+            Kind.TURN,
+            TurnRequest(
+                (ChatMessage(Role.USER, "hi"),),
+                stop=tuple(c * L.MAX_STOP_CHARS for c in "aé日\U0001f600"[: L.MAX_STOP]),
+            ),
+        ),
+        "TURN/stop_one_char": (
+            Kind.TURN,
+            TurnRequest((ChatMessage(Role.USER, "hi"),), stop=(".",)),
+        ),
+        "LOOKUP/basic": (Kind.LOOKUP, Lookup(DIGEST)),
+        "LOOKUP/longest": (Kind.LOOKUP, Lookup(b"\xff" * L.MAX_DIGEST_BYTES)),
+        "INDEX/basic": (Kind.INDEX, Index(DIGEST)),
+        "FOUND/session": (Kind.FOUND, Found("sessión-1".encode())),
+        "FOUND/nil": (Kind.FOUND, Found(None)),
+        "FOUND/longest": (Kind.FOUND, Found(b"\x00\xff" * 32)),
+    }
+
+
+COUNTERS = WorkerCounters(
+    {CachePath.COLD: 3, CachePath.TEXT_PREFIX: 40, CachePath.TOKEN_PREFIX: 2},
+    {ColdReason.NEW: 2, ColdReason.EVICTED: 1},
+    12_000,
+    10_500,
+    1_500,
+    3_000,
+    1,
+)
+GAUGES = WorkerGauges("hôst-1", 1_700_000_000_000_000_000, 512 << 20, 3, COUNTERS)
+
+
+def fleet_bodies() -> dict[str, tuple[Kind, Any]]:
+    """HEARTBEAT with gauges and FLEET: empty, one or two workers (one without gauges), at
+    limits."""
+    broker = BrokerCounters(
+        1_700_000_000_000_000_000,
+        123_456,
+        2,
+        7,
+        1,
+        {TurnOutcome.END: 40, TurnOutcome.BUSY: 1, TurnOutcome.ERROR: 2},
+        {ErrorCode.NO_WORKER: 1, ErrorCode.LIMIT: 1},
+    )
+    w0 = WorkerView("w0", 4242, 7, "SmolLM2", 2048, 16, 250.5, 2, 5, 2, 4, 3 << 20, GAUGES)
+    w1 = WorkerView("wörker-1", 4243, 8, "SmolLM2", 2048, 16, 0.0, 0, 0, 0, 0, 0, None)
+    empty = WorkerCounters({}, {}, 0, 0, 0, 0, 0)
+    widest = WorkerView(
+        "w" * L.MAX_NAME_CHARS,
+        L.MAX_COUNT,
+        L.MAX_COUNT,
+        "m" * L.MAX_NAME_CHARS,
+        L.MAX_N_CTX,
+        L.MAX_CAPACITY,
+        L.MAX_IDLE_MS,
+        L.MAX_COUNT,
+        L.MAX_COUNT,
+        L.MAX_COUNT,
+        L.MAX_COUNT,
+        L.MAX_COUNT,
+        WorkerGauges("h" * L.MAX_NAME_CHARS, L.MAX_COUNT, L.MAX_COUNT, L.MAX_COUNT, empty),
+    )
+    return {
+        "HEARTBEAT/gauges": (Kind.HEARTBEAT, Heartbeat(2, 10, 3 << 20, GAUGES)),
+        "HEARTBEAT/gauges_empty": (
+            Kind.HEARTBEAT,
+            Heartbeat(gauges=WorkerGauges("", 0, 0, 0, empty)),
+        ),
+        "FLEET/empty": (
+            Kind.FLEET,
+            Fleet(BrokerCounters(0, 0, 0, 0, 0, {}, {}), (), 0, empty),
+        ),
+        "FLEET/two_workers": (Kind.FLEET, Fleet(broker, (w0, w1), 0, COUNTERS)),
+        "FLEET/one_worker": (
+            Kind.FLEET,
+            Fleet(BrokerCounters(1, 2, 0, 0, 0, {}, {}), (w1,), 1, empty),
+        ),
+        "FLEET/limits": (Kind.FLEET, Fleet(broker, (widest,), L.MAX_COUNT, empty)),
+    }
 
 
 def frame_cases() -> dict[str, list[bytes]]:
@@ -212,6 +319,22 @@ def frame_cases() -> dict[str, list[bytes]]:
         cases[f"reply/{kind.name}"] = reply_frames(kind, b"C", sid, rid, body)
         cases[f"client/{kind.name}"] = client_frames(b"C", kind, sid, rid, body)
     cases["client/PONG"] = client_frames(b"C", Kind.PONG, b"", rid)
+    cases["request/STATUS"] = request_frames(Kind.STATUS, b"", rid)
+    owner = b"owner-token-0123456789"
+    cases["request/TURN/owner"] = request_frames(Kind.TURN, sid, rid, body_of[Kind.TURN], owner)
+    cases["request/CANCEL/owner"] = request_frames(Kind.CANCEL, sid, rid, owner=owner)
+    lookup, index = bodies["LOOKUP/basic"][1].encode(), bodies["INDEX/basic"][1].encode()
+    cases["request/LOOKUP"] = request_frames(Kind.LOOKUP, b"", rid, lookup)
+    cases["request/LOOKUP/owner"] = request_frames(Kind.LOOKUP, b"", rid, lookup, owner)
+    cases["request/INDEX"] = request_frames(Kind.INDEX, sid, rid, index)
+    cases["request/INDEX/owner"] = request_frames(Kind.INDEX, sid, rid, index, owner)
+    found = bodies["FOUND/session"][1].encode()
+    cases["client/FOUND"] = client_frames(b"C", Kind.FOUND, b"", rid, found)
+    cases["client/INDEX_OK"] = client_frames(b"C", Kind.INDEX_OK, sid, rid)
+    fleet = bodies["FLEET/two_workers"][1].encode()
+    cases["client/FLEET"] = client_frames(b"C", Kind.FLEET, b"", rid, fleet)
+    gauges = bodies["HEARTBEAT/gauges"][1].encode()
+    cases["control/HEARTBEAT/gauges"] = control_frames(Kind.HEARTBEAT, gauges)
     for kind in (Kind.READY, Kind.HEARTBEAT, Kind.DISCONNECT, Kind.ERROR):
         cases[f"control/{kind.name}"] = control_frames(kind, body_of[kind])
     cases["control/HEARTBEAT/broker"] = control_frames(Kind.HEARTBEAT)
@@ -367,6 +490,7 @@ def _targeted() -> Iterator[tuple[str, Kind, bytes]]:
     err = _unpack(valid_bodies()["ERROR/non_ascii"][1].encode())
     too_long = "é" * (L.MAX_ERROR_MESSAGE_CHARS + 1)
     yield "ERROR/message_too_long", Kind.ERROR, _pack({**err, "message": too_long})
+    yield from _targeted_fleet()
     for kind in (Kind.CANCEL, Kind.RESET, Kind.PING, Kind.BUSY, Kind.HEARTBEAT):
         yield f"{kind.name}/empty", kind, EMPTY_BODY
         yield f"{kind.name}/field", kind, _pack({"x": 1})
@@ -385,6 +509,34 @@ def _targeted() -> Iterator[tuple[str, Kind, bytes]]:
     ):
         for kind in (Kind.TURN, Kind.END, Kind.READY, Kind.CLOSE):
             yield f"{kind.name}/{name}", kind, frame
+
+
+def _targeted_fleet() -> Iterator[tuple[str, Kind, bytes]]:
+    """STATUS bodies, and the FLEET and HEARTBEAT gauges rules that span fields."""
+    for name, frame in (("empty", EMPTY_BODY), ("field", _pack({"x": 1})), ("array", b"\x90")):
+        yield f"STATUS/{name}", Kind.STATUS, frame
+    fleet = _unpack(valid_bodies()["FLEET/two_workers"][1].encode())
+    w0 = fleet["workers"][0]
+    yield "FLEET/duplicate_worker", Kind.FLEET, _pack({**fleet, "workers": [w0, w0]})
+    many = [{**w0, "worker": f"w{i}"} for i in range(L.MAX_FLEET_WORKERS + 1)]
+    yield "FLEET/too_many_workers", Kind.FLEET, _pack({**fleet, "workers": many})
+    yield "FLEET/most_workers", Kind.FLEET, _pack({**fleet, "workers": many[:-1]})
+    counters = fleet["totals"]
+    for name, change in (
+        ("cold_reasons_short", {"cold_reasons": {"new": 2}}),
+        ("tokens_short", {"prefill_tokens": 1}),
+        ("no_paths_but_reasons", {"paths": {}}),
+        ("zero_counts", {"paths": {"cold": 0}, "cold_reasons": {}}),
+    ):
+        yield f"FLEET/totals_{name}", Kind.FLEET, _pack({**fleet, "totals": {**counters, **change}})
+        gauges = {**w0["gauges"], "counters": {**counters, **change}}
+        workers = [{**w0, "gauges": gauges}, fleet["workers"][1]]
+        yield f"FLEET/worker_{name}", Kind.FLEET, _pack({**fleet, "workers": workers})
+        beat = _unpack(valid_bodies()["HEARTBEAT/gauges"][1].encode())
+        beat["gauges"]["counters"] = {**counters, **change}
+        yield f"HEARTBEAT/gauges_{name}", Kind.HEARTBEAT, _pack(beat)
+    beat = _unpack(valid_bodies()["HEARTBEAT/values"][1].encode())
+    yield "HEARTBEAT/gauges_nil", Kind.HEARTBEAT, _pack({**beat, "gauges": None})
 
 
 def hostile_bodies() -> Iterator[tuple[str, Kind, bytes]]:
@@ -411,6 +563,12 @@ _MUTATED = (
     "READY/one_session",
     "HEARTBEAT/values",
     "DISCONNECT/reason",
+    "HEARTBEAT/gauges",  # the gauges and counters, every map key
+    "FLEET/one_worker",  # a worker's fields (its gauges are HEARTBEAT's)
+    "TURN/stop",  # the optional stop strings (the other fields are TURN/full's)
+    "LOOKUP/basic",
+    "INDEX/basic",
+    "FOUND/session",
 )
 
 

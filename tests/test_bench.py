@@ -109,7 +109,7 @@ def test_stickiness_failover_exemptions() -> None:
     records = [
         # session 0: SessionLost, then served elsewhere: reported failover
         ok(0, 1, "w0"),
-        failed(0, 2, "lost", lost_worker="w0"),
+        failed(0, 2, "lost"),
         ok(0, 3, "w1", path="cold", cold_reason="worker_lost"),
         ok(0, 4, "w1"),
         # session 1: moved with cold reason worker_lost, no error seen by the client

@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import msgpack
 import pytest
@@ -25,6 +26,7 @@ from kvroute.proto import (
     ChatMessage,
     ColdReason,
     Control,
+    Delivery,
     Disconnect,
     ErrorCode,
     ErrorReply,
@@ -32,13 +34,17 @@ from kvroute.proto import (
     Heartbeat,
     Kind,
     LostReason,
+    Overflow,
     Ready,
     Role,
     SessionLost,
     TurnEnd,
     TurnRequest,
+    TurnStats,
     control_frames,
+    error_body,
     parse_delivery,
+    reply_frames,
     reply_sha256,
 )
 from kvroute.proto.control import Resident
@@ -73,9 +79,11 @@ def start_broker() -> Iterator[StartBroker]:
     def start(
         sentinels: dict[int, str] | None = None,
         on_worker_exit: Callable[[str], None] | None = None,
+        **config: Any,
     ) -> Broker:
         # Random loopback ports; a 2 MiB MAXMSGSIZE so 1..2 MiB bodies test ERROR too_large.
-        cfg = BrokerConfig("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", INTERVAL, max_msg_size=2 << 20)
+        config = {"max_msg_size": 2 << 20, **config}
+        cfg = BrokerConfig("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", INTERVAL, **config)
         b = Broker(cfg, sentinels=sentinels, on_worker_exit=on_worker_exit)
         t = threading.Thread(target=run, args=(b,), name="broker", daemon=True)
         t.start()
@@ -472,3 +480,89 @@ def test_lifecycle(start_broker: StartBroker) -> None:
         clash.wait_bound(TIMEOUT)
     t.join(TIMEOUT)
     assert not t.is_alive() and len(failures) == 1  # run() raised too, and did not hang
+
+
+# --- a TURN refused before it ran leaves no pin ------------------------------------------------
+
+
+def next_delivery(w: zmq.Socket[bytes]) -> Delivery:
+    """The next request the broker delivers to a raw worker, which keeps sending heartbeats."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        w.send_multipart(control_frames(Kind.HEARTBEAT, Heartbeat().encode()))
+        if w.poll(INTERVAL * 1000):
+            msg = parse_delivery(w.recv_multipart())
+            if isinstance(msg, Delivery):
+                return msg
+    raise AssertionError("nothing delivered")
+
+
+def end_body() -> bytes:
+    stats = TurnStats(
+        prompt_tokens=10,
+        cached_tokens=0,
+        prefill_tokens=10,
+        generated_tokens=0,
+        path=CachePath.COLD,
+        cold_reason=ColdReason.NEW,
+        ttft_ms=1.0,
+        decode_ms=0.0,
+        worker="w0",
+    )
+    return TurnEnd(0, FinishReason.LENGTH, reply_sha256(""), stats).encode()
+
+
+def test_a_refused_first_turn_leaves_no_pin(
+    start_broker: StartBroker, client: MakeClient, ctx: Ctx
+) -> None:
+    """The worker's refusals of a new session's TURN (what its scheduler answers when its queue
+    is full, or the prompt overflows) free the id and the client's session count."""
+    b = start_broker(max_sessions_per_client=1, liveness=25)  # the raw worker is never lost
+    w = raw_worker(ctx, b)
+    w.send_multipart(control_frames(Kind.READY, Ready("w0", 1, 7, 4, "fake", 2048).encode()))
+    assert control_reply(w).kind is Kind.HEARTBEAT
+    c, other = client(b), client(b)
+
+    def serve(c: Client, sid: bytes, rid: bytes, kind: Kind, body: bytes) -> None:
+        c.send(Kind.TURN, sid, rid, turn_body())
+        d = next_delivery(w)
+        assert (d.kind, d.session_id, d.request_id) == (Kind.TURN, sid, rid)
+        w.send_multipart(reply_frames(kind, d.client, sid, rid, body))
+        assert c.recv(rid).kind is kind
+
+    overloaded = error_body(ErrorCode.OVERLOADED, "the worker's queue is full; retry later")
+    overflow = Overflow(prompt_tokens=2000, max_tokens=100, n_ctx=2048).encode()
+    for sid, kind, body in ((b"s0", Kind.ERROR, overloaded), (b"s1", Kind.OVERFLOW, overflow)):
+        serve(c, sid, b"first-" + sid, kind, body)  # a new id each time: never ERROR limit
+        assert b.table.owner(sid) is None and b.table.principal(sid) is None
+    assert not b.table.sessions_of.counts and not b.table.pins
+    # The same id again is placed anew; once a turn ran there, a refusal keeps the pin.
+    serve(c, b"s0", b"again", Kind.END, end_body())
+    serve(c, b"s0", b"later", Kind.ERROR, overloaded)
+    assert b.table.owner(b"s0") is not None and list(b.table.sessions_of.counts.values()) == [1]
+    c.send(Kind.TURN, b"s2", b"one-too-many", turn_body())
+    assert error_code(c.recv(b"one-too-many")) is ErrorCode.LIMIT  # the limit still holds
+    # A refused id belongs to nobody: another client creates it.
+    serve(other, b"s1", b"theirs", Kind.END, end_body())
+    assert b.table.principal(b"s1") not in (None, b.table.principal(b"s0"))
+
+
+def test_a_refused_body_keeps_a_running_session(
+    start_broker: StartBroker, start_worker: StartWorker, client: MakeClient
+) -> None:
+    """A body the worker refuses (ERROR bad_body) drops a new session's pin, but not the pin of
+    a session that has run turns: its next turn still finds its cache."""
+    b = start_broker()
+    w = start_worker(b, "w0")
+    c = client(b)
+    c.send(Kind.TURN, b"g", b"r1", b"\xc1garbage")
+    assert error_code(c.recv(b"r1")) is ErrorCode.BAD_BODY
+    assert b.table.owner(b"g") is None and not b.table.sessions_of.counts
+    c.send(Kind.TURN, b"g", b"r2", turn_body())
+    assert TurnEnd.decode(c.collect(b"r2")[1].body).stats.cold_reason is ColdReason.NEW
+    c.send(Kind.TURN, b"g", b"r3", b"\xc1garbage")
+    assert error_code(c.recv(b"r3")) is ErrorCode.BAD_BODY
+    assert b.table.owner(b"g") is not None
+    c.send(Kind.TURN, b"g", b"r4", turn_body())
+    assert TurnEnd.decode(c.collect(b"r4")[1].body).stats.path is CachePath.TEXT_PREFIX
+    assert [d.request_id for d in w.deliveries] == [b"r1", b"r2", b"r3", b"r4"]

@@ -1,4 +1,4 @@
-"""Session ownership, per-client limits and forgotten pins, over real sockets (issue 7).
+"""Session ownership, per-client limits and forgotten pins, over real sockets.
 
 Fake workers and raw DEALER clients (``fake_peers``), as in test_broker.py. A raw DEALER sets no
 routing id, so ZeroMQ gives each connection its own: each client here is its own principal. The

@@ -1,8 +1,8 @@
 """``kvroute generate``, ``kvroute tokenize`` and ``kvroute model path`` through click's runner.
 
 Most tests use the tiny model (loading it takes milliseconds). The real-model tests check the
-command end to end against llama.cpp: one loads the model through the CLI as a user would (~4 s),
-the other reuses the session's engine to check the chat-template path.
+command end to end against llama.cpp: one loads the model through the CLI as a user would, the
+other reuses the session's engine to check the chat-template path.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from zmq.utils.monitor import recv_monitor_message
 from kvroute import AsyncClient, Client, NotOwner, Timeout
 from kvroute.broker import Broker, BrokerConfig
 from kvroute.cli import main
-from kvroute.cli.keys_cmd import write_key_pairs, write_layout
+from kvroute.cli.keys_cmd import write_layout
 from kvroute.engine.engine import Engine
 from kvroute.proto import Kind, Ready, control_frames
 from kvroute.proto.identity import CurveClient, KeyFileError, load_allowed_keys
@@ -42,8 +42,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """server; clients/: client, other (a second client); workers/: worker; strangers/."""
     root = tmp_path_factory.mktemp("keys")
     layout = (("", ("server",)), ("clients", ("client", "other")), ("workers", ("worker",)))
-    write_layout(root, layout, force=False)
-    write_key_pairs(root / "strangers", ("stranger",), force=False)
+    write_layout(root, (*layout, ("strangers", ("stranger",))), force=False)
     paths = {n: root / sub / n for sub, names in layout for n in names}
     paths["stranger"] = root / "strangers" / "stranger"
     paths["clients"], paths["workers"] = root / "clients", root / "workers"

@@ -16,7 +16,7 @@ are, not from wishing:
   float32 engine stays the reference implementation and the tolerances stay.
 - Where llama.cpp's own top-1 / top-2 margin is small, a difference of a few tenths legitimately
   flips the choice (llama.cpp does not even agree with itself between batched prefill and
-  token-by-token decode, DESIGN.md section 5). So greedy ids must equal llama.cpp's **up to the
+  token-by-token decode). So greedy ids must equal llama.cpp's **up to the
   first step whose margin is below 0.5**, and the order of the first-position top-5 must be
   equal wherever llama.cpp's gap between consecutive ranks is at least 0.5 (the set always).
 - Teacher-forced (feeding llama.cpp's own tokens), our argmax must equal llama.cpp's at every one of

@@ -1,4 +1,4 @@
-"""Dying, hanging and restarting processes (issue 7, item 2), with real `kvroute` processes.
+"""Dying, hanging and restarting processes, with real `kvroute` processes.
 
 test_serve.py already kills a worker mid-stream under `broker` + `worker` (heartbeat detection)
 and an idle worker under `serve`; this file covers the other combinations:
@@ -44,7 +44,7 @@ from kvroute.proto.messages import CachePath, ColdReason
 pytestmark = pytest.mark.timeout(180)  # nothing may hang: every wait below is bounded anyway
 
 LIVENESS = 3  # the broker's default: silent intervals before a worker is lost
-SLACK = 1.0  # scheduling slack on a loaded 2-core machine, on top of the liveness window
+SLACK = 1.0  # scheduling slack on a loaded machine with few cores, on top of the liveness window
 STORY = "Write a very long story about a dragon who learns to paint."
 
 

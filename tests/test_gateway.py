@@ -1,5 +1,6 @@
-"""The gateway in front of real workers (the tiny model): cache reuse without a session key,
-greedy equality with the client library, overflow, the openai SDK, and ``kvroute gateway``.
+"""The gateway in front of real workers (the tiny model): cache reuse without a session key
+(through one gateway, and through two alternating), stop strings end to end, greedy equality
+with the client library, overflow, the openai SDK, health, and ``kvroute gateway``.
 
 The broker and workers run as threads of the test process (tests/service_harness.py), the
 gateway in a thread with its own event loop; ``kvroute gateway`` as a subprocess. Real-model
@@ -9,8 +10,10 @@ checks are in tests/test_gateway_openai.py.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -143,13 +146,72 @@ def test_context_overflow_is_400_and_changes_nothing(gateway: str) -> None:
     assert again["kvroute"]["session"] == "s.keep" and again["kvroute"]["path"] == "text_prefix"
 
 
-def test_models_and_health(gateway: str) -> None:
+def test_models_and_health(service: Harness, gateway: str, engine_1k: Engine) -> None:
     models = httpx.get(f"{gateway}/v1/models").json()
-    assert [m["id"] for m in models["data"]] == ["kvroute"] and models["object"] == "list"
-    post(gateway, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-    health = httpx.get(f"{gateway}/health")
+    assert [m["id"] for m in models["data"]] == [engine_1k.model_name]
+    assert models["object"] == "list"
+    health = httpx.get(f"{gateway}/health")  # before any turn: the broker knows its workers
     assert health.status_code == 200
     assert health.json()["status"] == "ok" and health.json()["workers"] == 1
+    service.add_worker(engine_1k, "w1")
+    assert httpx.get(f"{gateway}/health").json()["workers"] == 2
+    service.stop_worker("w0")
+    service.stop_worker("w1")
+    wait = time.monotonic() + 10
+    while httpx.get(f"{gateway}/health").status_code != 503:
+        assert time.monotonic() < wait, "health still 200 with no worker"
+        time.sleep(0.05)
+    assert httpx.get(f"{gateway}/health").json()["workers"] == 0
+
+
+def sse_pieces(r: httpx.Response) -> tuple[list[str], dict[str, Any]]:
+    """The text pieces of a streamed answer and its last chunk with choices."""
+    chunks = [c for c in _chunks(r.text) if c["choices"]]
+    return [c["choices"][0]["delta"].get("content", "") for c in chunks], chunks[-1]
+
+
+def test_stop_split_across_two_tokens_end_to_end(gateway: str) -> None:
+    """The worker cuts the reply before a stop string that spans two tokens, streams none of
+    it, finishes with finish_reason stop, and the next turn still takes the text-prefix path."""
+    msgs: list[dict[str, str]] = [{"role": "user", "content": "Say something long."}]
+    r = post(gateway, messages=msgs, max_tokens=24, temperature=0, stream=True)
+    pieces, _ = sse_pieces(r)
+    text = "".join(pieces)
+    stop, expected = next(
+        (p[-1] + q[0], text[: text.find(p[-1] + q[0])])
+        for p, q in itertools.pairwise(pieces[1:])
+        if p and q and text.find(p[-1] + q[0]) > 0
+    )
+    r = post(gateway, messages=msgs, max_tokens=24, temperature=0, stream=True, stop=[stop])
+    pieces, last = sse_pieces(r)
+    assert "".join(pieces) == expected and stop not in "".join(pieces)
+    assert last["choices"][0]["finish_reason"] == "stop"
+    whole = post(gateway, messages=msgs, max_tokens=24, temperature=0, stop=stop).json()
+    assert whole["choices"][0]["message"]["content"] == expected
+    assert whole["choices"][0]["finish_reason"] == "stop"
+    msgs += [whole["choices"][0]["message"], {"role": "user", "content": "And?"}]
+    nxt = post(gateway, messages=msgs, max_tokens=4, temperature=0).json()["kvroute"]
+    assert (nxt["session"], nxt["affinity"]) == (whole["kvroute"]["session"], "transcript")
+    assert nxt["path"] == "text_prefix"
+
+
+def test_two_gateways_alternating_keep_the_conversation_warm(service: Harness) -> None:
+    """Requests of one keyless conversation alternate between two gateways sharing an owner
+    token: every turn after the first lands on the same session, on the text-prefix path."""
+    cfg = GatewayConfig(connect=service.frontend, port=0, timeout=10, owner_token=b"g2-shared")
+    with GatewayThread(cfg) as one, GatewayThread(cfg) as two:
+        msgs: list[dict[str, str]] = [{"role": "system", "content": "Be brief."}]
+        sessions = set()
+        for turn, text in enumerate(USER_TURNS, start=1):
+            url = (one.url, two.url)[turn % 2]
+            msgs.append({"role": "user", "content": text})
+            body = post(url, messages=msgs, max_tokens=12, temperature=0).json()
+            kv = body["kvroute"]
+            sessions.add(kv["session"])
+            if turn > 1:
+                assert (kv["affinity"], kv["path"]) == ("transcript", "text_prefix"), (turn, kv)
+            msgs.append(body["choices"][0]["message"])
+        assert len(sessions) == 1
 
 
 def test_openai_sdk_sync_and_async(gateway: str) -> None:
@@ -200,17 +262,22 @@ def test_openai_sdk_sync_and_async(gateway: str) -> None:
 def test_gateway_command(service: Harness, tmp_path: Path) -> None:
     procs = Procs(tmp_path)
     try:
-        p = procs.start(
-            "gateway", ["gateway", "--connect", service.frontend, "--http", "127.0.0.1:0"]
-        )
+        token = tmp_path / "group.token"
+        args = ["gateway", "--connect", service.frontend, "--http", "127.0.0.1:0"]
+        p = procs.start("gateway", [*args, "--owner-token-file", str(token)])
         (ready,) = p.wait_log(r"ready gateway (http://127\.0\.0\.1:\d+)", timeout=60)
         text = p.text()
         (http,) = re.findall(r"^http (http://127\.0\.0\.1:\d+)$", text, re.M)
         assert http == ready[1] and text.index("http http") < text.index("ready gateway")
         r = post(http, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
         assert r.status_code == 200 and r.json()["kvroute"]["worker"] == "w0"
+        # the first gateway of a group made the token file, private to this user
+        assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_bytes().strip()) == 22
         p.signal(signal.SIGTERM)
         assert p.p.wait(20) == 0
+        (tmp_path / "empty.token").write_bytes(b"\n")
+        bad = procs.start("bad", [*args, "--owner-token-file", str(tmp_path / "empty.token")])
+        assert bad.p.wait(60) == 1 and "error: owner token file" in bad.text()
     finally:
         procs.close()
 

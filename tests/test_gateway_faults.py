@@ -1,5 +1,6 @@
-"""The gateway over a real broker and fake workers: exact SSE bytes, stop strings, every error
-status, disconnect -> CANCEL, a worker lost mid-stream, parallel regenerations.
+"""The gateway over a real broker and fake workers: exact SSE bytes, stop strings passed to the
+worker, every error status, health and models, disconnect -> CANCEL, a worker lost mid-stream,
+parallel regenerations, and several gateways sharing sessions through one owner token.
 
 The fake worker (tests/fake_peers.py) streams ``"t0 ", "t1 ", ...`` (one TOKEN per
 ``token_delay``) and reports fixed stats, so replies and bodies are known to the byte. Every
@@ -25,6 +26,7 @@ from procs import free_port
 
 from kvroute.broker import Broker, BrokerConfig
 from kvroute.gateway import GatewayConfig, GatewayThread
+from kvroute.proto import Kind, TurnRequest
 
 
 @dataclass
@@ -105,7 +107,7 @@ def test_sse_framing_byte_for_byte() -> None:
     assert cid and created
     head = (
         f'data: {{"id":"{cid[1]}","object":"chat.completion.chunk","created":{created[1]},'
-        '"model":"kvroute","system_fingerprint":null,"choices":'
+        '"model":"m","system_fingerprint":null,"choices":'
     )
     token = '[{"index":0,"delta":{"content":"%s"},"logprobs":null,"finish_reason":null}]'
     expected = (
@@ -130,26 +132,22 @@ def test_sse_framing_byte_for_byte() -> None:
     assert body == expected
 
 
-def test_stop_strings_cut_the_reply_and_cancel_the_turn() -> None:
+def test_stop_strings_go_to_the_worker() -> None:
+    """The worker applies stop strings (tests/test_stop_strings.py); the gateway passes them
+    on and cuts nothing itself: this fake worker ignores them."""
     with fleet() as f:
-        w = f.add("f0", token_delay=0.02)
+        w = f.add("f0")
         with gateway(f.frontend) as http:
-            r = http.post("/v1/chat/completions", json=chat(max_tokens=50, stop=["t3", "zz"]))
-            body = r.json()
-            assert body["choices"][0]["message"]["content"] == "t0 t1 t2 "
-            assert body["choices"][0]["finish_reason"] == "stop"
-            wait_until(lambda: len(w.cancels) == 1)  # the turn was stopped on the worker
-            # a stop string split across two tokens ("t1 " + "t2 "), streamed
-            req = chat(max_tokens=50, stop="1 t2", stream=True)
-            r = http.post("/v1/chat/completions", json=req)
-            events = sse_data(r.text)
-            assert streamed_text(events) == "t0 t" and events[-1] == "[DONE]"
-            assert json.loads(events[-2])["choices"][0]["finish_reason"] == "stop"
-            wait_until(lambda: len(w.cancels) == 2)
-            # a stop string that never occurs changes nothing
-            r = http.post("/v1/chat/completions", json=chat(max_tokens=3, stop="t9"))
+            r = http.post("/v1/chat/completions", json=chat(max_tokens=3, stop=["t1", "zz"]))
             assert r.json()["choices"][0]["message"]["content"] == "t0 t1 t2 "
             assert r.json()["choices"][0]["finish_reason"] == "length"
+            r = http.post("/v1/chat/completions", json=chat(max_tokens=2, stop="t0", stream=True))
+            assert streamed_text(sse_data(r.text)) == "t0 t1 "
+            r = http.post("/v1/chat/completions", json=chat(max_tokens=2))
+            assert r.status_code == 200
+    stops = [TurnRequest.decode(d.body).stop for d in w.deliveries if d.kind is Kind.TURN]
+    assert stops == [("t1", "zz"), ("t0",), ()]
+    assert not w.cancels
 
 
 def test_client_disconnect_cancels_the_turn() -> None:
@@ -192,13 +190,24 @@ def test_worker_lost_mid_stream_is_an_sse_error_event() -> None:
 
 def test_no_worker_is_503() -> None:
     with fleet() as f, gateway(f.frontend) as http:
-        assert http.get("/health").status_code == 200  # the broker answers; nothing known yet
+        h = http.get("/health")
+        assert h.status_code == 503
+        assert h.json() == {"status": "unavailable", "broker": True, "workers": 0, "models": []}
+        assert http.get("/v1/models").json() == {"object": "list", "data": []}
         for stream in (False, True):
             r = http.post("/v1/chat/completions", json=chat(stream=stream))
             assert r.status_code == 503
             assert r.json()["error"]["code"] == "no_worker"
+        f.add("f0")
+        f.add("f1")
         h = http.get("/health")
-        assert h.status_code == 503 and h.json()["no_worker"] is True
+        assert h.status_code == 200
+        assert h.json() == {"status": "ok", "broker": True, "workers": 2, "models": ["fake"]}
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["fake"]
+        f.workers[0].crash.set()  # lost within the broker's liveness
+        wait_until(lambda: http.get("/health").json()["workers"] == 1, timeout=5 * INTERVAL * 3)
+    with fleet() as f, gateway(f.frontend, models=("alias",)) as http:
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["alias"]
 
 
 def test_broker_gone_is_504_within_the_timeout() -> None:
@@ -210,6 +219,8 @@ def test_broker_gone_is_504_within_the_timeout() -> None:
         assert time.monotonic() - t0 < 3.0
         h = http.get("/health")
         assert h.status_code == 503 and h.json()["broker"] is False
+        r = http.get("/v1/models")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "broker_unavailable"
 
 
 def _slow_stream_then(http: httpx.Client, then: Any) -> Any:
@@ -276,3 +287,61 @@ def test_bad_requests_are_400_with_the_field() -> None:
     with fleet() as f, gateway(f.frontend, max_body_bytes=1000) as http:
         r = http.post("/v1/chat/completions", json=chat(stop="x" * 2000))
         assert r.status_code == 400 and r.json()["error"]["code"] == "too_large"
+
+
+TOKEN = b"gateway-group-token-01"
+
+
+def test_gateways_sharing_a_token_share_conversations() -> None:
+    """Keyless requests of one conversation alternate between two gateways: every turn after
+    the first finds the session through the broker's transcript index. A gateway with another
+    owner token finds nothing (the index answers per identity)."""
+    with fleet() as f:
+        f.add("f0")
+        with (
+            gateway(f.frontend, owner_token=TOKEN) as a,
+            gateway(f.frontend, owner_token=TOKEN) as b,
+            gateway(f.frontend) as stranger,
+        ):
+            msgs = [{"role": "user", "content": "hi"}]
+            sessions = []
+            for turn in range(4):
+                http = (a, b)[turn % 2]
+                body = http.post(
+                    "/v1/chat/completions", json={**chat(max_tokens=2), "messages": msgs}
+                )
+                info = body.json()["kvroute"]
+                assert info["affinity"] == ("new" if turn == 0 else "transcript"), (turn, info)
+                sessions.append(info["session"])
+                msgs += [
+                    body.json()["choices"][0]["message"],
+                    {"role": "user", "content": f"q{turn}"},
+                ]
+            assert len(set(sessions)) == 1
+            again = stranger.post(
+                "/v1/chat/completions", json={**chat(max_tokens=2), "messages": msgs}
+            )
+            assert again.json()["kvroute"]["affinity"] == "new"
+
+
+def test_parallel_regenerations_through_two_gateways() -> None:
+    """The second of two requests continuing one transcript at once, through another gateway
+    (which cannot know the first is running), gets BUSY from the broker and runs on a fresh
+    session."""
+    with fleet() as f:
+        f.add("f0", token_delay=0.05)
+        with (
+            gateway(f.frontend, owner_token=TOKEN) as a,
+            gateway(f.frontend, owner_token=TOKEN) as b,
+        ):
+            first = a.post("/v1/chat/completions", json=chat(max_tokens=2)).json()
+            reply = first["choices"][0]["message"]
+            msgs = [{"role": "user", "content": "hi"}, reply, {"role": "user", "content": "more"}]
+            req = {"model": "m", "messages": msgs, "max_tokens": 20}
+            with ThreadPoolExecutor(2) as pool:
+                rs = list(pool.map(lambda h: h.post("/v1/chat/completions", json=req), (a, b)))
+    assert [r.status_code for r in rs] == [200, 200]
+    infos = [r.json()["kvroute"] for r in rs]
+    assert sorted(i["affinity"] for i in infos) == ["fallback", "transcript"]
+    by = {i["affinity"]: i["session"] for i in infos}
+    assert by["transcript"] == first["kvroute"]["session"] != by["fallback"]

@@ -1,8 +1,9 @@
 """The real openai SDK (sync and async) against the gateway on the default model.
 
 A 6-turn streamed conversation with no session key must reuse the cache on every turn after
-the first (cached_tokens >= 80% of prompt_tokens), and greedy replies over HTTP must equal the
-client library's for the same conversation.
+the first (cached_tokens >= 80% of prompt_tokens), also when its requests alternate between two
+gateways sharing an owner token, and greedy replies over HTTP must equal the client library's
+for the same conversation.
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ def gateway(service: str) -> Iterator[str]:
         yield gw.url
 
 
+@pytest.fixture(scope="module")
+def two_gateways(service: str) -> Iterator[tuple[str, str]]:
+    """Two gateways sharing one owner token (as ``kvroute gateway --owner-token-file``)."""
+    cfg = GatewayConfig(connect=service, port=0, timeout=30, owner_token=b"openai-test-token")
+    with GatewayThread(cfg) as one, GatewayThread(cfg) as two:
+        yield one.url, two.url
+
+
 def check_usage(turn: int, usage: Any, kv: dict[str, Any] | None = None) -> None:
     assert usage is not None and usage.prompt_tokens_details is not None
     cached, prompt = usage.prompt_tokens_details.cached_tokens, usage.prompt_tokens
@@ -91,6 +100,33 @@ def test_sync_sdk_streamed_conversation_without_key(gateway: str) -> None:
         last = chunks[-1]
         check_usage(turn, last.usage, (last.model_extra or {}).get("kvroute"))
         msgs.append({"role": "assistant", "content": reply})
+
+
+def test_sdk_conversation_through_two_gateways_alternating(two_gateways: tuple[str, str]) -> None:
+    sdks = [
+        openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) for url in two_gateways
+    ]
+    msgs: list[Any] = [{"role": "system", "content": SYSTEM + " (two gateways)"}]
+    sessions = set()
+    for turn, text in enumerate(TURNS, start=1):
+        msgs.append({"role": "user", "content": text})
+        stream = sdks[turn % 2].chat.completions.create(
+            model="default",
+            messages=msgs,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        reply = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert reply
+        kv = (chunks[-1].model_extra or {}).get("kvroute")
+        check_usage(turn, chunks[-1].usage, kv)
+        assert kv is not None
+        sessions.add(kv["session"])
+        msgs.append({"role": "assistant", "content": reply})
+    assert len(sessions) == 1
 
 
 def test_async_sdk_streamed_conversation_without_key(gateway: str) -> None:

@@ -216,9 +216,15 @@ def test_config_checks() -> None:
     with pytest.raises(ValueError):
         GatewayConfig(port=70000)
     with pytest.raises(ValueError):
-        GatewayConfig(models=())
+        GatewayConfig(models=("",))
     with pytest.raises(ValueError):
         GatewayConfig(server_key="k")
+    for token in (b"", b"\x00zmq-generated", b"t" * 256):
+        with pytest.raises(ValueError, match="owner token"):
+            GatewayConfig(owner_token=token)
+    with pytest.raises(ValueError, match="CURVE"):
+        GatewayConfig(owner_token=b"token", server_key="k", key="k")
+    assert GatewayConfig(owner_token=b"shared").owner_token == b"shared"
     assert GatewayConfig(host="::1", port=9).url == "http://[::1]:9"
 
 

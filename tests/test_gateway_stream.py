@@ -1,18 +1,16 @@
-"""The gateway's I/O-free parts: stop strings, SSE framing and bodies, session affinity."""
+"""The gateway's I/O-free parts: SSE framing and bodies, session affinity.
+
+(Stop strings are the worker's: tests/test_stop_strings.py.)"""
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from kvroute.client import TurnResult
 from kvroute.gateway.affinity import (
     Affinity,
-    LocalIndex,
     Route,
     SessionBook,
     Via,
@@ -21,70 +19,10 @@ from kvroute.gateway.affinity import (
 )
 from kvroute.gateway.errors import ApiError
 from kvroute.gateway.render import DONE, ChunkEncoder, completion, sse_error
-from kvroute.gateway.request import parse_chat_request
-from kvroute.gateway.stop import StopMatcher
+from kvroute.gateway.request import ChatRequest, parse_chat_request
 from kvroute.gateway.turns import Finished
 from kvroute.proto import CachePath, FinishReason, TurnEnd, TurnStats, reply_sha256
 from kvroute.proto.limits import MAX_SESSION_ID_BYTES
-
-# --- stop strings ------------------------------------------------------------------------------
-
-
-def run_matcher(stops: list[str], pieces: list[str]) -> tuple[list[str], StopMatcher]:
-    m = StopMatcher(stops)
-    out = []
-    for p in pieces:
-        out.append(m.feed(p))
-        if m.matched is not None:
-            break
-    else:
-        out.append(m.flush())
-    return out, m
-
-
-def test_stop_within_one_piece() -> None:
-    out, m = run_matcher(["STOP"], ["Hello ", "world STOP and more"])
-    assert "".join(out) == "Hello world " and m.matched == "STOP"
-
-
-def test_stop_split_across_pieces_is_held_back_then_cut() -> None:
-    out, m = run_matcher(["<|x|>"], ["abc<", "|x", "|>tail"])
-    assert out == ["abc", "", ""]  # "<" and "<|x" could start the stop string: held
-    assert m.text == "abc" and m.matched == "<|x|>"
-
-
-def test_held_text_is_released_when_it_turns_out_not_to_match() -> None:
-    out, m = run_matcher(["STOP"], ["ab S", "TO", "X", "ST"])
-    assert out == ["ab ", "", "STOX", "", "ST"]  # "S", "STO" and "ST" could start STOP
-    assert m.matched is None and m.text == "ab STOXST"
-
-
-def test_earliest_of_several_stops_wins() -> None:
-    out, m = run_matcher(["world", "lo"], ["hello world"])
-    assert "".join(out) == "hel" and m.matched == "lo"
-
-
-def test_no_stops_passes_through() -> None:
-    out, m = run_matcher([], ["a", "b"])
-    assert out == ["a", "b", ""] and m.text == "ab"
-
-
-@given(
-    text=st.text(alphabet="abST", max_size=40),
-    stop=st.text(alphabet="abST", min_size=1, max_size=4),
-    cuts=st.lists(st.integers(0, 40), max_size=8),
-)
-def test_stop_matches_what_a_whole_string_search_finds(
-    text: str, stop: str, cuts: list[int]
-) -> None:
-    bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
-    pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
-    out, m = run_matcher([stop], pieces)
-    i = text.find(stop)
-    expected = text if i == -1 else text[:i]
-    assert "".join(out) == expected == m.text
-    assert (m.matched is not None) == (i != -1)
-
 
 # --- rendering -------------------------------------------------------------------------------
 
@@ -179,19 +117,55 @@ def conv(*texts: str, system: str | None = None) -> list[dict[str, str]]:
     return msgs
 
 
-def request(msgs: list[dict[str, str]], **extra: object) -> object:
+def request(msgs: list[dict[str, str]], **extra: object) -> ChatRequest:
     return parse_chat_request({"model": "m", "messages": msgs, **extra})
+
+
+class Routed:
+    """An Affinity with a dict standing in for the broker's transcript index (the index itself
+    is tested in tests/test_broker_transcripts.py): what TurnRunner does, without sockets."""
+
+    def __init__(self, max_sessions: int = 10) -> None:
+        self.aff = Affinity(max_sessions)
+        self.index: dict[bytes, str] = {}
+
+    def resolve(self, req: ChatRequest, header_key: str | None = None) -> Route:
+        keyed = self.aff.keyed(req, header_key)
+        if keyed is not None:
+            return keyed
+        digest = self.aff.history_digest(req)
+        return self.aff.found(None if digest is None else self.index.get(digest))
+
+    def turn(self, route: Route, transcript: list[dict[str, str]]) -> list[str]:
+        self.aff.begin(route)
+        digest = self.aff.to_index(route, transcript)
+        if digest is not None:
+            self.index[digest] = route.session_id
+        return self.aff.end(route)
 
 
 def test_digest_depends_on_roles_and_exact_text() -> None:
     a = transcript_digest(conv("hi", "hello"))
-    assert a == transcript_digest(conv("hi", "hello"))
+    assert a == transcript_digest(conv("hi", "hello")) and len(a) == 16
     assert a != transcript_digest(conv("hi", "hello "))
     assert a != transcript_digest(
         [{"role": "user", "content": "hi"}, {"role": "user", "content": "hello"}]
     )
     # no separator ambiguity: ["a", "bc"] and ["ab", "c"] differ
     assert transcript_digest(conv("a", "bc")) != transcript_digest(conv("ab", "c"))
+    # the gateway's normalised request messages and the reply it appends digest alike
+    req = request(
+        [
+            {
+                "role": "developer",
+                "content": [{"type": "text", "text": "s"}, {"type": "text", "text": "ys"}],
+            },
+            {"role": "user", "content": "x"},
+        ]
+    )
+    assert transcript_digest(req.history) == transcript_digest(
+        [{"role": "system", "content": "sys"}]
+    )
 
 
 def test_keyed_session_ids() -> None:
@@ -204,69 +178,59 @@ def test_keyed_session_ids() -> None:
 
 
 def test_conversation_follows_its_session() -> None:
-    aff = Affinity(LocalIndex(100), max_sessions=10)
-    first = aff.resolve(request(conv("hi", system="sys")))
+    r = Routed()
+    first = r.resolve(request(conv("hi", system="sys")))
     assert first.via is Via.NEW
-    aff.begin(first)
-    aff.end(first, conv("hi", "hello", system="sys"))
-    second = aff.resolve(request(conv("hi", "hello", "more?", system="sys")))
+    r.turn(first, conv("hi", "hello", system="sys"))
+    second = r.resolve(request(conv("hi", "hello", "more?", system="sys")))
     assert second == Route(first.session_id, Via.TRANSCRIPT)
-    aff.begin(second)
-    aff.end(second, conv("hi", "hello", "more?", "sure", system="sys"))
+    r.turn(second, conv("hi", "hello", "more?", "sure", system="sys"))
     # regenerate turn 2 and edit turn 2: both continue the transcript of turn 1
-    again = aff.resolve(request(conv("hi", "hello", "more?", system="sys")))
-    edited = aff.resolve(request(conv("hi", "hello", "other", system="sys")))
+    again = r.resolve(request(conv("hi", "hello", "more?", system="sys")))
+    edited = r.resolve(request(conv("hi", "hello", "other", system="sys")))
     assert again.session_id == edited.session_id == first.session_id
     # a reply the client changed is not what the session holds: a fresh session
-    assert aff.resolve(request(conv("hi", "HELLO", "more?", system="sys"))).via is Via.NEW
+    assert r.resolve(request(conv("hi", "HELLO", "more?", system="sys"))).via is Via.NEW
 
 
-def test_first_turns_never_share_a_session() -> None:
-    aff = Affinity(LocalIndex(100), max_sessions=10)
-    a = aff.resolve(request(conv("hi", system="sys")))
-    aff.begin(a)
-    aff.end(a, conv("hi", "hello", system="sys"))
-    b = aff.resolve(request(conv("hi", system="sys")))
+def test_first_turns_are_never_looked_up() -> None:
+    r = Routed()
+    a = r.resolve(request(conv("hi", system="sys")))
+    r.turn(a, conv("hi", "hello", system="sys"))
+    assert r.aff.history_digest(request(conv("hi", system="sys"))) is None
+    b = r.resolve(request(conv("hi", system="sys")))
     assert b.via is Via.NEW and b.session_id != a.session_id
 
 
 def test_busy_session_falls_back_to_a_fresh_one() -> None:
-    aff = Affinity(LocalIndex(100), max_sessions=10)
-    r = aff.resolve(request(conv("hi")), header_key="k")
-    assert r == Route("s.k", Via.HEADER)
-    aff.begin(r)
-    other = aff.resolve(request(conv("hi")), header_key="k")
+    r = Routed()
+    route = r.resolve(request(conv("hi")), header_key="k")
+    assert route == Route("s.k", Via.HEADER)
+    r.aff.begin(route)
+    other = r.resolve(request(conv("hi")), header_key="k")
     assert other.via is Via.FALLBACK and other.session_id != "s.k"
-    aff.end(r, None)
-    assert aff.resolve(request(conv("hi")), header_key="k") == r
+    assert r.aff.found("s.k").via is Via.FALLBACK  # the same through the index
+    r.aff.end(route)
+    assert r.resolve(request(conv("hi")), header_key="k") == route
 
 
-def test_keyed_sessions_do_not_enter_the_index() -> None:
-    aff = Affinity(LocalIndex(100), max_sessions=10)
-    keyed = aff.resolve(request(conv("hi")), header_key="k")
-    aff.begin(keyed)
-    aff.end(keyed, conv("hi", "hello"))
-    assert aff.resolve(request(conv("hi", "hello", "more"))).via is Via.NEW
+def test_keyed_sessions_are_not_indexed() -> None:
+    r = Routed()
+    keyed = r.resolve(request(conv("hi")), header_key="k")
+    r.turn(keyed, conv("hi", "hello"))
+    assert not r.index and r.aff.to_index(keyed, conv("hi", "hello")) is None
+    assert r.resolve(request(conv("hi", "hello", "more"))).via is Via.NEW
+    fallback = Affinity.fallback()
+    assert Affinity.to_index(fallback, conv("hi", "hello")) == transcript_digest(
+        conv("hi", "hello")
+    )
 
 
 def test_explicit_keys_win() -> None:
-    aff = Affinity(LocalIndex(100), max_sessions=10)
+    r = Routed()
     req = request(conv("hi"), user="bob", prompt_cache_key="pk")
-    assert aff.resolve(req) == Route("p.pk", Via.PROMPT_CACHE_KEY)
-    assert aff.resolve(req, header_key="h") == Route("s.h", Via.HEADER)
-
-
-def test_index_is_bounded_and_forgets_sessions() -> None:
-    idx = LocalIndex(3)
-    for i in range(5):
-        idx.record(f"d{i}", "s1" if i < 4 else "s2")
-    assert len(idx) == 3 and idx.lookup("d0") is None and idx.lookup("d1") is None
-    assert idx.lookup("d3") == "s1"
-    idx.forget("s1")
-    assert idx.lookup("d2") is None and idx.lookup("d3") is None and idx.lookup("d4") == "s2"
-    idx.record("d4", "s3")  # the same transcript now held by another session
-    idx.forget("s2")
-    assert idx.lookup("d4") == "s3"
+    assert r.resolve(req) == Route("p.pk", Via.PROMPT_CACHE_KEY)
+    assert r.resolve(req, header_key="h") == Route("s.h", Via.HEADER)
 
 
 def test_book_evicts_idle_sessions_only() -> None:
@@ -281,13 +245,9 @@ def test_book_evicts_idle_sessions_only() -> None:
     assert book.busy("d") and not book.busy("c") and len(book) == 2
 
 
-def test_evicted_sessions_are_forgotten_by_the_index() -> None:
-    aff = Affinity(LocalIndex(100), max_sessions=1)
-    a = aff.resolve(request(conv("one")))
-    aff.begin(a)
-    assert aff.end(a, conv("one", "1")) == []
-    b = aff.resolve(request(conv("two")))
-    aff.begin(b)
-    assert aff.end(b, conv("two", "2")) == [a.session_id]
-    assert aff.resolve(request(conv("one", "1", "again"))).via is Via.NEW
-    assert aff.resolve(request(conv("two", "2", "again"))).session_id == b.session_id
+def test_evicted_sessions_are_handed_back_to_close() -> None:
+    r = Routed(max_sessions=1)
+    a = r.resolve(request(conv("one")))
+    assert r.turn(a, conv("one", "1")) == []
+    b = r.resolve(request(conv("two")))
+    assert r.turn(b, conv("two", "2")) == [a.session_id]  # closing it drops its transcripts

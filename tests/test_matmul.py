@@ -94,3 +94,11 @@ def test_model_logits_do_not_depend_on_the_way(tmp_path: Path, way: str) -> None
     e.model.mm = MatmulPlan((way,) * MAX_ROWS)
     for x, y in zip(base, prefill_then_step(), strict=True):
         assert float(np.max(np.abs(x - y))) < 1e-4
+
+
+def test_no_place_to_keep_the_plan_means_no_measuring(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    for directory in (None, blocker / "weights"):
+        plan = mm.load_or_measure(small_matrices(), directory)
+        assert plan == MatmulPlan(), "measuring takes seconds: only where the table is kept"

@@ -201,7 +201,11 @@ def test_bad_header(header: bytes, code: ErrorCode) -> None:
     [
         ([b"C"], ErrorCode.BAD_FRAME),
         ([b"C", HEADERS[Kind.TURN], b"s", b"r"], ErrorCode.BAD_FRAME),
-        ([b"C", HEADERS[Kind.TURN], b"s", b"r", b"\x80", b"extra"], ErrorCode.BAD_FRAME),
+        ([b"C", HEADERS[Kind.TURN], b"s", b"r", b"o", b"\x80", b"extra"], ErrorCode.BAD_FRAME),
+        # an owner frame (5-frame form) must be a token: 1..255 bytes, first byte not zero
+        ([b"C", HEADERS[Kind.TURN], b"s", b"r", b"", b"\x80"], ErrorCode.BAD_FRAME),
+        ([b"C", HEADERS[Kind.TURN], b"s", b"r", b"\x00tok", b"\x80"], ErrorCode.BAD_FRAME),
+        ([b"C", HEADERS[Kind.TURN], b"s", b"r", b"t" * 256, b"\x80"], ErrorCode.BAD_FRAME),
         ([b"C", HEADERS[Kind.TURN], b"", b"r", b"\x80"], ErrorCode.BAD_FRAME),
         ([b"C", HEADERS[Kind.TURN], b"s" * 65, b"r", b"\x80"], ErrorCode.BAD_FRAME),
         ([b"C", HEADERS[Kind.TURN], b"s", b"", b"\x80"], ErrorCode.BAD_FRAME),
@@ -214,6 +218,19 @@ def test_bad_header(header: bytes, code: ErrorCode) -> None:
 )
 def test_bad_frontend_frames(frames: list[bytes], code: ErrorCode) -> None:
     assert violation(parse_frontend, frames).code is code
+
+
+def test_owner_frame_round_trip() -> None:
+    frames = request_frames(Kind.TURN, b"s", b"r", b"\x80", b"token")
+    assert frames == [HEADERS[Kind.TURN], b"s", b"r", b"token", b"\x80"]
+    req = parse_frontend([b"C", *frames])
+    assert (req.client, req.owner, req.body) == (b"C", b"token", b"\x80")
+    assert parse_frontend([b"C", *request_frames(Kind.TURN, b"s", b"r", b"\x80")]).owner == b""
+    exc = violation(parse_frontend, [b"C", HEADERS[Kind.CLOSE], b"s", b"r", b"\x00", b"\x80"])
+    assert (exc.code, exc.session_id, exc.request_id) == (ErrorCode.BAD_FRAME, b"s", b"r")
+    assert violation(request_frames, Kind.PING, b"", b"r", b"\x80", b"\x00").code is (
+        ErrorCode.BAD_FRAME
+    )
 
 
 def test_oversize_ids_are_not_echoed() -> None:

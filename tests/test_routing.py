@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from kvroute.broker.records import REFUSED_UNRUN
 from kvroute.broker.routing import Action, Orphan, Registration, Route, RoutingTable
-from kvroute.proto import ErrorCode, Heartbeat, Kind, LostReason, Ready
-from kvroute.proto.control import Resident
+from kvroute.proto import ErrorCode, Heartbeat, Kind, LostReason, Overflow, Ready
+from kvroute.proto.control import Resident, error_body
 from kvroute.proto.kinds import FLAG_WORKER_LOST
 
 EXPIRY = 3.0
@@ -233,7 +234,9 @@ def test_restart_with_new_epoch(table: RoutingTable) -> None:
 
 
 def test_abort_and_orphan(table: RoutingTable) -> None:
-    r = turn(table, b"s1", b"r1")
+    r = turn(table, b"s1", b"r0")
+    end(table, b"s1", b"r0")
+    turn(table, b"s1", b"r1")  # a later turn: its pin outlives an undelivered request
     table.abort(b"s1")
     assert b"s1" not in table.in_flight and table.owner(b"s1") is not None
     assert not table.workers[r.worker].turns
@@ -254,7 +257,7 @@ def test_expired_worker_is_not_placed_before_the_sweep() -> None:
     assert turn(t, b"s2", now=10.0).worker == b"B"  # A is past its deadline though not swept
 
 
-# --- ownership, limits and forgetting (issue 7) ------------------------------------------------
+# --- ownership, limits and forgetting --------------------------------------------------------
 
 
 def snapshot(t: RoutingTable) -> tuple[object, ...]:
@@ -539,3 +542,108 @@ def test_announced_pins_keep_the_lru_order_and_the_limits() -> None:
     assert [f.session_id for f in t.sweep(100.0)] == [b"old"]
     assert [f.session_id for f in t.sweep(106.0)] == [b"fresh"]
     assert list(t.pins) == [b"recent"]
+
+
+# --- a TURN refused before it ran leaves no pin behind -----------------------------------------
+
+OVERFLOW_BODY = Overflow(prompt_tokens=2000, max_tokens=100, n_ctx=2048).encode()
+REFUSED = [
+    (Kind.OVERFLOW, OVERFLOW_BODY),
+    *((Kind.ERROR, error_body(code, "refused")) for code in sorted(REFUSED_UNRUN)),
+]
+REFUSED_IDS = ["overflow", *sorted(REFUSED_UNRUN)]
+
+
+def reply(t: RoutingTable, session: bytes, request: bytes, kind: Kind, body: bytes) -> None:
+    worker = t.in_flight[session].worker
+    assert t.on_reply(worker, kind, session, request, b"client", 0.0, body) is not None
+
+
+@pytest.mark.parametrize(("kind", "body"), REFUSED, ids=REFUSED_IDS)
+def test_a_refused_first_turn_drops_its_pin(kind: Kind, body: bytes) -> None:
+    t = RoutingTable(EXPIRY, max_sessions_per_client=1)
+    t.register(b"A", ready("a"), 0.0)
+    t.register(b"B", ready("b"), 0.0)
+    assert turn(t, b"s1", b"r1").worker == b"A"  # a tie: registration order
+    reply(t, b"s1", b"r1", kind, body)
+    assert not t.pins and not t.in_flight
+    assert not t.sessions_of.counts and not t.requests_of.counts
+    assert all(not w.sessions and not w.turns for w in t.workers.values())
+    assert t.principal(b"s1") is None and not t.is_lost(b"s1")
+    # Placed anew: another client's turn runs on A now, so the retry goes to B (it would have
+    # stuck to A), and it fits the limit of one session.
+    assert t.route(Kind.TURN, b"y", b"ry", b"other", 0.0).worker == b"A"
+    retry = turn(t, b"s1", b"r2")
+    assert (retry.action, retry.worker, retry.flags) == (Action.DELIVER, b"B", 0)
+    assert t.principal(b"s1") == b"client" and t.sessions_of[b"client"] == 1
+    # A refused later turn keeps the pin: the worker holds the session's earlier turns.
+    end(t, b"s1", b"r2")
+    turn(t, b"s1", b"r3")
+    reply(t, b"s1", b"r3", kind, body)
+    assert t.owner(b"s1") is t.workers[b"B"] and t.sessions_of[b"client"] == 1
+    assert turn(t, b"s1", b"r4").worker == b"B"
+
+
+@pytest.mark.parametrize(("kind", "body"), REFUSED, ids=REFUSED_IDS)
+def test_a_refused_first_turn_frees_the_id_and_the_session_count(kind: Kind, body: bytes) -> None:
+    t = RoutingTable(EXPIRY, max_sessions_per_client=1)
+    t.register(b"A", ready("a"), 0.0)
+    for n in range(3):  # a client retrying with new ids never reaches its limit
+        sid = b"new-%d" % n
+        assert turn(t, sid).action is Action.DELIVER
+        reply(t, sid, b"r", kind, body)
+    assert turn(t, b"kept").action is Action.DELIVER
+    end(t, b"kept")
+    assert turn(t, b"one-too-many").code is ErrorCode.LIMIT  # the limit itself still holds
+    # A refused id belongs to nobody: whoever sends the next TURN owns it.
+    stranger = t.route(Kind.TURN, b"new-0", b"r", b"stranger", 0.0)
+    assert stranger.action is Action.DELIVER and t.principal(b"new-0") == b"stranger"
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        (Kind.ERROR, error_body(ErrorCode.INTERNAL, "the turn may still run")),
+        (Kind.ERROR, error_body(ErrorCode.SHUTTING_DOWN, "not a refusal we know")),
+        (Kind.ERROR, b"\xc1 not msgpack"),
+        (Kind.ERROR, b""),
+        (Kind.BUSY, b"\x80"),  # the worker has a turn for this id
+        (Kind.END, b"\x80"),
+    ],
+    ids=["internal", "shutting_down", "garbage", "no-body", "busy", "end"],
+)
+def test_other_terminals_of_a_first_turn_keep_its_pin(kind: Kind, body: bytes) -> None:
+    t = RoutingTable(EXPIRY)
+    t.register(b"A", ready("a"), 0.0)
+    turn(t, b"s1", b"r1")
+    reply(t, b"s1", b"r1", kind, body)
+    assert t.owner(b"s1") is t.workers[b"A"] and t.sessions_of[b"client"] == 1
+    assert not t.in_flight and not t.requests_of.counts
+
+
+def test_a_refused_first_turn_on_a_lost_session_keeps_its_owner_and_flag(
+    table: RoutingTable,
+) -> None:
+    first = turn(table, b"s1", b"r1")
+    end(table, b"s1", b"r1")
+    table.remove(first.worker, LostReason.EXITED)
+    retry = turn(table, b"s1", b"r2")  # creates a pin on the survivor, flagged
+    assert retry.flags == FLAG_WORKER_LOST
+    reply(table, b"s1", b"r2", Kind.ERROR, error_body(ErrorCode.OVERLOADED, "queue full"))
+    assert not table.pins and not table.sessions_of.counts
+    # Back to how it was before that TURN: remembered as lost, with its owner.
+    assert table.principal(b"s1") == b"client" and table.is_lost(b"s1")
+    assert table.route(Kind.TURN, b"s1", b"r", b"stranger", 0.0).code is ErrorCode.NOT_OWNER
+    again = turn(table, b"s1", b"r3")
+    assert (again.action, again.flags) == (Action.DELIVER, FLAG_WORKER_LOST)
+
+
+def test_an_undelivered_first_turn_drops_its_pin() -> None:
+    # The worker's queue was full (the adapter answers ERROR overloaded): it never saw the id.
+    t = RoutingTable(EXPIRY, max_sessions_per_client=1)
+    t.register(b"A", ready("a"), 0.0)
+    turn(t, b"s1", b"r1")
+    t.abort(b"s1")
+    assert not t.pins and not t.in_flight and not t.sessions_of.counts
+    assert not t.workers[b"A"].sessions and t.principal(b"s1") is None
+    assert turn(t, b"s2").action is Action.DELIVER  # within the limit of one

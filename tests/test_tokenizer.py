@@ -119,7 +119,7 @@ def test_special_parsing_off_keeps_control_text_as_text(real_tok: Tokenizer) -> 
 def test_real_build_is_fast(real_gguf: GGUFFile) -> None:
     started = time.perf_counter()
     Tokenizer.from_gguf(real_gguf)
-    # ~0.08 s measured on the reference machine; the budget is 1 s.
+    # A budget far above what the C byte-table lookup needs; a Python loop per byte would not fit.
     assert time.perf_counter() - started < 1.0
 
 

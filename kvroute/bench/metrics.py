@@ -64,9 +64,9 @@ class TurnRecord:
         TURN sent; END (or the error) received.
     pieces
         Arrival time of every text piece.
-    error, error_detail, lost_worker
-        :data:`ERROR_KINDS` bucket and message of a failed request; the worker a SessionLost
-        named. None / "" for a successful one.
+    error, error_detail
+        :data:`ERROR_KINDS` bucket and message of a failed request; None / "" for a successful
+        one.
     worker .. worker_ttft_ms
         From the END's stats (unset for a failed request).
     cache_reported
@@ -83,7 +83,6 @@ class TurnRecord:
     pieces: list[float] = field(default_factory=list)
     error: str | None = None
     error_detail: str = ""
-    lost_worker: str | None = None
     worker: str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0

@@ -41,10 +41,9 @@ FALLBACK_MODEL = "default"
 class RequestFailed(Exception):
     """A turn that did not end with a reply; ``kind`` is an ERROR_KINDS bucket."""
 
-    def __init__(self, kind: str, message: str, worker: str | None = None) -> None:
+    def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
-        self.worker = worker
 
 
 def base_url(url: str) -> str:
@@ -185,7 +184,7 @@ class OpenAIRunner:
             final = await self._stream(http, body, headers, rec, parts)
         except RequestFailed as exc:
             rec.end = self._now()
-            rec.error, rec.error_detail, rec.lost_worker = exc.kind, str(exc), exc.worker
+            rec.error, rec.error_detail = exc.kind, str(exc)
         except httpx.TimeoutException as exc:
             rec.end = self._now()
             rec.error, rec.error_detail = "timeout", f"{type(exc).__name__}: {exc}"

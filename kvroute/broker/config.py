@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvroute.proto.endpoint import parse_endpoint
-from kvroute.proto.limits import MAX_BODY_BYTES, MAX_MSG_SIZE
+from kvroute.proto.limits import (
+    HEARTBEAT_INTERVAL_S,
+    LIVENESS,
+    MAX_BODY_BYTES,
+    MAX_MSG_SIZE,
+    check_heartbeat,
+)
 
 
 @dataclass
@@ -17,8 +23,8 @@ class BrokerConfig:
 
     frontend: str = "tcp://127.0.0.1:5555"  # clients' DEALERs connect here
     backend: str = "tcp://127.0.0.1:5556"  # workers' DEALERs connect here
-    heartbeat_interval: float = 1.0  # seconds between HEARTBEATs to each worker
-    liveness: int = 3  # silent intervals before a worker is declared lost
+    heartbeat_interval: float = HEARTBEAT_INTERVAL_S  # seconds between HEARTBEATs to each worker
+    liveness: int = LIVENESS  # silent intervals before a worker is declared lost
     max_msg_size: int = MAX_MSG_SIZE  # socket MAXMSGSIZE: bigger frames are dropped by ZeroMQ
     hwm: int = 1000  # messages queued per peer before sends raise zmq.Again
     linger_ms: int = 100  # time given to goodbye messages when the sockets close
@@ -31,6 +37,7 @@ class BrokerConfig:
     max_requests_per_client: int = 256  # TURN/RESET/CLOSE in flight per client; beyond: limit
     pin_ttl_s: float = 3600.0  # a session idle this long is forgotten (and closed on its worker)
     max_pins: int = 100_000  # sessions pinned in all; the least recently used idle ones go first
+    max_transcripts: int = 65536  # transcript digests indexed (LOOKUP/INDEX), LRU out
     # --- CURVE: curve_secret and allow_keys both or neither. Clients and workers have separate
     # allow-lists: a client key on the backend could register as a worker and read every turn.
     curve_secret: str | None = None  # the broker's secret certificate (NAME.key_secret)
@@ -41,6 +48,7 @@ class BrokerConfig:
     def __post_init__(self) -> None:
         self.frontend = parse_endpoint(self.frontend, bind=True)
         self.backend = parse_endpoint(self.backend, bind=True)
+        check_heartbeat(self.heartbeat_interval, self.liveness)
         if (self.curve_secret is None) != (self.allow_keys is None):
             raise ValueError("CURVE needs both curve_secret and allow_keys (or neither)")
         if self.allow_worker_keys is not None and self.curve_secret is None:
@@ -50,11 +58,19 @@ class BrokerConfig:
         if self.max_msg_size < self.max_body_bytes:
             # Bodies in between would vanish with the connection instead of getting an ERROR.
             raise ValueError("max_msg_size must be >= max_body_bytes")
-        for name in ("max_sessions_per_client", "max_requests_per_client", "max_pins"):
+        for name in (
+            "max_sessions_per_client",
+            "max_requests_per_client",
+            "max_pins",
+            "max_transcripts",
+            "batch",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if not self.pin_ttl_s > 0:
             raise ValueError("pin_ttl_s must be positive")
+        if self.hwm < 0 or self.lost_memory < 0:
+            raise ValueError("hwm and lost_memory must be >= 0")
 
     @property
     def expiry_s(self) -> float:
@@ -82,3 +98,5 @@ class BrokerStats:
     sessions_repinned: int = 0  # sessions workers announced in READY and the broker pinned
     announced_dropped: int = 0  # announced sessions a worker was told to drop (CLOSE)
     connections_closed: int = 0  # connections the socket monitors saw close (both sockets)
+    lookups: int = 0  # LOOKUP requests answered
+    lookups_found: int = 0  # of those, answered with a session

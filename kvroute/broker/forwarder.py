@@ -6,7 +6,12 @@ full worker gets ERROR ``overloaded``), ``EHOSTUNREACH`` a peer that is gone (a 
 has its turn cancelled; a vanished worker is lost, its turns end with SESSION_LOST).
 
 Ownership costs nothing here without CURVE: a client's identity is its routing id, the first
-frame the ROUTER hands over anyway. With CURVE the service passes the authenticated key along.
+frame the ROUTER hands over anyway, or the owner token it presents in an owner frame. With CURVE
+the service passes the authenticated key along (and an owner frame is refused).
+
+LOOKUP and INDEX are answered here from the transcript index
+(:class:`~kvroute.broker.transcripts.TranscriptIndex`), which forgets a session whenever the
+table does (CLOSE, idle expiry).
 """
 
 from __future__ import annotations
@@ -32,13 +37,20 @@ from kvroute.proto.frames import (
 )
 from kvroute.proto.kinds import HEADERS, TERMINAL_KINDS, Kind
 from kvroute.proto.limits import MAX_BODY_BYTES
+from kvroute.proto.transcripts import Found, Index, Lookup
 
 from .config import BrokerStats
-from .records import Action, Forgotten, InFlight, LostWorker, Orphan, Route
+from .fleet import FleetLedger
+from .records import NOT_OWNER, Action, Forgotten, InFlight, LostWorker, Orphan, Route
 from .routing import RoutingTable
+from .transcripts import TranscriptIndex
 from .wire import send_multipart
 
 logger = logging.getLogger(__name__)
+
+
+_WITH_BODY = frozenset({Kind.TURN, Kind.LOOKUP, Kind.INDEX})
+"""Client kinds whose body is not the empty map."""
 
 
 class Sent(Enum):
@@ -77,6 +89,10 @@ class Forwarder:
         Called with the worker id when a watched process exits.
     max_body_bytes
         Request bodies above this get ERROR ``too_large`` (the protocol's own cap is 1 MiB).
+    transcripts
+        The transcript index LOOKUP and INDEX use (a default-sized one if None).
+    fleet
+        What STATUS answers (:mod:`~kvroute.broker.fleet`); a new one if None.
     """
 
     def __init__(
@@ -87,8 +103,13 @@ class Forwarder:
         stats: BrokerStats,
         on_worker_exit: Callable[[str], None] | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
+        *,
+        transcripts: TranscriptIndex | None = None,
+        fleet: FleetLedger | None = None,
     ) -> None:
         self.front, self.back, self.table, self.stats = front, back, table, stats
+        self.transcripts = transcripts if transcripts is not None else TranscriptIndex(65536)
+        self.fleet = fleet if fleet is not None else FleetLedger()
         self._on_worker_exit = on_worker_exit
         self._max_body = max_body_bytes
 
@@ -97,7 +118,8 @@ class Forwarder:
     def on_client(self, frames: list[bytes], now: float, principal: bytes | None = None) -> None:
         """Handle one message from the frontend (``frames[0]`` is the client's routing id).
 
-        ``principal`` is the sender's authenticated CURVE key; None means its routing id.
+        ``principal`` is the sender's authenticated CURVE key; None means the owner token it
+        presented, else its routing id.
         """
         self.stats.client_messages += 1
         try:
@@ -106,7 +128,7 @@ class Forwarder:
             logger.debug("bad client message: %s", exc)
             self._error_to_client(frames[0], exc.session_id, exc.request_id, exc.code, exc.message)
             return
-        if req.kind is not Kind.TURN and req.body != EMPTY_BODY:
+        if req.body != EMPTY_BODY and req.kind not in _WITH_BODY:
             # PING, CANCEL, RESET and CLOSE carry an empty map: anything else is a client bug
             # (or a probe), stopped here so the worker never sees it. A byte compare, no decode.
             # A CANCEL is dropped, not answered: it shares the TURN's request id, and an ERROR
@@ -119,11 +141,27 @@ class Forwarder:
                 req.client, req.session_id, req.request_id, ErrorCode.BAD_BODY, message
             )
             return
+        if req.owner:
+            if principal is not None:
+                message = "owner frames are refused under CURVE: the client's key owns sessions"
+                self._error_to_client(
+                    req.client, req.session_id, req.request_id, ErrorCode.BAD_FRAME, message
+                )
+                return
+            principal = req.owner
         if req.kind is Kind.PING:
             send(self.front, client_frames(req.client, Kind.PONG, req.session_id, req.request_id))
             return
+        if req.kind is Kind.STATUS:
+            self._on_status(req, now)
+            return
+        if req.kind is Kind.LOOKUP or req.kind is Kind.INDEX:
+            self._on_transcript(req, principal if principal is not None else req.client)
+            return
         if len(req.body) > self._max_body:
             message = f"body of {len(req.body)} bytes > {self._max_body}"
+            if req.kind is Kind.TURN:
+                self.fleet.turn_ended(Kind.ERROR)
             self._error_to_client(
                 req.client, req.session_id, req.request_id, ErrorCode.TOO_LARGE, message
             )
@@ -131,12 +169,16 @@ class Forwarder:
         route = self.table.route(
             req.kind, req.session_id, req.request_id, req.client, now, principal
         )
+        if req.kind is Kind.TURN and route.action is not Action.DELIVER:
+            self.fleet.turn_ended(Kind.BUSY if route.kind is Kind.BUSY else Kind.ERROR)
         if route.action is Action.DELIVER:
             # A TURN tells the worker the session's owner when it is not the client frame, so
             # the worker can announce it if it ever registers again (see Ready.sessions).
             self._deliver(req, route, principal if req.kind is Kind.TURN else None)
         elif route.action is Action.REPLY:
             assert route.kind is not None
+            if route.kind is Kind.CLOSE_OK:  # a session the table did not know: nothing kept
+                self.transcripts.forget(req.session_id)
             frames = client_frames(req.client, route.kind, req.session_id, req.request_id)
             send(self.front, frames)
         elif route.action is Action.REJECT:
@@ -144,6 +186,51 @@ class Forwarder:
             self._error_to_client(
                 req.client, req.session_id, req.request_id, route.code, route.message
             )
+
+    def _on_transcript(self, req: ClientRequest, principal: bytes) -> None:
+        """LOOKUP: the caller's session recorded for a digest (checked to still be the caller's);
+        INDEX: record one for a session the caller owns."""
+        try:
+            if req.kind is Kind.LOOKUP:
+                digest = Lookup.decode(req.body).digest
+            else:
+                digest = Index.decode(req.body).digest
+        except ProtocolViolation as exc:
+            self._error_to_client(req.client, req.session_id, req.request_id, exc.code, exc.message)
+            return
+        if req.kind is Kind.LOOKUP:
+            self.stats.lookups += 1
+            sid = self.transcripts.lookup(principal, digest)
+            if sid is not None and self.table.principal(sid) != principal:
+                self.transcripts.forget(sid)  # forgotten, or the id now belongs to another
+                sid = None
+            self.stats.lookups_found += sid is not None
+            body = Found(sid).encode()
+            send(self.front, client_frames(req.client, Kind.FOUND, b"", req.request_id, body))
+            return
+        owner = self.table.principal(req.session_id)
+        if owner is not None and owner != principal:
+            self._error_to_client(
+                req.client, req.session_id, req.request_id, ErrorCode.NOT_OWNER, NOT_OWNER.message
+            )
+            return
+        if owner is not None:
+            self.transcripts.record(principal, digest, req.session_id)
+        send(self.front, client_frames(req.client, Kind.INDEX_OK, req.session_id, req.request_id))
+
+    def _on_status(self, req: ClientRequest, now: float) -> None:
+        """STATUS: answer FLEET, the fleet view (see :mod:`~kvroute.broker.fleet`)."""
+        try:
+            body = self.fleet.view(self.table, self.stats, now).encode()
+        except ProtocolViolation as exc:  # a worker reported something the view cannot carry
+            logger.error("fleet view not encodable: %s", exc)
+            self._error_to_client(
+                req.client, req.session_id, req.request_id, ErrorCode.INTERNAL, exc.message
+            )
+            return
+        send(
+            self.front, client_frames(req.client, Kind.FLEET, req.session_id, req.request_id, body)
+        )
 
     def _deliver(self, req: ClientRequest, route: Route, principal: bytes | None) -> None:
         frames = delivery_frames(
@@ -166,6 +253,8 @@ class Forwarder:
             logger.warning("CANCEL for session %r dropped: worker queue full", req.session_id)
         else:
             self.table.abort(req.session_id)
+            if req.kind is Kind.TURN:
+                self.fleet.turn_ended(Kind.ERROR)
             self._error_to_client(
                 req.client,
                 req.session_id,
@@ -178,6 +267,7 @@ class Forwarder:
         self, client: bytes, session_id: bytes, request_id: bytes, code: ErrorCode, message: str
     ) -> None:
         self.stats.errors_sent += 1
+        self.fleet.error_sent(code)
         body = _error_body(code, message)
         send(self.front, client_frames(client, Kind.ERROR, session_id, request_id, body))
 
@@ -196,17 +286,24 @@ class Forwarder:
         except ProtocolViolation as exc:
             logger.warning("bad message from a worker: %s", exc)
             self.stats.errors_sent += 1
+            self.fleet.error_sent(exc.code)
             self._to_worker(frames[0], Kind.ERROR, _error_body(exc.code, exc.message))
 
     def _on_reply(self, msg: WorkerReply, now: float) -> None:
         kind = msg.kind
-        fl = self.table.on_reply(msg.worker, kind, msg.session_id, msg.request_id, msg.client, now)
+        fl = self.table.on_reply(
+            msg.worker, kind, msg.session_id, msg.request_id, msg.client, now, msg.body
+        )
+        if fl is not None and kind is Kind.CLOSE_OK and fl.kind is Kind.CLOSE:
+            self.transcripts.forget(fl.session_id)  # the table has just forgotten it
         if fl is None:
             if msg.worker not in self.table.workers:
                 self._to_worker(msg.worker, Kind.DISCONNECT, Disconnect("unknown worker").encode())
             else:
                 logger.debug("stale %s for session %r dropped", kind.name, msg.session_id)
             return
+        if kind is not Kind.TOKEN and fl.kind is Kind.TURN:  # a TURN's terminal
+            self.fleet.turn_ended(kind)
         if fl.orphaned is not None:
             if fl.orphaned is Orphan.SLOW_CLIENT and kind in TERMINAL_KINDS:
                 # Best effort: tell the client why its stream stopped (if its queue has room).
@@ -248,10 +345,13 @@ class Forwarder:
         if kind is Kind.READY:
             self._on_ready(key, Ready.decode(msg.body), now)
         elif kind is Kind.HEARTBEAT:
-            if not self.table.heartbeat(key, Heartbeat.decode(msg.body), now):
+            hb = Heartbeat.decode(msg.body)
+            if not self.table.heartbeat(key, hb, now):
                 # Paranoid Pirate: a worker we do not know (we restarted, or declared it lost)
                 # must register again rather than believe it still owns sessions.
                 self._to_worker(key, Kind.DISCONNECT, Disconnect("unknown worker").encode())
+            else:
+                self.fleet.heartbeat(self.table.workers[key], hb)
         elif kind is Kind.DISCONNECT:
             self._lose(key, LostReason.DISCONNECTED)
         else:  # ERROR answering something we sent: a bug on one side, worth a log line
@@ -272,6 +372,7 @@ class Forwarder:
         reg = self.table.register(key, ready, now, other_connected=connected)
         if reg.refused:
             self.stats.errors_sent += 1
+            self.fleet.error_sent(ErrorCode.NOT_OWNER)
             self._to_worker(key, Kind.ERROR, _error_body(ErrorCode.NOT_OWNER, reg.refused))
             return
         # Answer at once: the worker counts us silent from the moment it sent READY, and one
@@ -308,6 +409,7 @@ class Forwarder:
         # session id (maybe another client) can reuse what the old owner left in the cache. No
         # client waits for the CLOSE_OK (client frame empty): on_reply drops it as stale.
         self.stats.pins_forgotten += 1
+        self.transcripts.forget(f.session_id)
         self._close_on_worker(f)
 
     def _close_on_worker(self, f: Forgotten) -> None:
@@ -339,8 +441,11 @@ class Forwarder:
 
     def _report_lost(self, lost: LostWorker) -> None:
         self.stats.workers_lost += 1
+        self.fleet.worker_gone(lost.worker.key, lost.reason)
         body = SessionLost(lost.worker.worker_id, lost.reason, retryable=True).encode()
         for fl in lost.in_flight:
+            if fl.kind is Kind.TURN:
+                self.fleet.turn_ended(Kind.SESSION_LOST)
             if fl.orphaned is None:
                 self.stats.sessions_lost_sent += 1
                 frames = client_frames(

@@ -38,6 +38,7 @@ class InFlight:
     worker: bytes  # backend routing id of the worker running it
     principal: bytes = b""  # the session's owner (counted against its in-flight limit)
     orphaned: Orphan | None = None  # set once replies cannot be delivered: drop them
+    first: bool = False  # this TURN created the session's pin (see REFUSED_UNRUN)
 
 
 @dataclass(slots=True)
@@ -125,6 +126,21 @@ class Route(NamedTuple):
     code: ErrorCode | None = None
     message: str = ""
 
+
+REFUSED_UNRUN: frozenset[ErrorCode] = frozenset(
+    {ErrorCode.OVERLOADED, ErrorCode.BAD_BODY, ErrorCode.OUT_OF_RANGE, ErrorCode.TOO_LARGE}
+)
+"""ERROR codes with which a worker refuses a TURN that never ran, leaving nothing committed.
+
+``overloaded``: its queue was full (answered before anything else), or the turn waited too long
+and never started (its session rolled back to what it held before: nothing, for a session's
+first TURN). ``bad_body``, ``out_of_range``, ``too_large``: the body or the chat template was
+refused before the turn was submitted. OVERFLOW is decided before any state changes too. When
+the TURN that created a pin ends with one of these, the table forgets the pin (see
+:meth:`~kvroute.broker.routing.RoutingTable.on_reply`). Not ``internal``: a worker that fails to
+send a turn's events answers ``internal`` while the turn may still run and commit. Not BUSY: the
+worker holds a turn for that session id.
+"""
 
 # Preallocated answers: the hot path returns these instead of building new objects.
 DROP = Route(Action.DROP)

@@ -19,10 +19,10 @@ Vocabulary (the records are in :mod:`kvroute.broker.records`):
 - a *pin* maps a session id to the worker holding its KV cache and to its owner, the *principal*
   that created it. Every request of a pinned session goes to that worker (stickiness); new
   sessions are placed on the least-loaded live worker.
-- *ownership*: TURN, RESET, CLOSE and CANCEL on a session owned by another principal are
-  rejected with ``not_owner`` before anything else is looked at (a stranger learns nothing, not
-  even BUSY). A session nobody owns (never created, closed, forgotten) belongs to whoever
-  creates it with a TURN.
+- *ownership* (docs/design.md, *Security*): TURN, RESET, CLOSE and CANCEL on a session owned by
+  another principal are rejected with ``not_owner`` before anything else is looked at (a
+  stranger learns nothing, not even BUSY). A session nobody owns (never created, closed,
+  forgotten) belongs to whoever creates it with a TURN.
 - a *CANCEL* goes to the worker running that very request. A CANCEL of a request that is not
   in flight (it ended, never ran, or ran at the broker before a restart) is answered ERROR
   ``not_in_flight`` under its own request id, so a client waiting for that request's end is not
@@ -36,6 +36,14 @@ Vocabulary (the records are in :mod:`kvroute.broker.records`):
   SESSION_LOST), its sessions are unpinned and remembered with their owner, so the next request
   of each carries the ``worker_lost`` flag to whichever worker it lands on and only the owner
   can make it.
+- a *refused first turn*: when the TURN that created a pin ends with OVERFLOW or an ERROR whose
+  code is in :data:`~kvroute.broker.records.REFUSED_UNRUN`, the worker refused it before it ran
+  and kept nothing for the session; so does a TURN the broker could not deliver
+  (:meth:`RoutingTable.abort`). The pin is dropped and the principal's session count freed: the
+  id is as it was before that TURN (free, or still remembered as a lost worker's session with
+  its owner), and its next TURN is placed anew. A refused later turn keeps the pin: the worker
+  holds the session's earlier turns. To tell ERROR codes apart, the body of an ERROR answering
+  such a first TURN is decoded (rare); every other reply is accounted for by its kind alone.
 - *forgetting*: pins are kept in least-recently-used order; :meth:`RoutingTable.sweep` drops
   idle ones unused for ``pin_ttl_s``, or the oldest idle ones beyond ``max_pins``, together
   with their owner. The adapter sends CLOSE for each to its worker, so no KV state outlives
@@ -50,7 +58,8 @@ import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from kvroute.proto.control import Heartbeat, LostReason, Ready, Resident
+from kvroute.proto.control import ErrorReply, Heartbeat, LostReason, Ready, Resident
+from kvroute.proto.errors import ProtocolViolation
 from kvroute.proto.kinds import FLAG_WORKER_LOST, Kind
 
 from .records import (
@@ -60,6 +69,7 @@ from .records import (
     NO_WORKER,
     NOT_IN_FLIGHT,
     NOT_OWNER,
+    REFUSED_UNRUN,
     RESET_OK,
     Action,
     Forgotten,
@@ -387,6 +397,7 @@ class RoutingTable:
             pin = self.pins[session_id] = Pin(w.key, principal, now, lost=was_lost)
             self.sessions_of.add(principal)
             w.sessions.add(session_id)
+            first = True
         else:
             if self.requests_of.full(principal):
                 return self.requests_of.reject(principal)
@@ -394,19 +405,27 @@ class RoutingTable:
             pin.last_used = now
             pin.announced = None  # routed by this broker: newer than any announcement
             self.pins.move_to_end(session_id)
+            first = False
         self.requests_of.add(principal)
         self.in_flight[session_id] = InFlight(
-            session_id, request_id, client, kind, w.key, principal
+            session_id, request_id, client, kind, w.key, principal, first=first
         )
         w.turns.add(session_id)
         return Route(Action.DELIVER, worker=w.key, flags=FLAG_WORKER_LOST if pin.lost else 0)
 
     def abort(self, session_id: bytes) -> None:
-        """Undo the in-flight record of a delivery that could not be sent (the pin stays)."""
+        """Undo the in-flight record of a delivery that could not be sent.
+
+        The pin stays, unless that request created it: then no worker ever saw the session,
+        and the pin goes too (see :meth:`_unpin_unrun`).
+        """
         fl = self.in_flight.pop(session_id, None)
         if fl is not None:
-            self.workers[fl.worker].turns.discard(session_id)
+            w = self.workers[fl.worker]
+            w.turns.discard(session_id)
             self.requests_of.remove(fl.principal)
+            if fl.first:
+                self._unpin_unrun(session_id, w)
 
     def orphan(self, session_id: bytes, reason: Orphan) -> InFlight | None:
         """Mark a request's client unreachable; returns it if it was in flight and not yet
@@ -451,13 +470,17 @@ class RoutingTable:
         request_id: bytes,
         client: bytes,
         now: float,
+        body: bytes = b"",
     ) -> InFlight | None:
         """Account for a reply from a worker; returns the request it answers, or None to drop it.
 
         A reply is accepted only from the worker running that request, for that client: frames
         from a worker declared lost, or for a request already ended, are stale. A terminal reply
         clears the in-flight record; END and RESET_OK clear the pin's ``lost`` flag; CLOSE_OK
-        unpins the session (and frees its id).
+        unpins the session (and frees its id). OVERFLOW, or an ERROR with a code in
+        :data:`~kvroute.broker.records.REFUSED_UNRUN`, answering the TURN that created the pin
+        drops the pin (see :meth:`_unpin_unrun`). ``body`` is the reply's body; it is decoded
+        only for an ERROR answering such a first TURN, to read its code.
         """
         w = self.workers.get(key)
         if w is None:
@@ -477,7 +500,20 @@ class RoutingTable:
             pin = self.pins.pop(session_id)
             self.sessions_of.remove(pin.principal)
             w.sessions.discard(session_id)
+        elif fl.first and (kind is Kind.OVERFLOW or (kind is Kind.ERROR and _unrun(body))):
+            self._unpin_unrun(session_id, w)
         return fl
+
+    def _unpin_unrun(self, session_id: bytes, w: WorkerState) -> None:
+        """Forget the pin the session's first TURN created, now that the TURN was refused
+        before it ran: the worker kept nothing, so nothing is lost. The id goes back to what it
+        was before that TURN: free, or remembered as a lost worker's session (its owner and the
+        ``worker_lost`` flag stay for its next TURN)."""
+        pin = self.pins.pop(session_id)
+        self.sessions_of.remove(pin.principal)
+        w.sessions.discard(session_id)
+        if pin.lost:
+            self._remember_lost(session_id, pin.principal)
 
     # --- introspection ----------------------------------------------------------------------
 
@@ -495,3 +531,12 @@ class RoutingTable:
         """Whether the session's next request will carry the ``worker_lost`` flag."""
         pin = self.pins.get(session_id)
         return pin.lost if pin is not None else session_id in self._lost
+
+
+def _unrun(error_body: bytes) -> bool:
+    """Whether an ERROR body says the worker refused its TURN before it ran (a code in
+    :data:`~kvroute.broker.records.REFUSED_UNRUN`); an unreadable body says nothing."""
+    try:
+        return ErrorReply.decode(error_body).code in REFUSED_UNRUN
+    except ProtocolViolation:
+        return False

@@ -18,6 +18,7 @@ Every tick also forgets idle session pins (``pin_ttl_s``, ``max_pins``).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -29,6 +30,7 @@ from .config import BrokerConfig, BrokerStats
 from .curve import BACKEND_DOMAIN, FRONTEND_DOMAIN, CurveServer
 from .forwarder import Forwarder
 from .routing import RoutingTable
+from .transcripts import TranscriptIndex
 from .watch import Watch
 from .wire import recv_multipart, recv_multipart_user
 
@@ -188,7 +190,13 @@ class Broker:
         assert self._front is not None and self._back is not None
         front, back, batch = self._front, self._back, self.config.batch
         fw = Forwarder(
-            front, back, self.table, self.stats, self._on_worker_exit, self.config.max_body_bytes
+            front,
+            back,
+            self.table,
+            self.stats,
+            self._on_worker_exit,
+            self.config.max_body_bytes,
+            transcripts=TranscriptIndex(self.config.max_transcripts),
         )
         curve = self.curve is not None
         self._forwarder = fw
@@ -212,7 +220,7 @@ class Broker:
         now = time.monotonic()
         next_tick, next_beat = now + tick, now
         while not self._stop.is_set() and not (stop_event is not None and stop_event.is_set()):
-            events = poller.poll(max(0.0, next_tick - now) * 1000)
+            events = poller.poll(math.ceil(max(0.0, next_tick - now) * 1000))
             now = time.monotonic()
             for sock, _ in events:
                 if sock is back:

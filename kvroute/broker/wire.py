@@ -3,8 +3,9 @@
 pyzmq's ``Socket.send`` is a Python wrapper (routing ids, groups, ``Frame`` objects) around the
 Cython backend's ``send``, and ``send_multipart`` calls it once per frame after a type check of
 every part. The broker only ever sends ``bytes`` frames it received or prebuilt, so it calls the
-backend (``zmq.backend.Socket``, public API) directly: a 5-frame send drops from ~4.5 us to
-~1.3 us on this machine class, and every message through the broker is one receive and one send.
+backend (``zmq.backend.Socket``, public API) directly, which makes a 5-frame send several times
+cheaper (``benchmarks/broker.py`` measures the broker's per-frame cost); every message through
+the broker is one receive and one send.
 Semantics are the same: ZeroMQ delivers and queues multipart messages atomically, and with
 ``NOBLOCK`` a full queue (``zmq.Again``) or an unknown peer (``EHOSTUNREACH`` under
 ``ROUTER_MANDATORY``) is reported on the first frame, before anything is queued.
@@ -45,8 +46,8 @@ def recv_multipart_user(
     """Like :func:`recv_multipart`, plus the ``User-Id`` ZAP gave the sender's connection.
 
     Every frame of a message carries its connection's metadata, the routing id the ROUTER
-    prepends included, so only the first frame is received as a ``Frame`` (about 0.7 us more
-    than a copy). Read per message, not cached per routing id: a routing id a client chose can
+    prepends included, so only the first frame is received as a ``Frame`` (dearer than a plain
+    copy). Read per message, not cached per routing id: a routing id a client chose can
     come back later on another connection with another key.
 
     Raises
@@ -60,4 +61,6 @@ def recv_multipart_user(
     frames = [first.bytes]
     while _get(sock, _RCVMORE):
         frames.append(_recv(sock, flags))
-    return frames, first.get("User-Id").encode()
+    user_id = first.get("User-Id")
+    assert isinstance(user_id, str), "a string property"
+    return frames, user_id.encode()

@@ -15,6 +15,7 @@ from .generate_cmd import generate, tokenize
 from .keys_cmd import keys
 from .model_cmd import model
 from .serve_cmd import serve, worker
+from .status_cmd import status
 
 main.add_command(model)
 main.add_command(broker)
@@ -26,5 +27,6 @@ main.add_command(chat)
 main.add_command(bench)
 main.add_command(keys)
 main.add_command(gateway)
+main.add_command(status)
 
 __all__ = ["main"]

@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
@@ -18,6 +18,8 @@ from kvroute import __version__
 from kvroute.engine.errors import EngineError
 from kvroute.proto.endpoint import EndpointError
 from kvroute.proto.identity import KeyFileError
+
+from .options import curve_client_options as curve_client_options  # for gateway_cmd, status_cmd
 
 # Commands whose process gets a readable title in ps.
 _LONG_RUNNING = ("serve", "broker", "worker", "gateway")
@@ -50,11 +52,19 @@ class KvrouteGroup(click.Group):
         _add_verbose(cmd)
         super().add_command(cmd, name)
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        run = functools.partial(super().main, args, prog_name, complete_var, **extra)
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return run(standalone_mode=False)
         try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
+            rv: Any = run(standalone_mode=False)
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx is not None else "kvroute"
             click.echo(f"error: {exc.format_message()} (see: {where} --help)", err=True)
@@ -104,9 +114,10 @@ main.params.append(verbose_option())
 def user_errors(*extra: type[Exception]) -> Iterator[None]:
     """Turn expected errors into ``error: <message>`` on stderr and exit status 1 (a model
     that cannot load and a CURVE key that cannot be used always count as expected)."""
+    expected: tuple[type[Exception], ...] = (EngineError, KeyFileError, *extra)
     try:
         yield
-    except (EngineError, KeyFileError, *extra) as exc:
+    except expected as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
 
@@ -114,35 +125,6 @@ def user_errors(*extra: type[Exception]) -> Iterator[None]:
 def echo_err(message: str) -> None:
     """Print a status line on stderr (stdout stays clean for --json output)."""
     click.echo(message, err=True)
-
-
-ModelOption = Callable[[Callable[..., object]], Callable[..., object]]
-
-model_option: ModelOption = click.option(
-    "--model",
-    "model",
-    default="default",
-    show_default=True,
-    help="A GGUF path, or 'default' for SmolLM2-135M-Instruct Q4_1 (fetched on first use).",
-)
-
-
-def curve_client_options(f: Callable[..., object]) -> Callable[..., object]:
-    """``--server-key`` and ``--key``: CURVE for a connecting side (chat, bench, worker)."""
-    f = click.option(
-        "--key",
-        "key",
-        default=None,
-        metavar="FILE",
-        help="This side's secret certificate (NAME.key_secret); with --server-key.",
-    )(f)
-    return click.option(
-        "--server-key",
-        "server_key",
-        default=None,
-        metavar="FILE|Z85",
-        help="The broker's public key (server.key, or its z85 text): talk CURVE. With --key.",
-    )(f)
 
 
 @contextmanager
@@ -162,36 +144,6 @@ def stop_on_signals() -> Iterator[threading.Event]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
-
-
-def option_group(
-    name: str,
-    options: Sequence[tuple[str, Decorator]],
-    check: Callable[[dict[str, Any]], None] | None = None,
-) -> Decorator:
-    """Options several commands share, handed to the command as one dict of config keywords.
-
-    ``options`` pairs each click option with the parameter name it produces; the command gets
-    them as ``name`` (e.g. ``broker_kw``), ready for ``Config(**kw)``, after ``check`` (which
-    raises ``click.UsageError`` for combinations that make no sense).
-    """
-
-    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(f)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            kw = {key: kwargs.pop(key) for key, _ in options}
-            if check is not None:
-                check(kw)
-            return f(*args, **{name: kw}, **kwargs)
-
-        for _, option in reversed(options):
-            wrapper = option(wrapper)
-        return wrapper
-
-    return decorate
 
 
 PING_TIMEOUT_S = 3.0

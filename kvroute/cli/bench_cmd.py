@@ -19,7 +19,9 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -53,15 +55,15 @@ from kvroute.engine.engine import Engine
 from kvroute.engine.model_store import resolve_model
 from kvroute.worker.config import WorkerConfig
 
-from .app import (
-    check_broker,
+from .app import check_broker, echo_err, quiet_after_ctrl_c, user_errors
+from .options import (
+    config_errors,
+    connect_option,
     curve_client_options,
-    echo_err,
-    model_option,
-    quiet_after_ctrl_c,
-    user_errors,
+    max_tokens_option,
+    model_options,
+    timeout_option,
 )
-from .options import connect_option, max_tokens_option, timeout_option
 from .supervisor import ServeError, Supervisor
 from .terminal import Spinner
 
@@ -70,14 +72,14 @@ EXIT_OVER_BUDGET = 3
 
 
 @contextmanager
-def _served(n_workers: int, model: str) -> Iterator[tuple[str, str]]:
+def _served(n_workers: int, wcfg: WorkerConfig) -> Iterator[tuple[str, str]]:
     """A broker + ``n_workers`` worker processes on free loopback ports; yields the frontend
     and the model's file name."""
-    path = resolve_model(model)  # fetch once here, not in N workers at the same time
+    path = resolve_model(wcfg.model)  # fetch once here, not in N workers at the same time
     Engine.check(path)
     loopback = "tcp://127.0.0.1:0"
     sup = Supervisor(
-        n_workers, BrokerConfig(frontend=loopback, backend=loopback), WorkerConfig(model=str(path))
+        n_workers, BrokerConfig(frontend=loopback, backend=loopback), replace(wcfg, model=str(path))
     )
     stop = threading.Event()
     watcher: threading.Thread | None = None
@@ -116,11 +118,13 @@ def _served(n_workers: int, model: str) -> Iterator[tuple[str, str]]:
 
 
 @contextmanager
-def _service(serve_n: int | None, model: str, url: str | None) -> Iterator[tuple[str, str | None]]:
+def _service(
+    serve_n: int | None, wcfg: WorkerConfig, url: str | None
+) -> Iterator[tuple[str, str | None]]:
     """The service to load and its model: started here with ``--serve``, else the ``--connect``
     address (whose model is unknown)."""
     if serve_n is not None:
-        with _served(serve_n, model) as served:
+        with _served(serve_n, wcfg) as served:
             yield served
     else:
         assert url is not None, "checked by the caller"
@@ -240,7 +244,7 @@ def _progress_callback(progress: Progress, task: TaskID) -> OnRecord:
     help="Exit 3 when (failed requests + stickiness violations) / requests exceeds this.",
 )
 @timeout_option()
-@model_option
+@model_options
 @curve_client_options
 def bench(
     url: str | None,
@@ -258,7 +262,7 @@ def bench(
     compare_cold: bool,
     max_error_rate: float,
     timeout: float,
-    model: str,
+    model_kw: dict[str, Any],
     server_key: str | None,
     key: str | None,
     openai_url: str | None,
@@ -270,6 +274,8 @@ def bench(
         raise click.UsageError("--server-key/--key go with --connect")
     params = click.get_current_context().params  # every option, defaults filled in, for JSON
     options = {k: str(v) if isinstance(v, Path) else v for k, v in params.items()}
+    with config_errors():
+        wcfg = WorkerConfig(**model_kw)  # the workers of --serve
     with user_errors(WorkloadError, PlotUnavailable, BrokerError, ServeError, OSError):
         if plot_out is not None:
             check_available()  # fail now, not after a run of several minutes
@@ -277,7 +283,7 @@ def bench(
         total = sum(len(s.turns) for s in (*warm, *scripts))
         if url is not None:
             check_broker(url, timeout, server_key, key)  # nobody there: say so now, not per turn
-        with _service(serve_n, model, url or openai_url) as (frontend, model_name):
+        with _service(serve_n, wcfg, url or openai_url) as (frontend, model_name):
             config = RunConfig(
                 frontend,
                 concurrency,

@@ -17,10 +17,16 @@ from click.core import ParameterSource
 from kvroute.broker.config import BrokerConfig
 from kvroute.client import Client
 
-from .app import check_broker, curve_client_options, echo_err, user_errors
+from .app import check_broker, echo_err, user_errors
 from .chat_file import ChatFileError, SavedChat, load_chat
 from .chat_repl import SETTABLE, ChatRepl, Settings
-from .options import connect_option, max_tokens_option, sampling_options, timeout_option
+from .options import (
+    connect_option,
+    curve_client_options,
+    max_tokens_option,
+    sampling_options,
+    timeout_option,
+)
 from .terminal import line_reader
 
 

@@ -59,8 +59,9 @@ HELP = """commands:
 input: end a line with \\ to continue it; \"\"\" opens and closes a multi-line block.
 Ctrl-C while a reply streams cancels it."""
 
-_ORDERLY = frozenset({LostReason.DISCONNECTED.value, LostReason.SHUTDOWN.value})
-"""Reasons a worker gives when it stops on purpose: its fleet may be stopping, do not resend."""
+_ORDERLY = frozenset({LostReason.DISCONNECTED.value})
+"""The reason of a worker that stopped on purpose (it sent DISCONNECT): its fleet may be
+stopping, do not resend."""
 _KEPT = "your message was not answered; the conversation is kept"
 
 
@@ -87,7 +88,7 @@ class Settings:
         return " · ".join(f"{k} {'random' if v is None else v}" for k, v in values)
 
 
-SETTABLE: dict[str, click.ParamType] = {
+SETTABLE: dict[str, click.ParamType[Any]] = {
     "max_tokens": MAX_TOKENS,
     "temperature": TEMPERATURE,
     "top_p": TOP_P,

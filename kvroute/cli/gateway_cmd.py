@@ -1,24 +1,28 @@
 """``kvroute gateway``: the OpenAI-compatible HTTP API in front of a running broker.
 
-The gateway is a kvroute client (:mod:`kvroute.gateway`); several may front one broker. It
-prints ``http http://HOST:PORT`` and then ``ready ...`` once it accepts requests, and stops on
-SIGINT/SIGTERM after the requests in flight (up to a few seconds). ``kvroute serve`` runs the
-same gateway as a child process (:class:`GatewayProcess`).
+The gateway is a kvroute client (:mod:`kvroute.gateway`); several may front one broker, and
+share sessions when they share an owner token (``--owner-token-file``; under CURVE, the same
+client key). It prints ``http http://HOST:PORT`` and then ``ready ...`` once it accepts
+requests, and stops on SIGINT/SIGTERM after the requests in flight (up to a few seconds).
+``kvroute serve`` runs the same gateway as a child process (:class:`GatewayProcess`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import os
 import re
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 import click
 
 from kvroute.gateway import GatewayConfig, serve
 from kvroute.gateway.config import DEFAULT_HTTP, parse_http_address
+from kvroute.proto.identity import check_owner_token, new_owner_token
 
 from .app import curve_client_options, echo_err, stop_on_signals, user_errors
 from .options import connect_option, timeout_option
@@ -45,6 +49,34 @@ class HttpAddress(click.ParamType):
 HTTP_ADDRESS = HttpAddress()
 
 
+def read_owner_token(path: Path) -> bytes:
+    """The owner token kept in ``path`` (one line); a fresh one is written there, readable by
+    this user only, when the file does not exist yet (the first gateway of a group makes it).
+
+    Raises
+    ------
+    ValueError
+        The file cannot be read or written, or holds no valid token (one line).
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ValueError(f"cannot create owner token file {path}: {exc.strerror}") from exc
+    else:
+        with os.fdopen(fd, "wb") as f:
+            f.write(new_owner_token() + b"\n")
+    try:
+        token = path.read_bytes().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read owner token file {path}: {exc.strerror}") from exc
+    try:
+        return check_owner_token(token)
+    except ValueError as exc:
+        raise ValueError(f"owner token file {path}: {exc}") from None
+
+
 def announce(bound: GatewayConfig) -> None:
     """The lines scripts wait for: the HTTP URL (before ``ready``)."""
     click.echo(f"http {bound.url}", color=False)
@@ -64,7 +96,15 @@ def announce(bound: GatewayConfig) -> None:
     "--model-name",
     "model_names",
     multiple=True,
-    help=f"A model name GET /v1/models lists (repeatable; default {_G.models[0]!r}).",
+    help="A model name GET /v1/models lists and responses carry (repeatable; default: the "
+    "models the live workers serve).",
+)
+@click.option(
+    "--owner-token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="KVROUTE_OWNER_TOKEN_FILE",
+    help="Share sessions with the other gateways given this file (without CURVE): its token "
+    "owns the sessions; created with a fresh token if missing. [env: KVROUTE_OWNER_TOKEN_FILE]",
 )
 @click.option(
     "--max-in-flight",
@@ -79,6 +119,7 @@ def gateway(
     url: str,
     http: tuple[str, int],
     model_names: tuple[str, ...],
+    owner_token_file: Path | None,
     max_in_flight: int,
     timeout: float,
     server_key: str | None,
@@ -93,10 +134,11 @@ def gateway(
             host=http[0],
             port=http[1],
             timeout=timeout,
-            models=model_names or _G.models,
+            models=model_names,
             max_in_flight=max_in_flight,
             server_key=server_key,
             key=key,
+            owner_token=None if owner_token_file is None else read_owner_token(owner_token_file),
         )
 
         def ready(bound: GatewayConfig) -> None:
@@ -217,8 +259,14 @@ def start_serve_gateway(
             "(kvroute gateway --server-key FILE --key FILE)"
         )
         return None
+    # An owner token of its own, presented on every request as a standalone gateway's
+    # --owner-token-file is (the library sends it in an owner frame).
     cfg = GatewayConfig(
-        connect=local_connect(frontend), host=http[0], port=http[1], models=(model_name,)
+        connect=local_connect(frontend),
+        host=http[0],
+        port=http[1],
+        models=(model_name,),
+        owner_token=new_owner_token(),
     )
     gw = GatewayProcess(cfg)
     click.echo(f"http {gw.start()}", color=False)

@@ -10,14 +10,14 @@ from typing import Any
 import click
 import numpy as np
 
-from kvroute.engine.engine import DEFAULT_N_CTX, Engine, Generation
+from kvroute.engine.engine import Engine, Generation
 from kvroute.engine.gguf_file import GGUFFile
 from kvroute.engine.model_store import resolve_model
 from kvroute.engine.sampling import SamplingParams
 from kvroute.engine.tokenizer import Tokenizer
 
-from .app import model_option, user_errors
-from .options import max_tokens_option, sampling_options
+from .app import user_errors
+from .options import max_tokens_option, model_option, model_options, sampling_options
 
 
 def _one_text(positional: str | None, option: str | None, name: str, file: Path | None) -> str:
@@ -35,7 +35,7 @@ def _one_text(positional: str | None, option: str | None, name: str, file: Path 
 
 
 @click.command()
-@model_option
+@model_options
 @click.argument("text", metavar="[PROMPT]", required=False)
 @click.option("--prompt", help="Prompt text, instead of PROMPT (one user message unless --raw).")
 @click.option(
@@ -56,17 +56,9 @@ def _one_text(positional: str | None, option: str | None, name: str, file: Path 
     type=click.IntRange(min=1),
     help="With --json: K best [id, logit] at the first generated position.",
 )
-@click.option(
-    "--ctx",
-    "n_ctx",
-    type=click.IntRange(min=16),
-    default=DEFAULT_N_CTX,
-    show_default=True,
-    help="Context positions (prompt + reply), at most the model's training context.",
-)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def generate(
-    model: str,
+    model_kw: dict[str, Any],
     text: str | None,
     prompt: str | None,
     prompt_file: Path | None,
@@ -75,13 +67,12 @@ def generate(
     sampling: dict[str, Any],
     ignore_eos: bool,
     top_logits: int | None,
-    n_ctx: int,
     as_json: bool,
 ) -> None:
     """Generate a completion of PROMPT in-process (no broker or worker needed)."""
     text = _one_text(text, prompt, "prompt", prompt_file)
     with user_errors():
-        engine = Engine.load(resolve_model(model), n_ctx=n_ctx)
+        engine = Engine.load(resolve_model(model_kw["model"]), n_ctx=model_kw["n_ctx"])
         if raw:  # the user's own prompt text: control-token texts are control tokens
             ids = engine.encode(text)
         else:  # a message: its text is content, only the template's markers are control

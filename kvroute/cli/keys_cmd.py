@@ -36,15 +36,6 @@ def _check_name(name: str, option: str) -> str:
     return name
 
 
-def write_key_pairs(directory: Path, names: tuple[str, ...], force: bool) -> list[Path]:
-    """Write a key pair per name into ``directory`` (created if missing, owner-only).
-
-    Returns the public certificate paths. Raises ``FileExistsError`` if a file exists and
-    ``force`` is not set (nothing is written then), ``OSError`` if the directory is unusable.
-    """
-    return write_layout(directory, (("", names),), force)
-
-
 def write_layout(
     directory: Path, layout: tuple[tuple[str, tuple[str, ...]], ...], force: bool
 ) -> list[Path]:

@@ -10,99 +10,34 @@ given as ``--allow-worker-keys`` (never in ``--allow-keys``: clients and workers
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 import click
 
 from kvroute.broker import BrokerConfig, BrokerError
-from kvroute.engine.engine import DEFAULT_N_CTX, Engine
+from kvroute.engine.engine import Engine
 from kvroute.engine.model_store import resolve_model
 from kvroute.gateway.config import DEFAULT_HTTP
-from kvroute.proto.limits import MAX_CAPACITY
-from kvroute.worker.config import KV_DEFAULT_RULE, WorkerConfig
+from kvroute.worker.config import WorkerConfig
 from kvroute.worker.process import set_title
 from kvroute.worker.service import WorkerService, serve_worker
 
-from .app import (
-    curve_client_options,
-    echo_err,
-    model_option,
-    option_group,
-    stop_on_signals,
-    user_errors,
-)
-from .broker_cmd import broker_options
+from .app import echo_err, stop_on_signals, user_errors
 from .gateway_cmd import HTTP_ADDRESS, GatewayError, GatewayProcess, start_serve_gateway
-from .options import BIND, CONNECT
+from .options import (
+    bind_option,
+    config_errors,
+    connect_option,
+    curve_client_options,
+    model_options,
+)
+from .service_options import broker_options, heartbeat_options, worker_options
 from .supervisor import ServeError, Supervisor
 from .terminal import Spinner
 
 _B = BrokerConfig()
 _W = WorkerConfig()
-
-
-_WORKER_OPTIONS = (
-    (
-        "n_ctx",
-        click.option(
-            "--ctx",
-            "n_ctx",
-            default=DEFAULT_N_CTX,
-            show_default=True,
-            type=click.IntRange(min=16),
-            help="Context positions per session.",
-        ),
-    ),
-    (
-        "kv_budget_mb",
-        click.option(
-            "--kv-budget-mb",
-            type=click.FloatRange(min=1),
-            default=_W.kv_budget_mb,
-            help=(
-                "KV cache budget per worker in MiB; idle sessions are evicted LRU beyond it,"
-                " and turns wait while it is reserved by turns running. Default:"
-                f" {KV_DEFAULT_RULE}."
-            ),
-        ),
-    ),
-    (
-        "capacity",
-        click.option(
-            "--capacity",
-            default=_W.capacity,
-            show_default=True,
-            type=click.IntRange(min=1, max=MAX_CAPACITY),
-            help=(
-                "Turns a worker runs at once; more wait in a queue fair across clients"
-                f" (up to {_W.max_waiting}, {_W.max_waiting_per_client} per client,"
-                f" {_W.max_wait_s:g} s), then get the retryable ERROR overloaded."
-            ),
-        ),
-    ),
-    (
-        "threads",
-        click.option(
-            "--threads",
-            default=_W.threads,
-            show_default=True,
-            type=click.IntRange(min=1),
-            help="BLAS threads per worker.",
-        ),
-    ),
-    (
-        "prefill_chunk",
-        click.option(
-            "--prefill-chunk",
-            default=_W.prefill_chunk,
-            show_default=True,
-            type=click.IntRange(min=1),
-            help="Prompt tokens per scheduler step.",
-        ),
-    ),
-)
-worker_options = option_group("worker_kw", _WORKER_OPTIONS)
-"""Options ``serve`` and ``worker`` share, handed over as ``worker_kw`` (WorkerConfig keywords)."""
 
 
 @click.command()
@@ -114,27 +49,8 @@ worker_options = option_group("worker_kw", _WORKER_OPTIONS)
     type=click.IntRange(min=1),
     help="Worker processes to start.",
 )
-@click.option(
-    "--frontend",
-    type=BIND,
-    default=_B.frontend,
-    show_default=True,
-    help="Bind here for clients (kvroute chat --connect).",
-)
-@click.option(
-    "--backend",
-    type=BIND,
-    default="tcp://127.0.0.1:0",
-    show_default=True,
-    help="Bind here for the workers (port 0: any free port).",
-)
-@click.option(
-    "--heartbeat",
-    default=_B.heartbeat_interval,
-    show_default=True,
-    type=float,
-    help="Seconds between heartbeats.",
-)
+@bind_option("frontend", _B.frontend, "for clients (kvroute chat --connect)")
+@bind_option("backend", "tcp://127.0.0.1:0", "for the workers (port 0: any free port)")
 @click.option(
     "--http",
     "http",
@@ -144,37 +60,33 @@ worker_options = option_group("worker_kw", _WORKER_OPTIONS)
     help="Serve the OpenAI-compatible HTTP API here (port 0: any free port).",
 )
 @click.option("--no-http", is_flag=True, help="Do not start the HTTP gateway.")
-@model_option
+@model_options
 @worker_options
+@heartbeat_options
 @broker_options
 def serve(
     n_workers: int,
     frontend: str,
     backend: str,
-    heartbeat: float,
     http: tuple[str, int],
     no_http: bool,
-    model: str,
+    model_kw: dict[str, Any],
     worker_kw: dict[str, Any],
+    heartbeat_kw: dict[str, Any],
     broker_kw: dict[str, Any],
 ) -> None:
     """Start a broker and N workers; print a line per worker, then `ready`; stop on SIGINT/TERM.
 
     Each worker loads the model (seconds to tens of seconds); a line says when each is in.
     """
+    with config_errors():  # every setting checked before the model is fetched
+        bcfg = BrokerConfig(frontend=frontend, backend=backend, **heartbeat_kw, **broker_kw)
+        wcfg = WorkerConfig(**model_kw, **worker_kw, **heartbeat_kw)
     gw: GatewayProcess | None = None
     with user_errors(BrokerError, ServeError, GatewayError):
-        path = resolve_model(model)  # fetch once here, not in N workers at the same time
+        path = resolve_model(wcfg.model)  # fetch once here, not in N workers at the same time
         Engine.check(path)  # a bad file is one line here, not N tracebacks in workers
-        wcfg = WorkerConfig(
-            model=str(path),
-            **worker_kw,
-            heartbeat_interval=heartbeat,
-        )
-        bcfg = BrokerConfig(
-            frontend=frontend, backend=backend, heartbeat_interval=heartbeat, **broker_kw
-        )
-        sup = Supervisor(n_workers, bcfg, wcfg)
+        sup = Supervisor(n_workers, bcfg, replace(wcfg, model=str(path)))
         with stop_on_signals() as stop:
             try:
                 echo_err(f"starting {n_workers} worker(s); each loads {path.name} (Ctrl-C stops)")
@@ -204,47 +116,36 @@ def serve(
 
 
 @click.command()
-@click.option(
-    "--connect",
-    type=CONNECT,
-    default=_W.connect,
-    show_default=True,
-    help="The broker's backend address: tcp://HOST:PORT, HOST:PORT or ipc://PATH.",
-)
+@connect_option(_W.connect, "The broker's backend address")
 @click.option(
     "--id", "worker_id", default="", show_default="w<pid>", help="Worker id, reported in END."
 )
-@click.option(
-    "--heartbeat",
-    default=_W.heartbeat_interval,
-    show_default=True,
-    type=float,
-    help="Seconds between heartbeats (match the broker's).",
-)
-@model_option
+@model_options
 @worker_options
+@heartbeat_options
 @curve_client_options
 def worker(
-    connect: str,
+    url: str,
     worker_id: str,
-    heartbeat: float,
-    model: str,
+    model_kw: dict[str, Any],
     worker_kw: dict[str, Any],
+    heartbeat_kw: dict[str, Any],
     server_key: str | None,
     key: str | None,
 ) -> None:
     """Run one worker connected to a broker (this host or another) until SIGINT/SIGTERM."""
     set_title(f"kvroute worker {worker_id or f'w{os.getpid()}'}")
-    with user_errors():
+    with config_errors():
         cfg = WorkerConfig(
-            connect=connect,
+            connect=url,
             worker_id=worker_id,
-            model=model,
+            **model_kw,
             **worker_kw,
-            heartbeat_interval=heartbeat,
+            **heartbeat_kw,
             server_key=server_key,
             key=key,
         )
+    with user_errors():
         serve_worker(cfg, on_loaded=_announce)
 
 

@@ -12,7 +12,10 @@ plain method; from another thread use ``loop.call_soon_threadsafe(session.cancel
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import TracebackType
+
+from kvroute.proto import Fleet
 
 from .actions import Done, Machine, Phase, Receive, Yield
 from .aio_transport import AsyncTransport
@@ -28,6 +31,8 @@ from .api import (
 from .conversation import OnOverflow
 from .core import PingMachine
 from .errors import KvrouteError
+from .queries import IndexMachine, LookupMachine
+from .status import StatusMachine
 
 
 async def drive(t: AsyncTransport, m: Machine) -> Yield | Done:
@@ -88,9 +93,10 @@ class AsyncSession(SessionBase[AsyncTransport, AsyncReplyStream]):
         top_k: int = 0,
         seed: int | None = None,
         on_overflow: OnOverflow = DEFAULT_ON_OVERFLOW,
+        stop: str | Sequence[str] | None = None,
     ) -> str:
         """Send a user message and return the whole reply; see :meth:`send`."""
-        args = (max_tokens, temperature, top_p, top_k, seed, on_overflow)
+        args = (max_tokens, temperature, top_p, top_k, seed, on_overflow, stop)
         return "".join([piece async for piece in self.send(text, *args)])
 
     async def reset(self, *, keep_history: bool = False) -> None:
@@ -127,3 +133,31 @@ class AsyncClient(ClientBase[AsyncTransport, AsyncSession]):
         m = PingMachine(self._t.ids.next())
         await drive(self._t, m)
         return m.rtt
+
+    async def status(self) -> Fleet:
+        """The fleet view, answered by the broker (see :meth:`kvroute.Client.status`); raises
+        Timeout without an answer."""
+        m = StatusMachine(self._t.ids.next())
+        await drive(self._t, m)
+        assert m.fleet is not None, "a STATUS that returns has its answer"
+        return m.fleet
+
+    async def lookup(self, digest: bytes) -> str | None:
+        """The session of this client's identity that the broker's transcript index records
+        for ``digest`` (16..32 bytes), or None; see :mod:`kvroute.proto.transcripts`.
+
+        Raises ValueError for a bad digest; Timeout without an answer.
+        """
+        m = LookupMachine(self._t.ids.next(), digest, self._owner)
+        await drive(self._t, m)
+        return m.session_id
+
+    async def index(self, session_id: str, digest: bytes) -> None:
+        """Record in the broker's transcript index that session ``session_id`` holds the
+        transcript ``digest`` (as this client received it).
+
+        Raises ValueError for a bad session id or digest; NotOwner if another client identity
+        owns the session; Timeout without an answer.
+        """
+        m = IndexMachine(self._t.ids.next(), session_id, digest, self._owner)
+        await drive(self._t, m)

@@ -1,5 +1,7 @@
 """The asyncio client's socket: one ``zmq.asyncio`` DEALER shared by the tasks of one loop.
 
+Both rules below are in docs/design.md, *ZeroMQ rules we rely on*.
+
 Receiving follows the rule for ``zmq.asyncio``: a pending ``recv`` is never cancelled, because
 a cancelled receive can lose a message. One task at a time awaits ``poll`` (cancelling a poll
 loses nothing) and then receives with ``NOBLOCK`` for everyone, one part at a time, filing each
@@ -20,6 +22,7 @@ import asyncio
 import contextlib
 import math
 import time
+from typing import cast
 
 import zmq
 import zmq.asyncio
@@ -114,12 +117,19 @@ class AsyncTransport(WireBase):
                     self._notify()
 
     def _readable(self) -> bool:
-        return not self._closed and bool(self._raw.get(zmq.EVENTS) & zmq.POLLIN)
+        if self._closed:
+            return False
+        events = self._raw.get(zmq.EVENTS)
+        assert isinstance(events, int), "an integer option"
+        return bool(events & zmq.POLLIN)
 
     async def _poll(self, seconds: float) -> int:
         # poll() hands back a Future (ensure_future returns it as it is): _wake_reader may
         # resolve it early. Cancelling it, as a cancelled task does, loses nothing.
-        poll = asyncio.ensure_future(self._sock.poll(math.ceil(seconds * 1000), zmq.POLLIN))
+        # (pyzmq annotates zmq.asyncio.Socket.poll with the Poller's signature and result.)
+        ms = math.ceil(seconds * 1000)
+        future = cast("asyncio.Future[int]", self._sock.poll(ms, zmq.POLLIN))  # type: ignore[call-arg]
+        poll = asyncio.ensure_future(future)
         self._polling = poll
         try:
             return await poll

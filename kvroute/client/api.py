@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from kvroute.proto.endpoint import parse_endpoint
-from kvroute.proto.identity import CurveClient, KeyPair, KeyPath
+from kvroute.proto.identity import CurveClient, KeyPair, KeyPath, new_owner_token
 
 from .actions import Cleanup, Discard, Done, Machine, Phase, Raise, Receive, Send, Yield
 from .conversation import Conversation, OnOverflow
@@ -95,11 +95,13 @@ class ClientBase(Generic[WireT, SessionT]):
         ``(public, secret)`` z85 bytes. Under CURVE, sessions belong to this key: any client
         holding it may drive them, from any process.
     owner_token
-        Without CURVE, the secret that owns the sessions this client creates (it is the
-        connection's routing id); None makes a random one, readable as ``owner_token``. Pass a
-        saved token to drive the same sessions from another process later, but to one connected
-        client at a time: ZeroMQ ignores a second connection presenting the same routing id.
-        Another client's request on a session gets :class:`~kvroute.client.errors.NotOwner`.
+        Without CURVE, the secret that owns the sessions this client creates; None makes a
+        random one, readable as ``owner_token`` (it is then the connection's routing id). A
+        token given here is presented on every request instead (the protocol's owner frame), so
+        any number of clients given the same token, in any processes, drive the same sessions at
+        once: several gateways fronting one broker share sessions this way, and a saved token
+        resumes them later. Another client's request on a session gets
+        :class:`~kvroute.client.errors.NotOwner`. Under CURVE the key owns sessions instead.
 
     Raises
     ------
@@ -112,7 +114,7 @@ class ClientBase(Generic[WireT, SessionT]):
     """
 
     _transport: Callable[[str, float, float, bytes, CurveClient | None], WireT]
-    _session: Callable[[WireT, Conversation], SessionT]
+    _session: Callable[[WireT, Conversation, bytes], SessionT]
 
     def __init__(
         self,
@@ -131,7 +133,11 @@ class ClientBase(Generic[WireT, SessionT]):
         self.timeout: float = timeout
         token, curve = client_identity(server_key, key, owner_token)
         self.owner_token: bytes = token
-        self._t: WireT = self._transport(url, timeout, linger, token, curve)
+        # A token given without CURVE travels in an owner frame, and the routing id is random:
+        # ZeroMQ would refuse a second connection presenting the same routing id.
+        self._owner: bytes = token if owner_token is not None and curve is None else b""
+        routing = new_owner_token() if self._owner else token
+        self._t: WireT = self._transport(url, timeout, linger, routing, curve)
 
     def session(
         self,
@@ -155,7 +161,7 @@ class ClientBase(Generic[WireT, SessionT]):
         ValueError
             A bad session id or history entry.
         """
-        return self._session(self._t, Conversation(session_id, system, history))
+        return self._session(self._t, Conversation(session_id, system, history), self._owner)
 
 
 class SessionBase(Generic[WireT, StreamT]):
@@ -173,9 +179,9 @@ class SessionBase(Generic[WireT, StreamT]):
 
     _stream: Callable[[Any, RequestMachine], StreamT]
 
-    def __init__(self, transport: WireT, conversation: Conversation) -> None:
+    def __init__(self, transport: WireT, conversation: Conversation, owner: bytes = b"") -> None:
         self._t = transport
-        self._core = SessionCore(conversation, transport.ids)
+        self._core = SessionCore(conversation, transport.ids, owner=owner)
 
     @property
     def id(self) -> str:
@@ -210,6 +216,7 @@ class SessionBase(Generic[WireT, StreamT]):
         top_k: int = 0,
         seed: int | None = None,
         on_overflow: OnOverflow = DEFAULT_ON_OVERFLOW,
+        stop: str | Sequence[str] | None = None,
     ) -> StreamT:
         """Send a user message; iterate over the returned stream (``for`` / ``async for``) for
         the reply's text pieces.
@@ -229,6 +236,9 @@ class SessionBase(Generic[WireT, StreamT]):
             ``"drop_oldest"`` (default): drop the oldest non-system turns until the turn fits,
             then retry; ``last.dropped`` and ``dropped`` say how many messages went.
             ``"raise"``: :class:`~kvroute.client.errors.ContextOverflow`.
+        stop
+            Up to 4 stop strings (or one): the worker ends the reply before the first
+            occurrence of any of them (``finish_reason`` stop); the match is never streamed.
 
         Raises
         ------
@@ -247,6 +257,7 @@ class SessionBase(Generic[WireT, StreamT]):
             top_k=top_k,
             seed=seed,
             on_overflow=on_overflow,
+            stop=stop,
         )
         return self._stream(self, self._core.turn(attempt))
 

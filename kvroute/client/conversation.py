@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -47,7 +47,13 @@ def _as_request(
 ) -> tuple[TurnRequest, bytes]:
     chat = tuple(ChatMessage(Role(m["role"]), m["content"]) for m in messages)
     req = TurnRequest(
-        chat, params.max_tokens, params.temperature, params.top_p, params.top_k, params.seed
+        chat,
+        params.max_tokens,
+        params.temperature,
+        params.top_p,
+        params.top_k,
+        params.seed,
+        params.stop,
     )
     try:
         return req, req.encode()
@@ -185,11 +191,15 @@ class Conversation:
         top_k: int,
         seed: int | None,
         on_overflow: OnOverflow,
+        stop: str | Sequence[str] | None = None,
     ) -> Attempt:
         """Validate a send's arguments and build its first TURN (raises ValueError)."""
         if not isinstance(text, str):
             raise ValueError(f"text must be str, got {type(text).__name__}")
-        params = TurnRequest((), max_tokens, temperature, top_p, top_k, seed)
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if not all(isinstance(s, str) for s in stops):
+            raise ValueError("stop must be a string or a sequence of strings")
+        params = TurnRequest((), max_tokens, temperature, top_p, top_k, seed, stops)
         history = [_checked_message(m) for m in self.history]  # the user may have edited it
         return Attempt(text, params, on_overflow, history)
 

@@ -95,6 +95,8 @@ class SessionCore:
         The client's request ids.
     clock
         Where turns read the time (TTFT, elapsed).
+    owner
+        The owner token presented on every request (the owner frame), or empty for none.
 
     ``holder`` is the machine of the call running on the session, ``request`` the session's
     request whose terminal reply has not been seen: it outlives its call when the call is left
@@ -103,11 +105,16 @@ class SessionCore:
     """
 
     def __init__(
-        self, conversation: Conversation, ids: RequestIds, clock: Clock = time.perf_counter
+        self,
+        conversation: Conversation,
+        ids: RequestIds,
+        clock: Clock = time.perf_counter,
+        owner: bytes = b"",
     ) -> None:
         self.conv = conversation
         self.ids = ids
         self.clock = clock
+        self.owner = owner
         self.holder: RequestMachine | None = None
         self.request: Request | None = None
         self._guard = threading.Lock()
@@ -262,16 +269,16 @@ class RequestMachine:
 
     def _send(self) -> Send:
         s, attempt = self._s, self.attempt
-        sid, rid = s.conv.key, s.ids.next()
-        cancel = request_frames(Kind.CANCEL, sid, rid)
+        sid, rid, owner = s.conv.key, s.ids.next(), s.owner
+        cancel = request_frames(Kind.CANCEL, sid, rid, owner=owner)
         if attempt is None:
             req = Request((sid, rid), s.clock(), cancel)
-            frames = request_frames(self._kind, sid, rid)
+            frames = request_frames(self._kind, sid, rid, owner=owner)
         else:
             if self._own is None:
                 attempt.refresh(s.conv.history)  # as it is now, not when send() was called
             req = Request((sid, rid), s.clock(), cancel, attempt)
-            frames = request_frames(Kind.TURN, sid, rid, attempt.body)
+            frames = request_frames(Kind.TURN, sid, rid, attempt.body, owner)
         s.request = self._own = req
         self.phase = Phase.RUNNING
         return Send(frames, req.key)

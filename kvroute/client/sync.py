@@ -11,7 +11,10 @@ stay usable, and the history follows the rule in :mod:`~kvroute.client.core`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import TracebackType
+
+from kvroute.proto import Fleet
 
 from .actions import Done, Machine, Phase, Receive, Yield
 from .api import (
@@ -26,6 +29,8 @@ from .api import (
 from .conversation import OnOverflow
 from .core import PingMachine
 from .errors import KvrouteError
+from .queries import IndexMachine, LookupMachine
+from .status import StatusMachine
 from .transport import Transport
 
 
@@ -94,12 +99,13 @@ class Session(SessionBase[Transport, ReplyStream]):
         top_k: int = 0,
         seed: int | None = None,
         on_overflow: OnOverflow = DEFAULT_ON_OVERFLOW,
+        stop: str | Sequence[str] | None = None,
     ) -> str:
         """Send a user message and return the whole reply (``send`` without streaming).
 
         Same arguments, history rules and errors as :meth:`send`; ``last`` has the numbers.
         """
-        args = (max_tokens, temperature, top_p, top_k, seed, on_overflow)
+        args = (max_tokens, temperature, top_p, top_k, seed, on_overflow, stop)
         return "".join(self.send(text, *args))
 
     def reset(self, *, keep_history: bool = False) -> None:
@@ -143,3 +149,38 @@ class Client(ClientBase[Transport, Session]):
         m = PingMachine(self._t.ids.next())
         drive(self._t, m)
         return m.rtt
+
+    def status(self) -> Fleet:
+        """The fleet view, answered by the broker: every registered worker with its last
+        heartbeat's gauges, the broker's counters, and counters added up over every worker
+        process (see :mod:`kvroute.proto.status`).
+
+        Raises
+        ------
+        Timeout
+            No answer within ``timeout``.
+        """
+        m = StatusMachine(self._t.ids.next())
+        drive(self._t, m)
+        assert m.fleet is not None, "a STATUS that returns has its answer"
+        return m.fleet
+
+    def lookup(self, digest: bytes) -> str | None:
+        """The session of this client's identity that the broker's transcript index records
+        for ``digest`` (16..32 bytes), or None; see :mod:`kvroute.proto.transcripts`.
+
+        Raises ValueError for a bad digest; Timeout without an answer.
+        """
+        m = LookupMachine(self._t.ids.next(), digest, self._owner)
+        drive(self._t, m)
+        return m.session_id
+
+    def index(self, session_id: str, digest: bytes) -> None:
+        """Record in the broker's transcript index that session ``session_id`` holds the
+        transcript ``digest`` (as this client received it).
+
+        Raises ValueError for a bad session id or digest; NotOwner if another client identity
+        owns the session; Timeout without an answer.
+        """
+        m = IndexMachine(self._t.ids.next(), session_id, digest, self._owner)
+        drive(self._t, m)

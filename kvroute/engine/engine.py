@@ -28,6 +28,7 @@ from .weights_cache import CacheConfig
 logger = logging.getLogger(__name__)
 
 DEFAULT_N_CTX = 2048
+MIN_N_CTX = 16  # fewer positions cannot hold a templated message and a reply
 PREFILL_CHUNK = 512  # tokens per forward pass when prefilling a long prompt alone
 
 

@@ -10,7 +10,7 @@ the CPU caches, as a decode step sees them) and `MatmulPlan` applies the winner.
 cached per host, BLAS build and matrix shapes (`load_or_measure`), since measuring takes a few
 seconds; delete the file to measure again.
 
-Ways (``Way``):
+Ways:
 
 - ``gemm``: one BLAS product of all rows (GEMV for one row).
 - ``rows``: one GEMV per row; a matrix wider than ``ROWS_BLOCK_BYTES`` is done a column block
@@ -49,8 +49,10 @@ MARGIN = 0.9  # another way replaces gemm only if at least 10% faster: timing no
 def matmul(x: np.ndarray, w: np.ndarray, way: str) -> np.ndarray:
     """``x @ w`` for ``x`` of shape (N, K), computed the given way; returns (N, M)."""
     n = x.shape[0]
+    y: np.ndarray  # numpy types ``@`` on untyped arrays as Any
     if way == "gemm" or n == 1:
-        return x @ w
+        y = x @ w
+        return y
     if way == "rows":
         out = np.empty((n, w.shape[1]), dtype=np.result_type(x, w))
         step = max(64, ROWS_BLOCK_BYTES // (w.shape[0] * w.itemsize))
@@ -61,9 +63,8 @@ def matmul(x: np.ndarray, w: np.ndarray, way: str) -> np.ndarray:
         return out
     to = int(way.removeprefix("pad"))
     pad = -n % to
-    if not pad:
-        return x @ w
-    return (np.concatenate([x, np.zeros((pad, x.shape[1]), dtype=x.dtype)]) @ w)[:n]
+    y = x @ w if not pad else (np.concatenate([x, np.zeros((pad, x.shape[1]), x.dtype)]) @ w)[:n]
+    return y
 
 
 @dataclass(frozen=True)
@@ -154,8 +155,8 @@ def measure(weights: Sequence[np.ndarray], rounds: int = MEASURE_ROUNDS) -> Matm
             for way in ways:
                 t = one_pass(n, way)
                 best[n - 1][way] = min(best[n - 1].get(way, t), t)
-        t = best[n - 1]
-        if "rows" in t and t["rows"] > 1.5 * min(t.values()):
+        times = best[n - 1]
+        if "rows" in times and times["rows"] > 1.5 * min(times.values()):
             try_rows = False
     ways_chosen = tuple(_winner(t) for t in best)
     rounded = tuple({w: round(v, 2) for w, v in t.items()} for t in best)
@@ -187,15 +188,17 @@ def host_key(weights: Sequence[np.ndarray]) -> str:
 
 
 def load_or_measure(weights: Sequence[np.ndarray], directory: Path | None) -> MatmulPlan:
-    """The cached plan for this host and these shapes, or measure it (and cache it).
+    """The cached plan for this host and these shapes, or measure it and cache it.
 
-    With ``directory`` None nothing is read or written and the plan is measured.
+    Measuring takes seconds, so it is done only where the table can be kept: with
+    ``directory`` None, or one that cannot be written, the default plan (gemm) is used.
     """
     if directory is None:
-        return measure(weights)
+        return MatmulPlan()
     path = directory / f"matmul-{host_key(weights)}.json"
     with contextlib.suppress(OSError, ValueError):
         return MatmulPlan.from_json(json.loads(path.read_text()), f"cached {path.name}")
+    plan: MatmulPlan | None = None
     try:
         directory.mkdir(parents=True, exist_ok=True)
         # Two workers starting together would measure at the same time and spoil each other's
@@ -207,5 +210,5 @@ def load_or_measure(weights: Sequence[np.ndarray], directory: Path | None) -> Ma
             write_atomic(path, json.dumps(plan.to_json()).encode())
             return plan
     except OSError as exc:
-        logger.warning("cannot cache the matmul plan in %s (%s)", directory, exc)
-        return measure(weights)
+        logger.warning("cannot keep the matmul plan in %s (%s)", directory, exc)
+        return plan if plan is not None else MatmulPlan()

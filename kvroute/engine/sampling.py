@@ -25,6 +25,9 @@ class SamplingParams:
         Seed of the sampler's random generator; None draws one from the OS.
     ignore_eos:
         Keep generating past end-of-turn tokens (benchmarks, conformance runs).
+    stop:
+        Strings that end a worker's turn before their first occurrence in the reply (the
+        engine's own ``generate`` does not look at them).
     """
 
     max_tokens: int = 256
@@ -33,6 +36,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
 
 
 class Sampler:

@@ -4,12 +4,13 @@ The gateway is just another kvroute client: an asyncio ASGI app (Starlette on uv
 turns ``POST /v1/chat/completions`` into turns sent with :class:`~kvroute.AsyncClient` over
 ZeroMQ. It never imports broker, worker or engine code. Any OpenAI client gets the warm-cache
 behaviour with no change: requests without a session key are routed to the session that holds
-their history (:mod:`.affinity`).
+their history (:mod:`.affinity`), through the broker's transcript index, so several gateways
+sharing an owner token can front one broker.
 
 Modules: :mod:`.request` (body checks, 400 naming the field), :mod:`.affinity` (which session),
-:mod:`.turns` (a request as a turn: retries, stop strings), :mod:`.render` (response bodies,
-SSE framing), :mod:`.errors` (OpenAI error objects, status mapping), :mod:`.fleet` (health),
-:mod:`.app` (the ASGI app), :mod:`.server` (uvicorn).
+:mod:`.turns` (a request as a turn: lookup, index, retries), :mod:`.render` (response bodies,
+SSE framing), :mod:`.errors` (OpenAI error objects, status mapping), :mod:`.fleet` (health and
+models, from the broker's STATUS), :mod:`.app` (the ASGI app), :mod:`.server` (uvicorn).
 
 >>> from kvroute.gateway import GatewayConfig, GatewayThread
 >>> with GatewayThread(GatewayConfig(connect="tcp://127.0.0.1:5555", port=0)) as gw:

@@ -1,7 +1,11 @@
 """The ASGI application: OpenAI's chat completions, models and a health check over kvroute.
 
-Endpoints: ``POST /v1/chat/completions`` (streamed as SSE or not), ``GET /v1/models``,
-``GET /health``. Every error is an OpenAI error object (:mod:`~kvroute.gateway.errors`).
+Endpoints: ``POST /v1/chat/completions`` (streamed as SSE or not), ``GET /v1/models`` (the
+models the live workers serve, from the broker's STATUS), ``GET /health`` (200 with the live
+worker count, 503 when there is none or the broker does not answer), ``GET /metrics``
+(Prometheus, :mod:`~kvroute.gateway.metrics`), ``GET /`` (the chat page,
+:mod:`~kvroute.gateway.page`). Every error is an OpenAI error object
+(:mod:`~kvroute.gateway.errors`).
 
 A chat request is answered by :class:`TurnResponse`, an ASGI response that runs the turn and
 watches the connection at the same time: when the client disconnects, before the first token or
@@ -34,10 +38,12 @@ from starlette.types import Receive, Scope, Send
 
 from kvroute.client import AsyncClient, KvrouteError
 
-from .affinity import Affinity, LocalIndex
+from .affinity import Affinity
 from .config import GatewayConfig
 from .errors import INVALID_REQUEST, ApiError, from_client_error, invalid
-from .fleet import FleetView
+from .fleet import fleet_status
+from .metrics import GatewayMetrics, metrics_route
+from .page import page_routes
 from .render import ChunkEncoder, completion, completion_id, sse_error
 from .request import ChatRequest, check_header_key, parse_chat_request
 from .turns import Finished, TurnRunner
@@ -99,7 +105,7 @@ async def read_json(request: Request, max_bytes: int) -> object:
 
 
 class Gateway:
-    """One gateway's state: its broker connection, session affinity, runner and fleet view.
+    """One gateway's state: its broker connection, session affinity and turn runner.
 
     Parameters
     ----------
@@ -109,10 +115,10 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.fleet = FleetView(config.models)
-        self.affinity = Affinity(LocalIndex(config.max_transcripts), config.max_sessions)
+        self.affinity = Affinity(config.max_sessions)
         self.started = int(time.time())
         self.in_flight = 0
+        self.metrics = GatewayMetrics()  # GET /metrics; times every chat request
         self._client: AsyncClient | None = None
         self._runner: TurnRunner | None = None
 
@@ -132,9 +138,15 @@ class Gateway:
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         """Open the broker connection in the server's loop; close it at shutdown."""
         cfg = self.config
-        client = AsyncClient(cfg.connect, cfg.timeout, server_key=cfg.server_key, key=cfg.key)
+        client = AsyncClient(
+            cfg.connect,
+            cfg.timeout,
+            server_key=cfg.server_key,
+            key=cfg.key,
+            owner_token=cfg.owner_token,
+        )
         self._client = client
-        self._runner = TurnRunner(client, self.affinity, cfg, self.fleet.observe)
+        self._runner = TurnRunner(client, self.affinity, cfg)
         try:
             yield
         finally:
@@ -163,24 +175,34 @@ class Gateway:
         return TurnResponse(self, req, header)
 
     async def models(self, request: Request) -> Response:
-        """``GET /v1/models``: the model(s) the fleet serves."""
+        """``GET /v1/models``: the model(s) the fleet serves (the configured names instead, if
+        any); 503 when the broker does not answer."""
+        names = self.config.models
+        if not names:
+            st = await fleet_status(self.client, self.config.health_timeout)
+            if not st.broker:
+                return error_response(
+                    ApiError(503, st.error, "service_unavailable", None, "broker_unavailable")
+                )
+            names = st.models
         data = [
             {"id": m, "object": "model", "created": self.started, "owned_by": "kvroute"}
-            for m in self.config.models
+            for m in names
         ]
         return json_response(200, {"object": "list", "data": data})
 
     async def health(self, request: Request) -> Response:
-        """``GET /health``: 200 when the broker answers and workers are not known to be
-        missing, else 503."""
-        st = await self.fleet.status(self.client, self.config.health_timeout)
-        body = {
+        """``GET /health``: 200 with the live worker count; 503 when there is none or the
+        broker does not answer."""
+        st = await fleet_status(self.client, self.config.health_timeout)
+        body: dict[str, Any] = {
             "status": "ok" if st.healthy else "unavailable",
             "broker": st.broker,
             "workers": st.workers,
-            "no_worker": st.no_worker,
-            "models": list(self.config.models),
+            "models": list(st.models),
         }
+        if st.error:
+            body["error"] = st.error
         return json_response(200 if st.healthy else 503, body)
 
 
@@ -213,11 +235,12 @@ class TurnResponse(Response):
                 self.gateway.in_flight -= 1
 
     def _events(self) -> AsyncIterator[str | Finished]:
-        return self.gateway.runner.run(self.req, self.header_key)
+        return self.gateway.metrics.watch(self.gateway.runner.run(self.req, self.header_key))
 
     @property
     def _model(self) -> str:
-        return self.gateway.config.models[0]
+        names = self.gateway.config.models
+        return names[0] if names else self.req.model
 
     async def _whole(self, send: Send) -> None:
         fin: Finished | None = None
@@ -273,6 +296,8 @@ def create_app(config: GatewayConfig) -> Starlette:
         Route("/v1/chat/completions", gw.chat, methods=["POST"]),
         Route("/v1/models", gw.models, methods=["GET"]),
         Route("/health", gw.health, methods=["GET"]),
+        metrics_route(gw.metrics, lambda: gw.client, config.health_timeout),
+        *page_routes(),  # GET /: the chat page
     ]
     app = Starlette(
         routes=routes, lifespan=gw.lifespan, exception_handlers={HTTPException: _http_error}

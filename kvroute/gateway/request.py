@@ -22,14 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvroute.proto import Role
-from kvroute.proto.limits import MAX_MAX_TOKENS, MAX_MESSAGES, MAX_SEED
+from kvroute.proto.limits import MAX_MAX_TOKENS, MAX_MESSAGES, MAX_SEED, MAX_STOP, MAX_STOP_CHARS
 
 from .errors import ApiError, invalid
 
-MAX_STOP: int = 4
-"""Stop strings per request (OpenAI's limit)."""
-MAX_STOP_CHARS: int = 256
-"""Characters of one stop string."""
 MAX_KEY_CHARS: int = 1024
 """Characters of a session key (``session_id``, ``prompt_cache_key``, ``user``, header)."""
 MAX_OPENAI_TEMPERATURE: float = 2.0

@@ -1,23 +1,23 @@
-"""One chat completion as one kvroute turn: pick the session, send, cut at stop strings, retry.
+"""One chat completion as one kvroute turn: pick the session, send, index the transcript, retry.
 
 :meth:`TurnRunner.run` is an async generator of the reply's text pieces followed by one
-:class:`Finished`. It uses only the client library's public API: a session object per request
-(``client.session(id, history=...)``, whose history is the request's messages but the last) and
-``send`` of the last user message. A task cancelled inside it (a client that disconnected)
-makes the library send CANCEL for the turn; closing the library's stream early (a stop string)
-also waits for the turn's END.
+:class:`Finished`. It uses only the client library's public API: ``lookup`` of the history's
+digest in the broker's transcript index (keyless requests, see :mod:`.affinity`), a session
+object per request (``client.session(id, history=...)``, whose history is the request's
+messages but the last), ``send`` of the last user message with the request's stop strings
+(the worker applies them: the reply ends before the match, which is neither streamed nor
+committed, and the next turn still takes the text-prefix path), and, once the turn ended, an
+``index`` of the transcript the client received, awaited before :class:`Finished` is handed
+out, so the conversation's next request finds its session through any gateway. A task
+cancelled inside it (a client that disconnected) makes the library send CANCEL for the turn.
 
 What it retries, and only while nothing was released to the caller yet:
 
 - BUSY or NOT_OWNER on the session it picked: once more on a fresh session (a parallel
-  regeneration, or a key whose session another client identity holds);
+  regeneration, through this gateway or another, or a key whose session another client
+  identity holds);
 - SESSION_LOST: once more on the same session, which the broker places on another worker (cold,
   reason ``worker_lost``).
-
-Stop strings are applied here, on the streamed text (:class:`~kvroute.gateway.stop.StopMatcher`):
-the reply is cut before the match and the turn is cancelled. The worker still commits what it
-generated up to the cancel, so the next turn of that conversation differs from the session's
-text and takes the token-prefix path instead of the text-prefix one.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kvroute.client import (
@@ -36,6 +36,7 @@ from kvroute.client import (
     ServiceUnavailable,
     SessionBusy,
     SessionLost,
+    Timeout,
     TurnResult,
 )
 from kvroute.proto import ErrorCode, FinishReason, Role
@@ -43,7 +44,6 @@ from kvroute.proto import ErrorCode, FinishReason, Role
 from .affinity import Affinity, Route
 from .config import GatewayConfig
 from .request import ChatRequest
-from .stop import StopMatcher
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Finished:
     result
         The library's turn result (the worker's stats).
     reply
-        The reply text as released (cut before a stop string).
+        The reply text as sent (ending before a stop string).
     finish_reason
         OpenAI's: ``stop`` (end of turn or a stop string) or ``length``.
     """
@@ -74,7 +74,7 @@ class Finished:
 
 
 Observer = Callable[[TurnResult | KvrouteError], None]
-"""Told every turn's result or library error (the fleet view learns live workers from it)."""
+"""Told every turn's result or library error (e.g. for metrics)."""
 
 
 class TurnRunner:
@@ -85,7 +85,7 @@ class TurnRunner:
     client
         The connection to the broker.
     affinity
-        Picks sessions and learns transcripts.
+        Picks sessions.
     config
         Defaults for unset sampling fields.
     observe
@@ -104,6 +104,7 @@ class TurnRunner:
         self.config = config
         self._observe = observe
         self._closing: set[asyncio.Task[None]] = set()
+        self._no_index = False  # the broker does not answer LOOKUP/INDEX (logged once)
 
     async def run(
         self, req: ChatRequest, header_key: str | None = None
@@ -116,23 +117,22 @@ class TurnRunner:
             The library's typed errors (after the retries above); ValueError for arguments
             the protocol refuses (e.g. too much text).
         """
-        route = self.affinity.resolve(req, header_key)
+        route = await self.route(req, header_key)
         lost_left = LOST_RETRIES
         while True:
             self.affinity.begin(route)
-            transcript: list[dict[str, str]] | None = None
             released = False
             try:
-                matcher = StopMatcher(req.stop)
+                parts: list[str] = []
                 ended: list[TurnResult] = []
-                async for piece in self._pieces(route, req, matcher, ended):
+                async for piece in self._pieces(route, req, parts, ended):
                     released = True
                     yield piece
-                result = ended[0]
-                reply = matcher.text
-                transcript = [*req.messages, {"role": str(Role.ASSISTANT), "content": reply}]
+                result, reply = ended[0], "".join(parts)
+                answer = {"role": str(Role.ASSISTANT), "content": reply}
+                await self._index(route, [*req.messages, answer])
                 self._tell(result)
-                yield Finished(route, result, reply, _finish_reason(result, matcher))
+                yield Finished(route, result, reply, _finish_reason(result))
                 return
             except (SessionBusy, NotOwner) as exc:
                 if released:
@@ -150,13 +150,37 @@ class TurnRunner:
                 self._tell(exc)
                 raise
             finally:
-                self._close_later(self.affinity.end(route, transcript))
+                self._close_later(self.affinity.end(route))
             route = retry
 
+    async def route(self, req: ChatRequest, header_key: str | None = None) -> Route:
+        """The session ``req`` runs on: its key's, else the one the broker's index holds for
+        its history, else a fresh one.
+
+        Raises
+        ------
+        Timeout
+            The broker did not answer the LOOKUP.
+        """
+        keyed = self.affinity.keyed(req, header_key)
+        if keyed is not None:
+            return keyed
+        digest = self.affinity.history_digest(req)
+        if digest is None or self._no_index:
+            return self.affinity.found(None)
+        try:
+            return self.affinity.found(await self.client.lookup(digest))
+        except Timeout:
+            raise
+        except KvrouteError as exc:  # a broker without the transcript index: no affinity
+            self._index_unavailable(exc)
+            return self.affinity.found(None)
+
     async def _pieces(
-        self, route: Route, req: ChatRequest, matcher: StopMatcher, ended: list[TurnResult]
+        self, route: Route, req: ChatRequest, parts: list[str], ended: list[TurnResult]
     ) -> AsyncIterator[str]:
-        """The released text of one attempt; its result is appended to ``ended`` at the end."""
+        """The text of one attempt (also collected in ``parts``); its result is appended to
+        ``ended`` at the end."""
         cfg = self.config
         session = self.client.session(route.session_id, history=req.history)
         stream = session.send(
@@ -166,22 +190,42 @@ class TurnRunner:
             top_p=req.top_p,
             seed=req.seed,
             on_overflow="raise",  # never drop history behind the client's back
+            stop=req.stop,
         )
-        # aclosing: leaving early (a stop string, a vanished client) closes the library's
-        # stream now, which cancels the turn and waits for its END.
+        # aclosing: leaving early (a vanished client) closes the library's stream now, which
+        # cancels the turn and waits for its END.
         async with contextlib.aclosing(stream):
             async for piece in stream:
-                out = matcher.feed(piece)
-                if out:
-                    yield out
-                if matcher.matched is not None:
-                    break
-        tail = matcher.flush()
-        if tail:
-            yield tail
+                parts.append(piece)
+                yield piece
         if session.last is None:  # a cancelled turn whose END never came (logged by the library)
             raise ProtocolError(ErrorCode.INTERNAL, "the turn's end was not received", remote=False)
         ended.append(session.last)
+
+    async def _index(self, route: Route, transcript: Sequence[Mapping[str, str]]) -> None:
+        """INDEX the transcript the client received under the route's session (keyless routes
+        only). A failure costs only the next turn's warm path: logged, not raised."""
+        digest = self.affinity.to_index(route, transcript)
+        if digest is None or self._no_index:
+            return
+        try:
+            await self.client.index(route.session_id, digest)
+        except KvrouteError as exc:
+            if isinstance(exc, Timeout | NotOwner):
+                logger.warning("session %s: transcript not indexed: %s", route.session_id, exc)
+            else:
+                self._index_unavailable(exc)
+
+    def _index_unavailable(self, exc: KvrouteError) -> None:
+        if isinstance(exc, ProtocolError) and exc.code is ErrorCode.UNKNOWN_KIND:
+            self._no_index = True
+            logger.warning(
+                "the broker has no transcript index (%s): requests without a session key run"
+                " on fresh sessions",
+                exc,
+            )
+        else:
+            logger.warning("transcript index: %s", exc)
 
     def _tell(self, outcome: TurnResult | KvrouteError) -> None:
         if self._observe is not None:
@@ -202,10 +246,8 @@ class TurnRunner:
                 logger.info("could not close session %s: %s", sid, exc)
 
 
-def _finish_reason(result: TurnResult, matcher: StopMatcher) -> str:
-    if matcher.matched is None and result.finish_reason is FinishReason.LENGTH:
-        return "length"
-    return "stop"
+def _finish_reason(result: TurnResult) -> str:
+    return "length" if result.finish_reason is FinishReason.LENGTH else "stop"
 
 
 def is_unavailable(exc: BaseException) -> bool:

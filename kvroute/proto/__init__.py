@@ -7,10 +7,11 @@ without decoding them; bodies are decoded (and validated) only by their final co
 Frames (the ROUTER adds / strips the peer's routing id in front)
 ------------------------------------------------------------------
 header = ``b"KVR"`` + version byte (1) + kind byte (:class:`Kind`). Routing frames: session id
-(1..64 bytes; may be empty on PING/PONG), request id (1..32 bytes), flags (1 byte). Body: one
-msgpack map, at most 1 MiB (:mod:`~kvroute.proto.limits`).
+(1..64 bytes; may be empty on PING/PONG and LOOKUP/FOUND), request id (1..32 bytes), flags (1
+byte). Body: one msgpack map, at most 1 MiB (:mod:`~kvroute.proto.limits`).
 
-- client -> broker: ``[header, session_id, request_id, body]``
+- client -> broker: ``[header, session_id, request_id, body]``, or
+  ``[header, session_id, request_id, owner, body]`` with an owner token (see below)
 - broker -> worker: ``[header, client, session_id, request_id, flags, body]`` (flags bit 0:
   the session's previous worker was lost; drop any state for it, report cold ``worker_lost``),
   or with ``principal`` (the session's owner) before the body when it is not ``client``
@@ -26,7 +27,11 @@ Kinds and bodies
 Client -> service (each TURN/RESET/CLOSE occupies its session until its terminal reply):
 
 - TURN: :class:`TurnRequest` {messages: [{role, content}], max_tokens, temperature, top_p,
-  top_k, seed}. Answer: TOKEN* then one of END, OVERFLOW, ERROR, SESSION_LOST, BUSY.
+  top_k, seed, stop?}. Answer: TOKEN* then one of END, OVERFLOW, ERROR, SESSION_LOST, BUSY.
+  ``stop`` (optional, <= 4 strings, left out when empty): the worker ends the reply before the
+  first occurrence of any of them (END ``finish_reason`` stop); the match is neither streamed
+  nor committed, and text it held back while a stop string could still begin is streamed once
+  ruled out.
 - CANCEL (empty body; request id = the TURN's): stop generating; the TURN then ends with END
   ``finish_reason`` cancelled. No reply of its own while that turn is in flight (its END is
   the answer). If the broker has no such request in flight on the session (it ended, never
@@ -38,6 +43,16 @@ Client -> service (each TURN/RESET/CLOSE occupies its session until its terminal
 - RESET (empty): forget the session's cache; answer RESET_OK (next turn cold ``reset``).
 - CLOSE (empty): forget the session and its pin; answer CLOSE_OK.
 - PING (empty): answered PONG by the broker (checks the broker, not a worker).
+- LOOKUP :class:`Lookup` {digest} (empty session id): answered FOUND :class:`Found` {session or
+  nil} by the broker: the caller's session recorded for that transcript digest, if any.
+- INDEX :class:`Index` {digest} on a session: the broker records that the session holds the
+  transcript (as the client received it) and answers INDEX_OK; ERROR ``not_owner`` if another
+  principal owns the session. Entries are per principal, bounded (least recently used out) and
+  dropped when the broker forgets the session; see :mod:`.transcripts`.
+- STATUS (empty; empty session id allowed): answered FLEET :class:`Fleet` {broker, workers,
+  unlisted, totals} by the broker: every registered worker with its last heartbeat's gauges,
+  the broker's own counters, and counters added up over every worker process (see
+  :mod:`.status`).
 
 Service -> client:
 
@@ -50,7 +65,7 @@ Service -> client:
 - ERROR :class:`ErrorReply` {code (:class:`ErrorCode`), message}.
 - SESSION_LOST :class:`SessionLost` {worker, reason (:class:`LostReason`), retryable}.
 - BUSY (empty): the session already has a request in flight; this one was not run.
-- RESET_OK, CLOSE_OK, PONG (empty).
+- RESET_OK, CLOSE_OK, PONG, INDEX_OK (empty); FOUND (see LOOKUP); FLEET (see STATUS).
 
 Worker <-> broker control:
 
@@ -61,8 +76,9 @@ Worker <-> broker control:
   READY is refused with ERROR ``not_owner``. ``sessions`` (optional, <= 2048): the sessions the
   worker still holds (:class:`Resident` [id, owner, kv_bytes, idle_ms, last_turn_ns]); the broker
   pins them to it again, or sends a CLOSE for each one it gives to another worker.
-- HEARTBEAT: worker -> broker :class:`Heartbeat` {load, sessions, kv_bytes}; broker -> worker an
-  empty body. Every ``heartbeat_interval`` (1 s); a peer silent for ``liveness`` (3) intervals is
+- HEARTBEAT: worker -> broker :class:`Heartbeat` {load, sessions, kv_bytes, gauges?}; broker ->
+  worker an empty body. ``gauges`` (optional, :class:`WorkerGauges`): what the fleet view shows
+  of the worker. Every ``heartbeat_interval`` (1 s); a peer silent for ``liveness`` (3) intervals is
   dead. Any message counts as a heartbeat.
 - DISCONNECT :class:`Disconnect` {reason}: a worker leaving; or the broker saying "unknown
   worker": the worker ends its turns, recreates its socket, sends READY again (announcing its
@@ -85,15 +101,22 @@ A session belongs to the client identity (*principal*) that created it with its 
   the ``client`` frame). One connection at a time may present a token (the ROUTER ignores a
   second one with the same routing id), so a token resumes sessions sequentially, e.g. from a
   new process. A DEALER that sets none gets ZeroMQ's per-connection id, so owns its sessions
-  for as long as it stays connected. This keeps sessions apart from clients that know
-  or guess their ids; against eavesdroppers and rogue workers, use CURVE.
+  for as long as it stays connected. A client may instead present its token in an *owner
+  frame* on every request (the 5-frame form; 1..255 bytes, first byte not zero): then the token
+  is the principal whatever the routing id, so any number of connections presenting it share
+  its sessions at once (several gateways fronting one broker). The library does this when it
+  is given an owner token; the broker passes the token to workers as the delivery's principal.
+  Under CURVE an owner frame is refused (``bad_frame``). This keeps sessions apart from
+  clients that know or guess their ids; against eavesdroppers and rogue workers, use CURVE.
 
-A TURN, RESET, CLOSE or CANCEL on a session another principal owns is answered ERROR
+A TURN, RESET, CLOSE, CANCEL or INDEX on a session another principal owns is answered ERROR
 ``not_owner`` and changes nothing (checked first: a stranger does not even learn BUSY). A
 session id is free again once the broker forgets it: after CLOSE, after it was idle longer than
 the pin TTL or pushed out by the pin count (the broker then sends its worker a CLOSE of its own,
 with an empty client frame, and drops the CLOSE_OK), and after a RESET of a session whose
-worker was lost.
+worker was lost. When the TURN that created a session is refused without running (OVERFLOW, or
+ERROR overloaded, bad_body, out_of_range or too_large: the worker kept nothing), the broker
+forgets the session too: its id and the client's session count are as before that TURN.
 
 Per principal, the broker enforces (``BrokerConfig``): sessions pinned (a TURN creating one
 more gets ERROR ``limit``), and TURN/RESET/CLOSE requests in flight (ERROR ``limit``); request
@@ -107,9 +130,11 @@ above the socket's ``MAXMSGSIZE`` (4 MiB) is dropped by ZeroMQ. Validation raise
 :class:`ProtocolViolation` (``code``, ``message``); codes are in :class:`ErrorCode`: bad_frame,
 bad_version, unknown_kind, bad_body, out_of_range, too_large, no_worker, overloaded,
 slow_consumer, shutting_down, not_owner, limit, not_in_flight, internal. Unknown body fields are
-rejected (a typo must not become a default); a new field means a new version. One exception:
-READY's optional ``sessions``, left out when empty (so a worker with nothing to announce sends
-the READY of before); a broker that rejects it makes the worker register again without it.
+rejected (a typo must not become a default); a new field means a new version. Two exceptions,
+left out when empty so that a sender not using them sends the bytes of before: READY's
+``sessions`` (a broker that rejects it makes the worker register again without it) and TURN's
+``stop`` (a worker that rejects it answers ``bad_body``: stop strings are never ignored); and
+HEARTBEAT's ``gauges`` (a broker that rejects it makes the worker stop sending them).
 
 Limits: session id 1..64 bytes, request id 1..32 bytes, body <= 1 MiB (:mod:`.limits`). Each
 body's fields, types, limits and defaults are declared once, as a msgspec ``Struct`` in
@@ -160,6 +185,15 @@ from .messages import (
     TurnStats,
     reply_sha256,
 )
+from .status import (
+    BrokerCounters,
+    Fleet,
+    TurnOutcome,
+    WorkerCounters,
+    WorkerGauges,
+    WorkerView,
+)
+from .transcripts import Found, Index, Lookup
 
 __all__ = [
     "EMPTY_BODY",
@@ -168,6 +202,7 @@ __all__ = [
     "RETRYABLE_CODES",
     "TERMINAL_KINDS",
     "VERSION",
+    "BrokerCounters",
     "CachePath",
     "ChatMessage",
     "ClientRequest",
@@ -178,8 +213,12 @@ __all__ = [
     "ErrorCode",
     "ErrorReply",
     "FinishReason",
+    "Fleet",
+    "Found",
     "Heartbeat",
+    "Index",
     "Kind",
+    "Lookup",
     "LostReason",
     "Overflow",
     "ProtocolViolation",
@@ -190,10 +229,14 @@ __all__ = [
     "SessionLost",
     "Token",
     "TurnEnd",
+    "TurnOutcome",
     "TurnRequest",
     "TurnStats",
     "WorkerControl",
+    "WorkerCounters",
+    "WorkerGauges",
     "WorkerReply",
+    "WorkerView",
     "control_frames",
     "decode_empty",
     "error_body",

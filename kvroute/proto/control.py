@@ -10,6 +10,7 @@ from msgspec import Meta
 from . import limits as L
 from .errors import ErrorCode, ProtocolViolation
 from .fields import Body, Count, Name, NCtx, WorkerId
+from .status import WorkerGauges
 
 
 class LostReason(StrEnum):
@@ -107,12 +108,26 @@ class Ready(Body, frozen=True, omit_defaults=True):
 
 class Heartbeat(Body, frozen=True):
     """HEARTBEAT body from a worker: ``load`` turns in flight, ``sessions`` held, ``kv_bytes``
-    of KV cache in use. The broker's HEARTBEAT to a worker has an empty body instead."""
+    of KV cache in use. The broker's HEARTBEAT to a worker has an empty body instead.
+
+    ``gauges`` (optional, left out when nil, so a worker without them sends the HEARTBEAT of
+    before): what the fleet view shows of this worker (:class:`~.status.WorkerGauges`). A
+    broker of an older release answers a HEARTBEAT with gauges with a control ERROR naming
+    the field; the worker then stops sending them.
+    """
 
     WHAT: ClassVar[str] = "HEARTBEAT"
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"gauges"})
     load: Count = 0
     sessions: Count = 0
     kv_bytes: Count = 0
+    gauges: WorkerGauges | None = None
+
+    def check(self) -> None:
+        """The gauges' cold reasons add up to their cold turns, and cached + prefill tokens to
+        prompt tokens (``out_of_range``)."""
+        if self.gauges is not None:
+            self.gauges.counters.check("HEARTBEAT.gauges.counters")
 
 
 class Disconnect(Body, frozen=True):

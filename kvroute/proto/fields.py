@@ -51,14 +51,18 @@ class Body(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     Every field is required on the wire, even one with a default (defaults are for senders):
     a field a sender forgot must not silently take a value. A body that sets ``omit_defaults``
-    (READY) instead leaves a field at its default out, and a receiver accepts its absence. A
-    subclass sets ``WHAT`` (its name in error messages) and overrides :meth:`check` for rules
-    that span fields. Construction checks nothing (senders build bodies freely);
-    :meth:`encode` applies the receiver's checks, so a sender gets ProtocolViolation at the
-    call that is wrong instead of its peer answering ERROR later.
+    (READY) instead leaves a field at its default out, and a receiver accepts its absence; a
+    body that names fields in ``OPTIONAL`` does so for those fields only (they come last): how
+    a field is added to a body without a new protocol version, since a body that does not use
+    it encodes to the same bytes as before. A subclass sets ``WHAT`` (its name in error
+    messages) and overrides :meth:`check` for rules that span fields. Construction checks
+    nothing (senders build bodies freely); :meth:`encode` applies the receiver's checks, so a
+    sender gets ProtocolViolation at the call that is wrong instead of its peer answering ERROR
+    later.
     """
 
     WHAT: ClassVar[str] = "body"
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset()
 
     def check(self) -> None:
         """Rules across fields that field types cannot state; raise ProtocolViolation."""
@@ -71,8 +75,9 @@ class Body(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def encode(self) -> bytes:
         """Validate and encode; raises ProtocolViolation if a field breaks the protocol."""
+        codec = _CODECS.get(type(self)) or _Codec.register(type(self))
         try:
-            frame = _ENCODER.encode(self)
+            frame = _ENCODER.encode(codec.on_wire(self))
         except (TypeError, ValueError, OverflowError) as exc:  # a surrogate is a ValueError
             raise ProtocolViolation(
                 ErrorCode.BAD_BODY, f"cannot encode {self.WHAT}: {exc}"
@@ -82,7 +87,8 @@ class Body(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def to_map(self) -> dict[str, Any]:
         """The body as the plain map a receiver sees (for tests and tools building variants)."""
-        out: dict[str, Any] = msgspec.to_builtins(self, builtin_types=(bytes,))
+        codec = _CODECS.get(type(self)) or _Codec.register(type(self))
+        out: dict[str, Any] = msgspec.to_builtins(codec.on_wire(self), builtin_types=(bytes,))
         return out
 
 
@@ -141,22 +147,41 @@ class _Codec:
 
     A class whose fields have defaults but that does not omit them on the wire is decoded
     through a twin Struct with the same fields and no defaults (so every key is required),
-    then rebuilt as the class itself.
+    then rebuilt as the class itself. Fields in ``OPTIONAL`` keep their defaults in the twin,
+    which omits them at their default, and bodies are encoded through it too.
     """
 
     def __init__(self, cls: type[Body]) -> None:
         self.cls = cls
         fields = msgspec.structs.fields(cls)
+        optional = cls.OPTIONAL
+        assert all(not f.required for f in fields if f.name in optional), "OPTIONAL has defaults"
+        assert [f.name for f in fields[len(fields) - len(optional) :]] == [
+            f.name for f in fields if f.name in optional
+        ], "OPTIONAL fields come last"
         self.twin: type[msgspec.Struct] | None = None
+        self.encodes_twin = bool(optional)
         if not cls.__struct_config__.omit_defaults and any(not f.required for f in fields):
             self.twin = msgspec.defstruct(
                 f"{cls.__name__}OnWire",
-                [(f.name, f.type) for f in fields],
+                [
+                    (f.name, f.type, f.default) if f.name in optional else (f.name, f.type)
+                    for f in fields
+                ],
                 forbid_unknown_fields=True,
+                omit_defaults=bool(optional),
                 module=cls.__module__,
             )
         self.decoder = msgspec.msgpack.Decoder(self.twin or cls)
-        self.required = tuple(f.encode_name for f in fields if self.twin or f.required)
+        self.required = tuple(
+            f.encode_name for f in fields if (self.twin or f.required) and f.name not in optional
+        )
+
+    def on_wire(self, body: Body) -> msgspec.Struct:
+        """What encodes ``body``: itself, or its twin when some fields are optional."""
+        if self.encodes_twin and self.twin is not None:
+            return self.twin(*msgspec.structs.astuple(body))
+        return body
 
     @staticmethod
     def register(cls: type[Body]) -> _Codec:

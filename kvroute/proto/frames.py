@@ -9,6 +9,7 @@ Layouts (identity frames are added/removed by the ROUTER sockets):
 
 =====================  ===========================================================================
 client -> broker       [header, session_id, request_id, body]
+                       [header, session_id, request_id, owner, body]
 broker -> worker       [header, client, session_id, request_id, flags, body]
                        [header, client, session_id, request_id, flags, principal, body]
 worker -> broker       [header, client, session_id, request_id, body]      (replies)
@@ -17,9 +18,15 @@ broker -> client       [header, session_id, request_id, body]
 =====================  ===========================================================================
 
 The 7-frame delivery carries the session's owner (*principal*) when it is not the ``client``
-frame itself, i.e. when the broker runs CURVE and the owner is the client's public key. Without
-CURVE the owner is the client's routing id, so the 6 frames say it already. A worker keeps the
-owner with the session and announces it in READY when it registers again.
+frame itself, i.e. when the broker runs CURVE and the owner is the client's public key, or when
+the client presented an owner token. Without either, the owner is the client's routing id, so
+the 6 frames say it already. A worker keeps the owner with the session and announces it in
+READY when it registers again.
+
+The 5-frame client request carries an *owner token* (1..255 bytes, first byte not zero): without
+CURVE it is the principal instead of the client's routing id, so several connections (several
+gateways) that present the same token share sessions. A broker running CURVE refuses it
+(``bad_frame``): there the authenticated key is the principal.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from .kinds import (
     HEADERS,
     KIND_BY_BYTE,
     REPLY_KINDS,
+    SESSIONLESS_KINDS,
     SIGNATURE,
     VERSION,
     WORKER_CONTROL_KINDS,
@@ -56,6 +64,7 @@ class ClientRequest(NamedTuple):
     request_id: bytes
     header: bytes  # forwarded to the worker as is
     body: bytes
+    owner: bytes = b""  # the owner token the client presented (5-frame form), else empty
 
 
 class Delivery(NamedTuple):
@@ -179,7 +188,8 @@ def check_routing(kind: Kind, session_id: bytes, request_id: bytes, body: bytes)
     Raises
     ------
     ProtocolViolation
-        ``bad_frame`` for an empty or oversize session id (empty allowed for PING/PONG only) or
+        ``bad_frame`` for an empty or oversize session id (empty allowed for
+        :data:`~.kinds.SESSIONLESS_KINDS` only) or
         request id; ``too_large`` for a body above :data:`MAX_BODY_BYTES`.
     """
     if (
@@ -192,7 +202,7 @@ def check_routing(kind: Kind, session_id: bytes, request_id: bytes, body: bytes)
         raise ProtocolViolation(
             ErrorCode.BAD_FRAME, f"request id must be 1..{MAX_REQUEST_ID_BYTES} bytes"
         )
-    min_session = 0 if kind in (Kind.PING, Kind.PONG) else 1
+    min_session = 0 if kind in SESSIONLESS_KINDS else 1
     if not min_session <= len(session_id) <= MAX_SESSION_ID_BYTES:
         raise ProtocolViolation(
             ErrorCode.BAD_FRAME,
@@ -212,14 +222,36 @@ def check_routing(kind: Kind, session_id: bytes, request_id: bytes, body: bytes)
 
 
 def request_frames(
-    kind: Kind, session_id: bytes, request_id: bytes, body: bytes = EMPTY_BODY
+    kind: Kind, session_id: bytes, request_id: bytes, body: bytes = EMPTY_BODY, owner: bytes = b""
 ) -> list[bytes]:
     """Frames a client sends on its DEALER: TURN, CANCEL (request id of the turn), RESET, CLOSE,
-    PING. Raises ProtocolViolation for a kind clients may not send or bad routing frames."""
+    PING, LOOKUP, INDEX; with ``owner`` (an owner token), the 5-frame form. Raises
+    ProtocolViolation for a kind clients may not send or bad routing frames."""
     if kind not in CLIENT_KINDS:
         raise ProtocolViolation(ErrorCode.UNKNOWN_KIND, f"clients do not send {kind.name}")
     check_routing(kind, session_id, request_id, body)
+    if owner:
+        check_owner(owner)
+        return [HEADERS[kind], session_id, request_id, owner, body]
     return [HEADERS[kind], session_id, request_id, body]
+
+
+def check_owner(owner: bytes, session_id: bytes = b"", request_id: bytes = b"") -> None:
+    """Check an owner token frame: 1..255 bytes, first byte not zero (ZeroMQ generates routing
+    ids with a zero first byte; a token must never name one of those).
+
+    Raises
+    ------
+    ProtocolViolation
+        ``bad_frame`` (carrying the ids to echo).
+    """
+    if not 0 < len(owner) <= MAX_OWNER_BYTES or owner[0] == 0:
+        raise ProtocolViolation(
+            ErrorCode.BAD_FRAME,
+            f"owner token must be 1..{MAX_OWNER_BYTES} bytes not starting with a zero byte",
+            session_id=session_id,
+            request_id=request_id,
+        )
 
 
 def parse_reply(frames: list[bytes]) -> Reply:
@@ -235,26 +267,33 @@ def parse_reply(frames: list[bytes]) -> Reply:
 
 
 def parse_frontend(frames: list[bytes]) -> ClientRequest:
-    """Parse a message received on the frontend ROUTER ([client, header, sid, rid, body]).
+    """Parse a message received on the frontend ROUTER ([client, header, sid, rid, body], or
+    [client, header, sid, rid, owner, body]).
 
     Raises
     ------
     ProtocolViolation
         With the ids to echo when they were readable; the caller answers ERROR to ``frames[0]``.
     """
-    if len(frames) != 5:
-        sid, rid = _ids_for_echo(*frames[2:4]) if len(frames) >= 4 else (b"", b"")
+    n = len(frames)
+    if n != 5 and n != 6:
+        sid, rid = _ids_for_echo(*frames[2:4]) if n >= 4 else (b"", b"")
         raise ProtocolViolation(
             ErrorCode.BAD_FRAME,
-            f"{len(frames) - 1} frames, expected 4 (header, session, request, body)",
+            f"{n - 1} frames, expected 4 (header, session, request, body) or 5 (with an owner)",
             session_id=sid,
             request_id=rid,
         )
-    client, header, session_id, request_id, body = frames
+    client, header, session_id, request_id = frames[:4]
+    body = frames[-1]
     sid, rid = _ids_for_echo(session_id, request_id)
     kind = parse_header(header, CLIENT_KINDS, session_id=sid, request_id=rid)
     check_routing(kind, session_id, request_id, body)
-    return ClientRequest(client, kind, session_id, request_id, header, body)
+    if n == 5:
+        return ClientRequest(client, kind, session_id, request_id, header, body)
+    owner = frames[4]
+    check_owner(owner, sid, rid)
+    return ClientRequest(client, kind, session_id, request_id, header, body, owner)
 
 
 def parse_backend(frames: list[bytes]) -> WorkerReply | WorkerControl:

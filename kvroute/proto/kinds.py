@@ -28,6 +28,9 @@ class Kind(IntEnum):
     RESET = 0x03
     CLOSE = 0x04
     PING = 0x05  # answered by the broker itself
+    LOOKUP = 0x06  # answered by the broker: which session holds a transcript (FOUND)
+    INDEX = 0x07  # answered by the broker: a session holds a transcript (INDEX_OK)
+    STATUS = 0x08  # answered by the broker: the fleet view (FLEET)
     # worker -> broker -> client (BUSY, ERROR, SESSION_LOST, RESET_OK, CLOSE_OK, PONG also
     # originate in the broker)
     TOKEN = 0x10
@@ -39,6 +42,9 @@ class Kind(IntEnum):
     RESET_OK = 0x16
     CLOSE_OK = 0x17
     PONG = 0x18
+    FOUND = 0x19  # only from the broker (answers LOOKUP)
+    INDEX_OK = 0x1A  # only from the broker (answers INDEX)
+    FLEET = 0x1B  # only from the broker (answers STATUS)
     # worker <-> broker control (ERROR is also control when it answers a control message)
     READY = 0x20
     HEARTBEAT = 0x21
@@ -52,9 +58,23 @@ HEADERS: dict[Kind, bytes] = {k: SIGNATURE + bytes((VERSION, k)) for k in Kind}
 """Prebuilt header frame for each kind (senders never build headers per message)."""
 
 CLIENT_KINDS: frozenset[Kind] = frozenset(
-    {Kind.TURN, Kind.CANCEL, Kind.RESET, Kind.CLOSE, Kind.PING}
+    {
+        Kind.TURN,
+        Kind.CANCEL,
+        Kind.RESET,
+        Kind.CLOSE,
+        Kind.PING,
+        Kind.LOOKUP,
+        Kind.INDEX,
+        Kind.STATUS,
+    }
 )
 """Kinds a client may send to the broker's frontend."""
+
+SESSIONLESS_KINDS: frozenset[Kind] = frozenset(
+    {Kind.PING, Kind.PONG, Kind.LOOKUP, Kind.FOUND, Kind.STATUS, Kind.FLEET}
+)
+"""Kinds whose session id frame may be empty (they are about no session, or about finding one)."""
 
 FORWARDED_KINDS: frozenset[Kind] = frozenset({Kind.TURN, Kind.CANCEL, Kind.RESET, Kind.CLOSE})
 """Client kinds the broker forwards to the session's worker (PING is answered by the broker)."""
@@ -80,7 +100,12 @@ REPLY_KINDS: frozenset[Kind] = frozenset(
 TERMINAL_KINDS: frozenset[Kind] = REPLY_KINDS - {Kind.TOKEN}
 """Replies that end a request: exactly one per TURN / RESET / CLOSE, after zero or more TOKEN."""
 
-CLIENT_REPLY_KINDS: frozenset[Kind] = REPLY_KINDS | {Kind.PONG}
+CLIENT_REPLY_KINDS: frozenset[Kind] = REPLY_KINDS | {
+    Kind.PONG,
+    Kind.FOUND,
+    Kind.INDEX_OK,
+    Kind.FLEET,
+}
 """Kinds a client may receive."""
 
 WORKER_CONTROL_KINDS: frozenset[Kind] = frozenset(

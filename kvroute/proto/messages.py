@@ -31,7 +31,7 @@ class Role(StrEnum):
 class FinishReason(StrEnum):
     """Why generation stopped (END ``finish_reason``)."""
 
-    STOP = "stop"  # an end-of-turn / eos id declared by the model
+    STOP = "stop"  # an end-of-turn / eos id declared by the model, or a stop string
     LENGTH = "length"  # max_tokens generated
     CANCELLED = "cancelled"  # CANCEL received (or the broker cancelled for a vanished client)
 
@@ -69,10 +69,13 @@ class TurnRequest(Body, frozen=True):
     at most :data:`~kvroute.proto.limits.MAX_TEXT_CHARS` characters of content in total and
     ends with a user message (checked). ``temperature`` 0 is greedy, ``top_k`` 0 is off,
     ``seed`` nil lets the worker pick. The worker answers OVERFLOW if prompt + max_tokens
-    exceed its n_ctx.
+    exceed its n_ctx. ``stop`` (optional, left out when empty): strings that end the reply
+    before their first occurrence; the match is neither streamed nor committed, and the turn
+    ends with ``finish_reason`` stop.
     """
 
     WHAT: ClassVar[str] = "TURN"
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"stop"})
     messages: Annotated[tuple[ChatMessage, ...], Meta(min_length=1, max_length=L.MAX_MESSAGES)]
     max_tokens: MaxTokens = 256
     temperature: Annotated[float, Meta(ge=0.0, le=L.MAX_TEMPERATURE)] = 0.0
@@ -80,6 +83,10 @@ class TurnRequest(Body, frozen=True):
     top_k: Annotated[int, Meta(ge=0, le=L.MAX_TOP_K)] = 0
     # No upper bound here: msgpack's widest int is L.MAX_SEED (and msgspec bounds fit int64).
     seed: Annotated[int, Meta(ge=0)] | None = None
+    stop: Annotated[
+        tuple[Annotated[str, Meta(min_length=1, max_length=L.MAX_STOP_CHARS)], ...],
+        Meta(max_length=L.MAX_STOP),
+    ] = ()
 
     def message_dicts(self) -> list[dict[str, str]]:
         """The history as ``[{"role": ..., "content": ...}]`` (what chat templates take)."""

@@ -28,17 +28,23 @@ from .control import Disconnect, ErrorReply, Heartbeat, Ready, SessionLost
 from .fields import Body
 from .kinds import Kind
 from .messages import Overflow, Token, TurnEnd, TurnRequest
+from .status import Fleet
+from .transcripts import Found, Index, Lookup
 
 START = "<!-- proto-reference:start -->"
 END = "<!-- proto-reference:end -->"
 
 BODY_TYPES: dict[Kind, type[Body]] = {
     Kind.TURN: TurnRequest,
+    Kind.LOOKUP: Lookup,
+    Kind.INDEX: Index,
     Kind.TOKEN: Token,
     Kind.END: TurnEnd,
     Kind.OVERFLOW: Overflow,
     Kind.ERROR: ErrorReply,
     Kind.SESSION_LOST: SessionLost,
+    Kind.FOUND: Found,
+    Kind.FLEET: Fleet,
     Kind.READY: Ready,
     Kind.HEARTBEAT: Heartbeat,
     Kind.DISCONNECT: Disconnect,
@@ -116,6 +122,13 @@ def _describe(t: Any) -> tuple[str, str]:
         if item_limits:
             limits += f"{'; ' if limits else ''}each {item_limits}"
         return f"array of {item}", limits
+    if isinstance(t, mi.DictType):
+        key, key_limits = _describe(t.key_type)
+        value, value_limits = _describe(t.value_type)
+        limits = "; ".join(
+            f"{what} {lim}" for what, lim in (("keys", key_limits), ("values", value_limits)) if lim
+        )
+        return f"map of {key} to {value}", limits
     raise TypeError(f"no description for field type {t!r}")  # a new kind of field: add it
 
 
@@ -128,6 +141,8 @@ def _nested(t: Any) -> Iterator[Any]:
             yield from _nested(x)
     elif isinstance(t, mi.VarTupleType | mi.ListType):
         yield from _nested(t.item_type)
+    elif isinstance(t, mi.DictType):
+        yield from _nested(t.value_type)
 
 
 def _presence(cls: type, field: mi.Field) -> str:
@@ -136,7 +151,8 @@ def _presence(cls: type, field: mi.Field) -> str:
     default = msgspec.json.encode(msgspec.to_builtins(field.default)).decode()
     default = "nil" if default == "null" else default
     config = getattr(cls, "__struct_config__", None)
-    if config is not None and config.omit_defaults:
+    optional = field.name in getattr(cls, "OPTIONAL", ())
+    if optional or (config is not None and config.omit_defaults):
         return f"optional: absent means `{default}` (left out when so)"
     return f"required (senders' default `{default}`)"
 

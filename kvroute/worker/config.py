@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-from kvroute.engine.engine import DEFAULT_N_CTX
+from kvroute.engine.engine import DEFAULT_N_CTX, MIN_N_CTX
 from kvroute.proto.endpoint import parse_endpoint
 from kvroute.proto.identity import KeyPair
+from kvroute.proto.limits import (
+    HEARTBEAT_INTERVAL_S,
+    LIVENESS,
+    MAX_CAPACITY,
+    MAX_N_CTX,
+    check_heartbeat,
+)
 
 from .admission import AdmissionConfig
 
@@ -52,7 +60,11 @@ def default_kv_budget_mib(host_workers: int, memory_bytes: int | None = None) ->
 
 @dataclass
 class WorkerConfig:
-    """How a worker process connects, what it loads and how it runs."""
+    """How a worker process connects, what it loads and how it runs.
+
+    Raises ValueError at construction for a setting that cannot work (a bad address, a
+    heartbeat of 0, a capacity of 0, a negative KV budget, ...).
+    """
 
     connect: str = "tcp://127.0.0.1:5556"  # the broker's backend ROUTER
     worker_id: str = ""  # stable id shown by serve and reported in END; "" = w<pid>
@@ -66,8 +78,8 @@ class WorkerConfig:
     max_waiting: int = 256  # turns waiting for a slot; beyond, ERROR overloaded (retryable)
     max_waiting_per_client: int = 64  # of those, from one client (session owner)
     max_wait_s: float = 10.0  # a turn waiting longer gets ERROR overloaded
-    heartbeat_interval: float = 1.0  # seconds between HEARTBEATs to the broker
-    liveness: int = 3  # silent intervals before the broker is presumed gone (re-register)
+    heartbeat_interval: float = HEARTBEAT_INTERVAL_S  # seconds between HEARTBEATs to the broker
+    liveness: int = LIVENESS  # silent intervals before the broker is presumed gone (re-register)
     linger_ms: int = 100  # time given to the last frames when the socket closes
     hwm: int = 10_000  # frames queued towards the broker before a send would block
     # CURVE (both or neither): the broker's public key (a .key file or z85 text), and this
@@ -77,6 +89,20 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         self.connect = parse_endpoint(self.connect)  # one-line error, not a ZMQError later
+        check_heartbeat(self.heartbeat_interval, self.liveness)
+        if not MIN_N_CTX <= self.n_ctx <= MAX_N_CTX:
+            raise ValueError(f"n_ctx must be in {MIN_N_CTX}..{MAX_N_CTX}, not {self.n_ctx}")
+        if not 1 <= self.capacity <= MAX_CAPACITY:
+            raise ValueError(f"capacity must be in 1..{MAX_CAPACITY}, not {self.capacity}")
+        mb = self.kv_budget_mb
+        if mb is not None and not (math.isfinite(mb) and mb >= 0):
+            raise ValueError(f"kv_budget_mb must be >= 0 MiB (or None), not {mb!r}")
+        for name in ("host_workers", "prefill_chunk", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.hwm < 0:
+            raise ValueError("hwm must be >= 0")
+        _ = self.admission  # its own checks: capacity, queue bounds, max_wait_s
 
     @property
     def kv_budget_bytes(self) -> int:

@@ -1,7 +1,8 @@
 """Decide how much of a session's KV cache a new prompt can reuse (I/O-free, no model calls).
 
-The session invariant: text ``T``, token ids ``K`` and cache ``S`` always agree, with
-``len(S) == len(K)``. Given the rendered prompt of a new turn:
+The session invariant (docs/design.md, *The session invariant*): text ``T``, token ids ``K`` and
+cache ``S`` always agree, with ``len(S) == len(K)``. Given the rendered prompt of a new turn
+(docs/design.md, *Turn paths*):
 
 - **text prefix**: the prompt starts with ``T`` -> tokenize only the remainder (no BOS) and append
   it to ``K``. Matching on text, not tokens, is what makes this robust: re-tokenizing a generated
@@ -33,14 +34,14 @@ class PrefillPlan:
     Attributes
     ----------
     path:
-        ``cold`` | ``text_prefix`` | ``token_prefix``.
+        ``COLD``, ``TEXT_PREFIX`` or ``TOKEN_PREFIX``.
     prompt_ids:
         The token ids the model will have seen once the prompt is in (``keep`` cached + new).
     keep:
         Positions of the existing cache reused as they are.
     """
 
-    path: str
+    path: CachePath
     prompt_ids: list[int]
     keep: int
 

@@ -53,7 +53,7 @@ def parent_death_signal(sig: int = signal.SIGTERM) -> bool:
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        ok = libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+        ok = int(libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)) == 0
     except (OSError, AttributeError):
         return False
     if not ok:

@@ -48,6 +48,7 @@ from kvroute.proto.limits import MAX_IDLE_MS, MAX_RESIDENT_SESSIONS
 
 from .config import WorkerConfig
 from .events import BusyEvent, EndEvent, ErrorEvent, Event, OverflowEvent, TokenEvent
+from .gauges import WorkerMeter
 from .process import setup_worker_process
 from .scheduler import Scheduler, SchedulerConfig
 
@@ -86,6 +87,8 @@ class WorkerService:
         self._clients: dict[tuple[bytes, bytes], bytes] = {}  # (session, request) -> client
         self._announce = True  # announce resident sessions in the next READY
         self._announced = 0  # sessions the last READY announced
+        self.meter = WorkerMeter()  # the fleet view's gauges, sent with each HEARTBEAT
+        self._send_gauges = True  # False once a broker refused them (an older release)
         self._stop = stop or threading.Event()
         self._sock: zmq.Socket[bytes] | None = None
 
@@ -206,7 +209,8 @@ class WorkerService:
             now = time.monotonic()
             if now >= next_beat:
                 s = self.scheduler
-                hb = Heartbeat(len(s.turns), len(s.store), s.store.kv_bytes)
+                gauges = self.meter.gauges(s) if self._send_gauges else None
+                hb = Heartbeat(len(s.turns), len(s.store), s.store.kv_bytes, gauges)
                 self._send(control_frames(Kind.HEARTBEAT, hb.encode()))
                 next_beat = now + interval
             if now - last_heard > expiry:
@@ -232,6 +236,9 @@ class WorkerService:
                     return False
                 if msg.kind == Kind.ERROR:
                     logger.error("worker %s: broker says %r", self.worker_id, msg.body[:200])
+                    if self._send_gauges and b"gauges" in msg.body:
+                        self._send_gauges = False  # an older broker: plain heartbeats from now
+                        continue
                     if self._announced and b"sessions" in msg.body:
                         # A broker of an older release rejects READY's sessions field: register
                         # once more without it (the sessions are dropped; next turns run cold).
@@ -270,6 +277,7 @@ class WorkerService:
                 top_k=req.top_k,
                 top_p=req.top_p,
                 seed=req.seed,
+                stop=req.stop,
             )
             self._clients[key] = d.client
             events = self.scheduler.submit(
@@ -320,6 +328,7 @@ class WorkerService:
             self._reply(client, *key, Kind.TOKEN, Token(e.seq, e.text, e.token_ids).encode())
             return
         if isinstance(e, EndEvent):
+            self.meter.on_end(e.stats)
             body = TurnEnd(e.seq, e.finish_reason, e.reply_sha256, e.stats).encode()
             kind = Kind.END
         elif isinstance(e, OverflowEvent):

@@ -5,10 +5,16 @@ one forward pass and hands each turn its logits. The turn samples, streams whole
 and at the end commits (T, K) so that they match the cache exactly:
 
 - the stop token is neither fed nor streamed;
-- a token sampled but never fed (the last one at ``length`` or ``cancelled``) is not committed,
-  and neither are trailing tokens that end mid-character: K stops at the last fed token after which
-  the reply text is whole, T = prompt + that text. The client's echo of the full reply still starts
-  with T, so the next turn takes the text-prefix path and re-feeds the few missing characters;
+- a stop string (``params.stop``) ends the turn with ``finish_reason`` stop: text that could
+  still begin one is held back (:class:`~kvroute.worker.stop.StopMatcher`), the match is never
+  streamed, and the commit stops at a token boundary at or before the match start. The client
+  echoes the reply as streamed, which starts with the committed reply, so the next turn takes
+  the text-prefix path and re-feeds the characters between the two;
+- a token sampled but never fed (the last one at ``length``, ``cancelled`` or a stop string) is
+  not committed, and neither are trailing tokens that end mid-character: K stops at the last fed
+  token after which the reply text is whole and no longer than the streamed text, T = prompt +
+  that text. The client's echo of the full reply still starts with T, so the next turn takes the
+  text-prefix path and re-feeds the few missing characters;
 - a turn that ends before its prompt is all in (cancelled while prefilling) commits nothing: the
   session rolls back (`Session.rollback`).
 
@@ -36,6 +42,7 @@ from kvroute.proto.messages import (
 from .events import EndEvent, TokenEvent
 from .planner import PrefillPlan
 from .sessions import Session
+from .stop import StopMatcher
 
 
 class Turn:
@@ -51,7 +58,7 @@ class Turn:
         How much of the cache is reused (``planner.plan_prefill``); ``session.begin`` has been
         called with ``plan.keep``, and the cache is trimmed to it when the first ids are taken.
     params:
-        Sampling parameters (max_tokens already checked against n_ctx).
+        Sampling parameters (max_tokens already checked against n_ctx) and stop strings.
     """
 
     def __init__(
@@ -76,6 +83,8 @@ class Turn:
         self._clock = clock
         self._sampler = Sampler(params)
         self._decoder = StreamDecoder(tokenizer)
+        self._stop = StopMatcher(params.stop)
+        self.streamed_chars = 0  # of the decoded text, what TOKEN frames carried so far
         self.pending: list[int] = plan.new_ids  # ids to feed next (prefill, then one token)
         self.generated: list[int] = []  # sampled and streamed (stop token excluded)
         self.fed_generated = 0  # of those, how many are in the cache
@@ -130,7 +139,11 @@ class Turn:
         text = self._decoder.push(tok)
         if self._decoder.at_boundary:
             self._boundaries.append((len(self.generated), len(self._decoder.text)))
-        if len(self.generated) >= self.params.max_tokens:
+        if text:
+            text = self._stop.feed(text)
+        if self._stop.matched is not None:
+            self.finish_reason = FinishReason.STOP  # this token is not fed: it holds the match
+        elif len(self.generated) >= self.params.max_tokens:
             self.finish_reason = FinishReason.LENGTH
         else:
             self.pending = [tok]
@@ -162,6 +175,7 @@ class Turn:
             )
 
     def _token_event(self, text: str, ids: tuple[int, ...]) -> TokenEvent:
+        self.streamed_chars += len(text)
         event = TokenEvent(self.request_id, self.session.session_id, self.seq, text, ids)
         self.seq += 1
         return event
@@ -174,7 +188,14 @@ class Turn:
         if self.finish_reason is None:
             self.finish_reason = FinishReason.CANCELLED
         t_end = self._clock()
-        tail = self._decoder.flush()
+        tail = ""
+        if self._stop.matched is None:
+            # Dangling bytes become U+FFFD; text held back for a stop string that never came
+            # is released (unless the tail completes one).
+            tail = self._stop.feed(self._decoder.flush())
+            tail += self._stop.flush()
+            if self._stop.matched is not None and self.finish_reason is FinishReason.LENGTH:
+                self.finish_reason = FinishReason.STOP
         last = self._token_event(tail, ()) if tail else None
         self._commit()
         t_first = self.t_first if self.t_first is not None else t_end
@@ -195,7 +216,7 @@ class Turn:
             self.seq,
             self.finish_reason,
             stats,
-            reply_sha256(self._decoder.text),
+            reply_sha256(self._decoder.text[: self.streamed_chars]),
         )
         return last, end
 
@@ -205,7 +226,11 @@ class Turn:
             # cache holds, so nothing of it is kept.
             self.session.rollback()
             return
-        n_tok, n_chars = max(b for b in self._boundaries if b[0] <= self.fed_generated)
+        n_tok, n_chars = max(
+            b
+            for b in self._boundaries
+            if b[0] <= self.fed_generated and b[1] <= self.streamed_chars
+        )
         self.session.commit(
             self.prompt + self._decoder.text[:n_chars],
             self.plan.prompt_ids + self.generated[:n_tok],

@@ -228,7 +228,8 @@ class LlamaModel:
     def _rms(self, x: np.ndarray) -> np.ndarray:
         # Gain already folded into the next matmul; only the normalisation is left.
         ms = np.einsum("nd,nd->n", x, x) / x.shape[1]
-        return x * (1.0 / np.sqrt(ms + self.args.rms_eps)).astype(np.float32)[:, None]
+        y: np.ndarray = x * (1.0 / np.sqrt(ms + self.args.rms_eps)).astype(np.float32)[:, None]
+        return y
 
     def _rope(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ang = positions[:, None].astype(np.float64) * self._inv_freq[None, :]  # (N, hd/2)
@@ -322,5 +323,5 @@ class LlamaModel:
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
-        out = scores @ V  # (KV, G*T, hd)
+        out: np.ndarray = scores @ V  # (KV, G*T, hd)
         return out.reshape(KV, G, T, hd).transpose(2, 0, 1, 3).reshape(T, H * hd)
