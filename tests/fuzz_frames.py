@@ -166,14 +166,14 @@ class FrontendFuzzer:
 
     def _control_kinds(self) -> Case:
         kind = self.r.pick(
-            [Kind.RESET, Kind.CLOSE, Kind.PING, Kind.CANCEL, Kind.LOOKUP, Kind.INDEX]
+            [Kind.RESET, Kind.CLOSE, Kind.PING, Kind.CANCEL, Kind.LOOKUP, Kind.INDEX, Kind.STATUS]
         )
         body = EMPTY_BODY if self.r.chance(0.4) else pack(self.r.value())
         if kind in (Kind.LOOKUP, Kind.INDEX) and self.r.chance(0.5):
             body = pack({"digest": self.r.rng.randbytes(self.r.pick([15, 16, 32, 33]))})
         if self.r.chance(0.3):
             body = msgpack_garbage(self.r, EMPTY_BODY)[1]
-        sessionless = kind in (Kind.PING, Kind.LOOKUP)
+        sessionless = kind in (Kind.PING, Kind.LOOKUP, Kind.STATUS)
         sid = b"" if sessionless and self.r.chance(0.5) else self.sid()
         frames = [HEADERS[kind], sid, self.rid(), body]
         if self.r.chance(0.3):  # an owner frame: another principal (or a malformed one)

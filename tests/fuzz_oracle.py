@@ -65,8 +65,8 @@ def cancel_racing_end(rid: bytes) -> Expect:
 
 
 def _ack_or_bad_body(kind: Kind, body: bytes, echo: bytes) -> Expect:
-    """RESET / CLOSE / PING: the ack for an empty map, ERROR bad_body for any other body (the
-    broker compares the bytes before routing)."""
+    """RESET / CLOSE / PING / STATUS: the answer for an empty map, ERROR bad_body for any other
+    body (the broker compares the bytes before routing)."""
     if body == EMPTY_BODY:
         return Expect(frozenset({kind}), echo=echo)
     return Expect(frozenset({Kind.ERROR}), frozenset({E.BAD_BODY}), echo)
@@ -120,7 +120,7 @@ def expect_frontend(frames: list[bytes]) -> Expect:
     kind = Kind(header[4])
     if not 1 <= len(rid) <= L.MAX_REQUEST_ID_BYTES:
         return error(E.BAD_FRAME, echo=b"")
-    min_sid = 0 if kind in (Kind.PING, Kind.LOOKUP) else 1
+    min_sid = 0 if kind in (Kind.PING, Kind.LOOKUP, Kind.STATUS) else 1
     if not min_sid <= len(sid) <= L.MAX_SESSION_ID_BYTES:
         return error(E.BAD_FRAME, echo=rid)
     if len(body) > L.MAX_BODY_BYTES:
@@ -136,9 +136,10 @@ def expect_frontend(frames: list[bytes]) -> Expect:
         return _body_expect(Index, body, ok_or_not_owner)
     if kind is Kind.TURN:
         expect = turn_body_expect(body, rid)
-        if owner is not None and expect.kinds == TURN_RAN:
-            # The attacker's session, seen by another principal.
-            return Expect(TURN_RAN | {Kind.ERROR}, frozenset({E.NOT_OWNER}), rid)
+        if owner is not None:
+            # The broker checks ownership before the worker reads the body: the attacker's
+            # session, seen by another principal, is not_owner whatever the body.
+            return Expect(expect.kinds | {Kind.ERROR}, expect.codes | {E.NOT_OWNER}, rid)
         return expect
     if kind is Kind.CANCEL:
         # No request of this client is in flight here: an empty CANCEL gets its terminal,
@@ -150,9 +151,14 @@ def expect_frontend(frames: list[bytes]) -> Expect:
             if owner
             else error(E.NOT_IN_FLIGHT, echo=rid)
         )
-    ack = {Kind.RESET: Kind.RESET_OK, Kind.CLOSE: Kind.CLOSE_OK, Kind.PING: Kind.PONG}[kind]
+    ack = {
+        Kind.RESET: Kind.RESET_OK,
+        Kind.CLOSE: Kind.CLOSE_OK,
+        Kind.PING: Kind.PONG,
+        Kind.STATUS: Kind.FLEET,  # the broker's fleet view: about no session, owned by nobody
+    }[kind]
     expect = _ack_or_bad_body(ack, body, rid)
-    if owner is not None and kind is not Kind.PING and expect.kinds == {ack}:
+    if owner is not None and kind not in (Kind.PING, Kind.STATUS) and expect.kinds == {ack}:
         return Expect(frozenset({ack, Kind.ERROR}), frozenset({E.NOT_OWNER}), rid)
     return expect
 

@@ -229,6 +229,26 @@ def test_a_turn_that_waits_too_long_is_overloaded_and_its_session_kept(
     assert set(run.ends()) == {b"a"}
 
 
+def test_a_new_session_whose_first_turn_expires_leaves_nothing_behind(
+    tiny_engine: Engine,
+) -> None:
+    sched = scheduler(tiny_engine, capacity=1, max_wait_s=5.0)
+    clock = sched.admission.clock
+    assert isinstance(clock, Clock)
+    submit(sched, b"a", max_tokens=50)
+    assert submit(sched, b"new") == []  # waits behind a
+    run = Run(sched)
+    run.step()
+    clock.t += 6.0
+    run.step()
+    assert run.errors(ErrorCode.OVERLOADED) == [b"new"]
+    assert sched.store.get(b"new") is None  # no empty session left to count or announce
+    run.to_idle()
+    submit(sched, b"new", max_tokens=1)
+    end = Run(sched).to_idle().ends()[b"new"]
+    assert end.stats.cold_reason == ColdReason.NEW  # not "cancelled": nothing was cancelled
+
+
 def test_cancel_and_reset_of_waiting_turns(tiny_engine: Engine) -> None:
     sched = scheduler(tiny_engine, capacity=1)
     submit(sched, b"a", max_tokens=20)

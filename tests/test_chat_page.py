@@ -28,7 +28,7 @@ from kvroute import Client
 from kvroute.engine.engine import Engine
 from kvroute.gateway import GatewayConfig, GatewayThread
 
-pytestmark = [pytest.mark.model, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -130,6 +130,38 @@ def wait_until(cond: Callable[[], bool], timeout: float) -> None:
         time.sleep(0.05)
 
 
+def test_the_page_is_served_from_the_package_and_loads_nothing_from_elsewhere() -> None:
+    """``GET /`` and its two files come from package data (so a wheel has them), and nothing in
+    them points outside the gateway: the page works offline. No broker is needed to serve it."""
+    from importlib.resources import files
+
+    import httpx
+
+    static = files("kvroute.gateway").joinpath("static")
+    names = sorted(f.name for f in static.iterdir() if f.name.endswith((".html", ".css", ".js")))
+    assert names == ["chat.css", "chat.js", "index.html"]
+    cfg = GatewayConfig(connect="tcp://127.0.0.1:9", port=0, timeout=1, health_timeout=0.3)
+    with GatewayThread(cfg) as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+        page = http.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert page.text == static.joinpath("index.html").read_text()
+        for name, kind in (("chat.js", "javascript"), ("chat.css", "text/css")):
+            r = http.get(f"/static/{name}")
+            assert r.status_code == 200 and kind in r.headers["content-type"], name
+            assert r.text == static.joinpath(name).read_text()
+        assert http.get("/static/nope.js").status_code == 404
+    for name in names:
+        text = static.joinpath(name).read_text()
+        # The SVG namespace is a name, not a download; anything else absolute would be.
+        external = re.findall(r"(?:https?:)?//[\w.-]+\.\w+", text.replace(SVG_NS, ""))
+        assert not external, (name, external)
+        assert "@import" not in text and "cdn" not in text.lower(), name
+
+
+SVG_NS = "http://www.w3.org/2000/svg"
+
+
+@pytest.mark.model
 def test_chat_page_streams_shows_the_cache_and_stops(
     served: tuple[Harness, str], browser: Any, tmp_path: Path, engine: Engine
 ) -> None:

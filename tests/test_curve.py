@@ -30,7 +30,15 @@ from kvroute.broker import Broker, BrokerConfig
 from kvroute.cli import main
 from kvroute.cli.keys_cmd import write_layout
 from kvroute.engine.engine import Engine
-from kvroute.proto import Kind, Ready, control_frames
+from kvroute.proto import (
+    ErrorCode,
+    ErrorReply,
+    Kind,
+    Ready,
+    control_frames,
+    parse_reply,
+    request_frames,
+)
 from kvroute.proto.identity import CurveClient, KeyFileError, load_allowed_keys
 
 TIMEOUT = 5.0  # an allowed client's timeout: never reached when things work
@@ -124,6 +132,41 @@ def test_allowed_client_end_to_end(curve_service: Harness, keys: dict[str, Path]
         curve_service.frontend, TIMEOUT, server_key=server_z85, key=(pair.public, pair.secret)
     ) as client:
         assert client.ping() >= 0
+
+
+def test_the_key_owns_sessions_and_owner_frames_are_refused(
+    curve_service: Harness, keys: dict[str, Path]
+) -> None:
+    """Under CURVE the key is the principal: two connections holding it share sessions and
+    transcripts, and a token in an owner frame (a bearer secret anyone could send) is refused."""
+    digest = bytes(16)
+    with (
+        connect(curve_service, keys, "client", TIMEOUT) as one,
+        connect(curve_service, keys, "client", TIMEOUT) as two,
+        connect(curve_service, keys, "other", TIMEOUT) as other,
+    ):
+        chat = one.session()
+        chat.ask("hello", max_tokens=2)
+        one.index(chat.id, digest)
+        assert two.lookup(digest) == chat.id and other.lookup(digest) is None
+        with pytest.raises(NotOwner):
+            other.index(chat.id, digest)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        curve = CurveClient.load(public(keys, "server"), secret(keys, "client"))
+        assert curve is not None
+        curve.apply(sock)
+        sock.connect(curve_service.frontend)
+        sock.send_multipart(request_frames(Kind.PING, b"", b"r1", owner=b"any-token"))
+        assert sock.poll(TIMEOUT * 1000)
+        reply = parse_reply(sock.recv_multipart())
+        assert reply.kind is Kind.ERROR
+        assert ErrorReply.decode(reply.body).code is ErrorCode.BAD_FRAME
+        sock.close()
+    finally:
+        ctx.destroy(linger=0)
 
 
 def test_async_client_speaks_curve(curve_service: Harness, keys: dict[str, Path]) -> None:

@@ -318,10 +318,28 @@ def test_gateways_sharing_a_token_share_conversations() -> None:
                     {"role": "user", "content": f"q{turn}"},
                 ]
             assert len(set(sessions)) == 1
+            # each turn came through the other gateway than the one before: all looked up
+            assert f.broker.stats.lookups == 3 and f.broker.stats.lookups_found == 3
             again = stranger.post(
                 "/v1/chat/completions", json={**chat(max_tokens=2), "messages": msgs}
             )
             assert again.json()["kvroute"]["affinity"] == "new"
+
+
+def test_a_conversation_through_one_gateway_needs_no_lookup() -> None:
+    """The gateway remembers what it indexed itself: a conversation whose requests keep coming
+    to it never waits for a LOOKUP."""
+    with fleet() as f:
+        f.add("f0")
+        with gateway(f.frontend) as http:
+            msgs = [{"role": "user", "content": "hi"}]
+            for turn in range(4):
+                body = http.post(
+                    "/v1/chat/completions", json={**chat(max_tokens=2), "messages": msgs}
+                ).json()
+                assert body["kvroute"]["affinity"] == ("new" if turn == 0 else "transcript")
+                msgs += [body["choices"][0]["message"], {"role": "user", "content": f"q{turn}"}]
+        assert f.broker.stats.lookups == 0
 
 
 def test_parallel_regenerations_through_two_gateways() -> None:

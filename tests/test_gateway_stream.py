@@ -251,3 +251,21 @@ def test_evicted_sessions_are_handed_back_to_close() -> None:
     assert r.turn(a, conv("one", "1")) == []
     b = r.resolve(request(conv("two")))
     assert r.turn(b, conv("two", "2")) == [a.session_id]  # closing it drops its transcripts
+
+
+def test_recall_names_only_sessions_still_open_here() -> None:
+    r = Routed(max_sessions=1)
+    a = r.resolve(request(conv("one")))
+    r.turn(a, conv("one", "1"))
+    d1 = transcript_digest(conv("one", "1"))
+    r.aff.remember(d1, a.session_id)
+    assert r.aff.recall(d1) == a.session_id
+    assert r.aff.recall(transcript_digest(conv("two", "2"))) is None
+    b = r.resolve(request(conv("two")))
+    assert r.turn(b, conv("two", "2")) == [a.session_id]  # closed: no longer recalled
+    assert r.aff.recall(d1) is None
+    small = Affinity(10, local_transcripts=2)
+    for i, d in enumerate((b"a" * 16, b"b" * 16, b"c" * 16)):
+        small.begin(Route(f"s{i}", Via.NEW))
+        small.remember(d, f"s{i}")
+    assert small.recall(b"a" * 16) is None and small.recall(b"c" * 16) == "s2"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -67,16 +68,22 @@ def test_no_stops_passes_through() -> None:
     stops=st.lists(st.text(alphabet="abST", min_size=1, max_size=4), min_size=1, max_size=4),
     cuts=st.lists(st.integers(0, 40), max_size=8),
 )
-def test_stop_matches_what_a_whole_string_search_finds(
+def test_stop_matches_what_a_search_of_the_text_so_far_finds(
     text: str, stops: list[str], cuts: list[int]
 ) -> None:
+    """Generation stops at the first piece after which some stop string occurs in the text so
+    far (later text is never generated), and the reply ends at the earliest such occurrence."""
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
     out, m = run_matcher(stops, pieces)
-    hits = [i for i in (text.find(s) for s in stops) if i != -1]
-    expected = text[: min(hits)] if hits else text
+    expected, matched = text, False
+    for end in bounds[1:]:
+        hits = [i for i in (text[:end].find(s) for s in stops) if i != -1]
+        if hits:
+            expected, matched = text[: min(hits)], True
+            break
     assert "".join(out) == expected
-    assert (m.matched is not None) == bool(hits)
+    assert (m.matched is not None) == matched
 
 
 # --- whole turns on the tiny model ---------------------------------------------------------
@@ -189,3 +196,15 @@ def test_stop_at_the_very_start_streams_nothing_and_commits_only_the_prompt(
     history = [*PROMPT, {"role": "assistant", "content": ""}, {"role": "user", "content": "ok"}]
     _, after = turn(sched, b"start", history)
     assert after.stats.path is CachePath.TEXT_PREFIX
+
+
+def test_the_library_checks_stop_strings_at_the_call() -> None:
+    from kvroute import Client
+
+    with Client("tcp://127.0.0.1:9", timeout=1) as client:  # nothing is sent
+        s = client.session()
+        for bad in (["a"] * 5, [""], ["x" * 257], [1]):
+            with pytest.raises(ValueError):
+                s.send("hi", stop=bad)  # type: ignore[arg-type]
+        assert s.history == []
+        s.send("hi", stop="one")  # a single string is one stop string (never sent here)

@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 import msgspec
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -110,9 +111,11 @@ def fleet_table(fleet: Fleet, url: str, now_ns: int | None = None) -> Group:
         ("kvroute status", "bold"),
         f" · {url} · broker up {_ago((now_ns - b.started_ns) / 1e9)} · {n} worker"
         f"{'s' if n != 1 else ''} · {b.requests_in_flight} in flight · "
-        f"{b.sessions_pinned:,} sessions pinned",
+        f"{b.sessions_pinned:,} session{'s' if b.sessions_pinned != 1 else ''} pinned",
     )
-    table = Table(box=None, pad_edge=False, header_style="bold", show_footer=True)
+    table = Table(
+        box=box.SIMPLE, pad_edge=False, header_style="bold", footer_style="bold", show_footer=True
+    )
     heads = ["worker", "pid/host", "up since", "sessions", "KV MB / budget", "in flight"]
     heads += ["turns", "cache hit", "evictions"]
     live = [w for w in fleet.workers if w.gauges is not None]
@@ -143,7 +146,7 @@ def fleet_table(fleet: Fleet, url: str, now_ns: int | None = None) -> Group:
             overflow="ellipsis",
             max_width=24 if i == 1 else None,
         )
-    for w in fleet.workers:
+    for w in sorted(fleet.workers, key=lambda w: w.worker):
         table.add_row(*_row(w, now_ns))
     if fleet.unlisted:
         table.add_row(f"... {fleet.unlisted} more", *[""] * (len(heads) - 1))
@@ -157,7 +160,7 @@ def fleet_table(fleet: Fleet, url: str, now_ns: int | None = None) -> Group:
         f"{_breakdown((str(c), k) for c, k in b.errors.items())} · workers lost "
         f"{b.workers_lost} · messages {b.messages:,}",
     ]
-    return Group(title, Text(""), table, Text(""), Text("\n".join(lines), style="dim"))
+    return Group(title, table, Text("\n".join(lines), style="dim"))
 
 
 def _console() -> Console:

@@ -28,6 +28,12 @@ same way. The first turn of a conversation always starts a fresh session: histor
 reply (a system prompt alone) are never looked up, so unrelated conversations that share a
 system prompt never share a session.
 
+The broker's index is the one that counts; this gateway also remembers the transcripts it
+indexed itself (:meth:`Affinity.recall`), for sessions it still has open, so a conversation
+whose requests keep coming to the same gateway skips the LOOKUP round trip. That shortcut can
+only name a session that holds the transcript (a session id is never reused by another client;
+keyed ids are never indexed), so it agrees with the broker wherever it answers.
+
 Everything here is I/O-free; :mod:`~kvroute.gateway.turns` does the LOOKUP and INDEX.
 """
 
@@ -70,6 +76,9 @@ KEYLESS = frozenset({Via.TRANSCRIPT, Via.NEW, Via.FALLBACK})
 # One namespace per kind of key, so a user name never collides with a session id.
 _PREFIX = {Via.HEADER: "s", Via.SESSION_ID: "s", Via.PROMPT_CACHE_KEY: "p", Via.USER: "u"}
 _ENCODE = msgspec.msgpack.Encoder()
+
+LOCAL_TRANSCRIPTS: int = 65536
+"""Transcripts this gateway indexed that it also remembers (least recently used out)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +134,9 @@ class SessionBook:
     def __len__(self) -> int:
         return len(self._idle) + len(self._busy)
 
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._idle or session_id in self._busy
+
     def busy(self, session_id: str) -> bool:
         """Whether the session has a turn in flight through this gateway."""
         return session_id in self._busy
@@ -159,8 +171,10 @@ class Affinity:
         Sessions kept open (see :class:`SessionBook`).
     """
 
-    def __init__(self, max_sessions: int) -> None:
+    def __init__(self, max_sessions: int, local_transcripts: int = LOCAL_TRANSCRIPTS) -> None:
         self.book = SessionBook(max_sessions)
+        self.local_transcripts = local_transcripts
+        self._recent: OrderedDict[bytes, str] = OrderedDict()  # digest -> session, indexed here
 
     def keyed(self, req: ChatRequest, header_key: str | None = None) -> Route | None:
         """The route an explicit key gives ``req``, or None (no key: look the history up)."""
@@ -179,6 +193,22 @@ class Affinity:
         if not any(m["role"] == Role.ASSISTANT for m in history):
             return None
         return transcript_digest(history)
+
+    def recall(self, digest: bytes) -> str | None:
+        """The session this gateway indexed ``digest`` under, if it still has it open (the
+        LOOKUP can then be skipped); None otherwise."""
+        sid = self._recent.get(digest)
+        if sid is None or sid not in self.book:
+            return None
+        self._recent.move_to_end(digest)
+        return sid
+
+    def remember(self, digest: bytes, session_id: str) -> None:
+        """This gateway indexed ``digest`` under ``session_id`` (see :meth:`recall`)."""
+        self._recent[digest] = session_id
+        self._recent.move_to_end(digest)
+        while len(self._recent) > self.local_transcripts:
+            self._recent.popitem(last=False)
 
     def found(self, session_id: str | None) -> Route:
         """The route of a keyless request whose history the index mapped to ``session_id``."""

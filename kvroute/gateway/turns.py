@@ -2,7 +2,8 @@
 
 :meth:`TurnRunner.run` is an async generator of the reply's text pieces followed by one
 :class:`Finished`. It uses only the client library's public API: ``lookup`` of the history's
-digest in the broker's transcript index (keyless requests, see :mod:`.affinity`), a session
+digest in the broker's transcript index (keyless requests whose transcript this gateway did not
+index itself, see :mod:`.affinity`), a session
 object per request (``client.session(id, history=...)``, whose history is the request's
 messages but the last), ``send`` of the last user message with the request's stop strings
 (the worker applies them: the reply ends before the match, which is neither streamed nor
@@ -168,6 +169,9 @@ class TurnRunner:
         digest = self.affinity.history_digest(req)
         if digest is None or self._no_index:
             return self.affinity.found(None)
+        mine = self.affinity.recall(digest)
+        if mine is not None:  # indexed through this gateway: no round trip needed
+            return self.affinity.found(mine)
         try:
             return self.affinity.found(await self.client.lookup(digest))
         except Timeout:
@@ -210,6 +214,7 @@ class TurnRunner:
             return
         try:
             await self.client.index(route.session_id, digest)
+            self.affinity.remember(digest, route.session_id)
         except KvrouteError as exc:
             if isinstance(exc, Timeout | NotOwner):
                 logger.warning("session %s: transcript not indexed: %s", route.session_id, exc)

@@ -146,11 +146,30 @@ class Scheduler:
         for turn in cancelled:
             events.extend(self._end(turn))
         for turn in expired:
-            turn.session.rollback()  # it never ran: the session is as it was
+            self._unrun(turn)
             wait = self.admission.config.max_wait_s
             why = f"no slot or KV budget freed up within {wait:g} s"
             events.append(self._overloaded(turn.request_id, turn.session.session_id, why))
         self.admission.admit(self.turns)
+
+    def _unrun(self, turn: Turn) -> None:
+        """Undo a turn that never ran: the session is as it was before the TURN arrived.
+
+        A session the store created for this turn alone is dropped again, keeping the reason it
+        was cold for (``new``, ``evicted``, ...): the broker forgets the pin of a first turn
+        refused this way, so nothing would ever close it, and its next turn must not say
+        ``cancelled``.
+        """
+        session = turn.session
+        created_for_it = session.turns == 0 and not session.tokens
+        reason = session.cold_reason
+        session.rollback()
+        if not created_for_it:
+            return
+        if reason == ColdReason.NEW:
+            self.store.forget(session.session_id)
+        else:
+            self.store.reset(session.session_id, reason)
 
     def cancel(self, session_id: bytes, request_id: bytes | None = None) -> bool:
         """Cancel the session's turn in flight (if ``request_id`` given, only that one)."""

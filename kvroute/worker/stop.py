@@ -3,7 +3,9 @@
 A stop string may arrive split across tokens (``"ST"`` then ``"OP"``), so text is not released
 while its tail could still become a stop string: :class:`StopMatcher` keeps back the longest
 tail that is a proper prefix of some stop string and releases it once the next piece rules the
-match out. The reply ends before the earliest match; the match itself is never released.
+match out. Generation stops with the first piece after which a stop string occurs (later text
+is never generated), and the reply ends before the earliest occurrence in the text so far; the
+match itself is never released.
 
 Why this is exact: text already released never ends with the start of a stop string (the
 longest such tail was held), so a match can only start inside the held text, which is searched
