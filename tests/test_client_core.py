@@ -337,6 +337,47 @@ def test_an_abandoned_turn_is_kept_when_the_next_call_sees_its_end() -> None:
     assert core.conv.last is not None and core.conv.last.finish_reason is FinishReason.CANCELLED
 
 
+@pytest.mark.parametrize("overflow", [False, True])
+def test_a_closed_turn_builds_on_the_committed_history_less_only_what_it_drops(
+    overflow: bool,
+) -> None:
+    # A dropped stream's turn is committed by the next call; the closed turn after it extends
+    # that history, and loses only the oldest turn drop_oldest reports when it had to shrink.
+    core, _ = make_session()
+    m = turn(core, "break")
+    send, _ = sent_turn(m)
+    feed(m, token(send, 0, "par"))
+    m.abandon()
+    reset = core.reset(keep_history=True)
+    reset.start()
+    settle(reset, send)
+    reset.on_reply(end(send, "par", 1, FinishReason.CANCELLED))
+    sent_reset = reset.next_action()
+    assert isinstance(sent_reset, Send) and sent_reset.frames[0] == HEADERS[Kind.RESET]
+    assert isinstance(feed(reset, reply(sent_reset, Kind.RESET_OK)), Done)
+    before = list(core.conv.history)
+    assert [x["content"] for x in before] == ["break", "par"]
+    m = turn(core, "close", on_overflow="drop_oldest")
+    send, first = sent_turn(m)
+    assert [x.content for x in first.messages] == ["break", "par", "close"]
+    if overflow:
+        act = feed(m, reply(send, Kind.OVERFLOW, Overflow(100, 8, 90).encode()))
+        assert isinstance(act, Send) and act.key != send.key
+        send = act
+        assert [x.content for x in TurnRequest.decode(act.frames[3]).messages] == ["close"]
+    assert feed(m, token(send, 0, "ta")) == Yield("ta")
+    assert m.close() and is_cancel_of(m.next_action(), send)
+    act = feed(m, end(send, "ta", 1, FinishReason.CANCELLED))
+    assert isinstance(act, Done) and act.result is not None
+    dropped = 2 if overflow else 0
+    assert act.result.dropped == core.conv.dropped == dropped
+    assert core.conv.history == [
+        *before[dropped:],
+        {"role": "user", "content": "close"},
+        {"role": "assistant", "content": "ta"},
+    ]
+
+
 def test_a_timeout_while_waiting_one_out_gives_up_on_it() -> None:
     core, _ = make_session()
     m = turn(core)

@@ -30,7 +30,7 @@ from .options import connect_option, timeout_option
 _G = GatewayConfig()
 
 
-class HttpAddress(click.ParamType):
+class HttpAddress(click.ParamType[tuple[str, int]]):
     """``HOST:PORT`` for the HTTP listener (port 0: any free port)."""
 
     name = "HOST:PORT"
@@ -219,8 +219,8 @@ class GatewayProcess:
         if what != "ready":
             self.close()
             raise GatewayError(f"the HTTP gateway could not start: {detail}")
-        self.url = detail
-        return detail
+        self.url = str(detail)
+        return self.url
 
     def alive(self) -> bool:
         """Whether the child is running."""

@@ -26,7 +26,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
@@ -234,7 +234,7 @@ class TurnResponse(Response):
             finally:
                 self.gateway.in_flight -= 1
 
-    def _events(self) -> AsyncIterator[str | Finished]:
+    def _events(self) -> AsyncGenerator[str | Finished, None]:
         return self.gateway.metrics.watch(self.gateway.runner.run(self.req, self.header_key))
 
     @property

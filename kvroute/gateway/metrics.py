@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -186,7 +186,7 @@ class GatewayMetrics:
 
     async def watch(
         self, events: AsyncIterator[str | Finished], clock: Callable[[], float] = time.perf_counter
-    ) -> AsyncIterator[str | Finished]:
+    ) -> AsyncGenerator[str | Finished, None]:
         """Pass a turn's events through, timing them. The path of a turn is known at its end,
         so its TTFT and end-to-end latency are observed then; an inter-token gap as it
         happens. A turn that fails is not observed."""

@@ -126,7 +126,11 @@ class ChatRequest:
 
 
 def _type_name(value: object) -> str:
-    return "null" if value is None else {dict: "object", list: "array"}.get(type(value), "")
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "object"
+    return "array" if isinstance(value, list) else ""
 
 
 def _same(value: object, off: object) -> bool:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kvroute.client import (
@@ -109,7 +109,7 @@ class TurnRunner:
 
     async def run(
         self, req: ChatRequest, header_key: str | None = None
-    ) -> AsyncIterator[str | Finished]:
+    ) -> AsyncGenerator[str | Finished, None]:
         """Text pieces of the reply, then one :class:`Finished`.
 
         Raises

@@ -21,7 +21,7 @@ class LostReason(StrEnum):
     UNREACHABLE = "unreachable"  # ZeroMQ no longer knows its connection (EHOSTUNREACH)
     RESTARTED = "restarted"  # the same worker id registered again (new epoch)
     DISCONNECTED = "disconnected"  # it sent DISCONNECT
-    SHUTDOWN = "shutdown"  # sent by a worker ending its own turns as it stops
+    SHUTDOWN = "shutdown"  # reserved: still valid on the wire, sent by nothing today
 
 
 class ErrorReply(Body, frozen=True):

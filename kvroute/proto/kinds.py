@@ -79,9 +79,6 @@ SESSIONLESS_KINDS: frozenset[Kind] = frozenset(
 FORWARDED_KINDS: frozenset[Kind] = frozenset({Kind.TURN, Kind.CANCEL, Kind.RESET, Kind.CLOSE})
 """Client kinds the broker forwards to the session's worker (PING is answered by the broker)."""
 
-REQUEST_KINDS: frozenset[Kind] = frozenset({Kind.TURN, Kind.RESET, Kind.CLOSE})
-"""Client kinds that occupy their session until a terminal reply (a second one gets BUSY).
-CANCEL refers to the TURN in flight instead (same request id) and has no reply of its own."""
 
 REPLY_KINDS: frozenset[Kind] = frozenset(
     {

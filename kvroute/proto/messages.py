@@ -173,7 +173,8 @@ class TurnEnd(Body, frozen=True):
 
     ``seq`` is the number of TOKEN frames sent before it, so a client can tell it lost none.
     ``reply_sha256`` is :func:`reply_sha256` of the reply text the worker committed: the
-    concatenated TOKEN texts must hash to it, and it is what the client echoes next turn.
+    concatenated TOKEN texts must hash to it (the client checks this before it commits the reply
+    to its history; it echoes the text, never the hash).
     """
 
     WHAT: ClassVar[str] = "END"

@@ -1,4 +1,8 @@
-"""What the I/O-free worker core reports; the socket adapter turns each into one frame."""
+"""What the I/O-free worker core reports; the socket adapter turns each into one frame.
+
+Every event carries its full address (``reply_to``: the client frame the broker gave with the
+request, plus session and request id), so the adapter keeps no table from requests to clients.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ class TokenEvent:
     seq: int  # 0, 1, 2, ... per request; END takes the next number
     text: str
     token_ids: tuple[int, ...]
+    reply_to: bytes = b""  # the client frame to answer (b"": in-process use)
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,7 @@ class EndEvent:
     finish_reason: FinishReason
     stats: TurnStats
     reply_sha256: str  # sha256 of the whole streamed reply text, for end-to-end checks
+    reply_to: bytes = b""  # the client frame to answer (b"": in-process use)
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,7 @@ class OverflowEvent:
     request_id: bytes
     session_id: bytes
     overflow: Overflow
+    reply_to: bytes = b""  # the client frame to answer (b"": in-process use)
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class BusyEvent:
 
     request_id: bytes
     session_id: bytes
+    reply_to: bytes = b""  # the client frame to answer (b"": in-process use)
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,7 @@ class ErrorEvent:
     session_id: bytes
     code: ErrorCode
     message: str
+    reply_to: bytes = b""  # the client frame to answer (b"": in-process use)
 
 
 Event = TokenEvent | EndEvent | OverflowEvent | BusyEvent | ErrorEvent

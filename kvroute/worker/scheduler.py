@@ -78,6 +78,7 @@ class Scheduler:
         params: SamplingParams,
         worker_lost: bool = False,
         client: bytes = b"",
+        reply_to: bytes = b"",
     ) -> list[Event]:
         """Start a turn, or queue it (see `Admission`). Returns immediate answers (BUSY,
         OVERFLOW, ERROR; ``overloaded`` if the queue is full), else nothing.
@@ -85,15 +86,22 @@ class Scheduler:
         ``worker_lost`` is the broker's word that the session's previous owner died: whatever
         this worker holds for it is stale and is dropped first. ``client`` is who owns the
         session (waiting turns start round-robin over clients; default: the session itself).
+        ``reply_to`` is carried by every event of this request (the adapter's reply address).
         Never raises: a failure is answered ERROR ``internal`` and the session is reset.
         """
         try:
             return self._submit(
-                request_id, session_id, messages, params, worker_lost, client or session_id
+                request_id,
+                session_id,
+                messages,
+                params,
+                worker_lost,
+                client or session_id,
+                reply_to,
             )
         except Exception:
             logger.exception("starting a turn failed for session %r", session_id)
-            return [self._fail_request(request_id, session_id)]
+            return [self.fail_request(request_id, session_id, reply_to)]
 
     def _submit(
         self,
@@ -103,15 +111,17 @@ class Scheduler:
         params: SamplingParams,
         worker_lost: bool,
         client: bytes,
+        reply_to: bytes,
     ) -> list[Event]:
         if session_id in self.turns or session_id in self.admission:
-            return [BusyEvent(request_id, session_id)]
+            return [BusyEvent(request_id, session_id, reply_to)]
         if not self.admission.has_room(client):  # before any work: a flood is refused cheaply
-            return [self._overloaded(request_id, session_id, "the worker's queue is full")]
+            why = "the worker's queue is full"
+            return [self._overloaded(request_id, session_id, why, reply_to)]
         try:
             prompt = self.engine.render_prompt(messages)
         except EngineError as exc:
-            return [ErrorEvent(request_id, session_id, ErrorCode.BAD_BODY, str(exc))]
+            return [ErrorEvent(request_id, session_id, ErrorCode.BAD_BODY, str(exc), reply_to)]
         if worker_lost:
             self.store.reset(session_id, ColdReason.WORKER_LOST)
         held = self.store.get(session_id)
@@ -119,7 +129,7 @@ class Scheduler:
         plan = plan_prefill(text, tokens, prompt, self.engine.prompts)
         overflow = Overflow(len(plan.prompt_ids), params.max_tokens, self.engine.n_ctx)
         if not overflow.fits:
-            return [OverflowEvent(request_id, session_id, overflow)]
+            return [OverflowEvent(request_id, session_id, overflow, reply_to)]
         # Past this point the turn is accepted and the session may change.
         session = self.store.acquire(session_id)
         session.begin(request_id, plan.keep)
@@ -132,13 +142,18 @@ class Scheduler:
             self.engine.tokenizer,
             self.engine.eot_ids,
             self.worker_id,
+            reply_to=reply_to,
         )
         self.admission.wait(turn, client)
         self.admission.admit(self.turns)
         return []
 
-    def _overloaded(self, request_id: bytes, session_id: bytes, why: str) -> ErrorEvent:
-        return ErrorEvent(request_id, session_id, ErrorCode.OVERLOADED, f"{why}; retry later")
+    def _overloaded(
+        self, request_id: bytes, session_id: bytes, why: str, reply_to: bytes
+    ) -> ErrorEvent:
+        return ErrorEvent(
+            request_id, session_id, ErrorCode.OVERLOADED, f"{why}; retry later", reply_to
+        )
 
     def _admit_waiting(self, events: list[Event]) -> None:
         """End waiting turns that were cancelled or waited too long; start what fits now."""
@@ -149,7 +164,8 @@ class Scheduler:
             self._unrun(turn)
             wait = self.admission.config.max_wait_s
             why = f"no slot or KV budget freed up within {wait:g} s"
-            events.append(self._overloaded(turn.request_id, turn.session.session_id, why))
+            sid = turn.session.session_id
+            events.append(self._overloaded(turn.request_id, sid, why, turn.reply_to))
         self.admission.admit(self.turns)
 
     def _unrun(self, turn: Turn) -> None:
@@ -281,10 +297,11 @@ class Scheduler:
         return [last, end] if last is not None else [end]
 
     def _fail(self, turn: Turn) -> ErrorEvent:
-        return self._fail_request(turn.request_id, turn.session.session_id)
+        return self.fail_request(turn.request_id, turn.session.session_id, turn.reply_to)
 
-    def _fail_request(self, request_id: bytes, session_id: bytes) -> ErrorEvent:
-        """End a request our own code failed: drop its turn, reset its session, ERROR internal.
+    def fail_request(self, request_id: bytes, session_id: bytes, reply_to: bytes) -> ErrorEvent:
+        """End a request our own code failed: drop its turn, reset its session, ERROR internal
+        (the returned event; the turn sends nothing more).
 
         A session whose turn in flight belongs to another request is left alone.
         """
@@ -298,4 +315,5 @@ class Scheduler:
             session_id,
             ErrorCode.INTERNAL,
             "the turn failed on the worker; the session will restart cold",
+            reply_to,
         )

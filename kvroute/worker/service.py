@@ -84,7 +84,6 @@ class WorkerService:
         self.registrations = 0
         self.scheduler = self._new_scheduler()
         logger.info("worker %s: %s", self.worker_id, config.describe_kv_budget())
-        self._clients: dict[tuple[bytes, bytes], bytes] = {}  # (session, request) -> client
         self._announce = True  # announce resident sessions in the next READY
         self._announced = 0  # sessions the last READY announced
         self.meter = WorkerMeter()  # the fleet view's gauges, sent with each HEARTBEAT
@@ -181,7 +180,6 @@ class WorkerService:
             self.scheduler.cancel(session_id)
         if in_flight:
             self.scheduler.step()  # ends the cancelled turns; their events have nowhere to go
-        self._clients.clear()
         logger.warning(
             "worker %s: %s; ended %d turns in flight, re-registering with %d sessions",
             self.worker_id,
@@ -258,7 +256,6 @@ class WorkerService:
                 self._fail_request(msg.session_id, msg.request_id, msg.client)
 
     def _handle(self, d: Delivery) -> None:
-        key = (d.session_id, d.request_id)
         if d.kind == Kind.TURN:
             try:
                 req = TurnRequest.decode(d.body)
@@ -279,7 +276,6 @@ class WorkerService:
                 seed=req.seed,
                 stop=req.stop,
             )
-            self._clients[key] = d.client
             events = self.scheduler.submit(
                 d.request_id,
                 d.session_id,
@@ -287,6 +283,7 @@ class WorkerService:
                 params,
                 worker_lost=d.worker_lost,
                 client=d.owner,  # waiting turns start round-robin over owners
+                reply_to=d.client,  # every event of this request says where it goes
             )
             held = self.scheduler.store.get(d.session_id)
             if held is not None and held.in_flight == d.request_id:  # accepted (run or queued)
@@ -316,14 +313,10 @@ class WorkerService:
                     type(e).__name__,
                     e.session_id,
                 )
-                self._fail_request(e.session_id, e.request_id)
+                self._fail_request(e.session_id, e.request_id, e.reply_to)
 
     def _emit_one(self, e: Event) -> None:
-        key = (e.session_id, e.request_id)
-        client = self._clients.get(key)
-        if client is None:
-            logger.error("worker %s: no client for %s", self.worker_id, key)
-            return
+        key, client = (e.session_id, e.request_id), e.reply_to
         if isinstance(e, TokenEvent):
             self._reply(client, *key, Kind.TOKEN, Token(e.seq, e.text, e.token_ids).encode())
             return
@@ -340,19 +333,15 @@ class WorkerService:
             body, kind = error_body(e.code, e.message), Kind.ERROR
         else:
             assert_never(e)
-        del self._clients[key]  # every other event ends the request
         self._reply(client, *key, kind, body)
 
-    def _fail_request(
-        self, session_id: bytes, request_id: bytes, client: bytes | None = None
-    ) -> None:
-        """Stop a request we failed and answer it ERROR ``internal`` if it can be addressed."""
-        client = self._clients.pop((session_id, request_id), client)
+    def _fail_request(self, session_id: bytes, request_id: bytes, client: bytes) -> None:
+        """Drop a request we failed (its turn, and its session's state) and answer ERROR
+        ``internal``; nothing more is sent for it."""
         try:
-            self.scheduler.cancel(session_id, request_id)  # its END will find no client
-            if client is not None:
-                body = error_body(ErrorCode.INTERNAL, "the worker failed this request")
-                self._reply(client, session_id, request_id, Kind.ERROR, body)
+            self.scheduler.fail_request(request_id, session_id, client)
+            body = error_body(ErrorCode.INTERNAL, "the worker failed this request")
+            self._reply(client, session_id, request_id, Kind.ERROR, body)
         except Exception:
             logger.exception("worker %s: could not fail request %r", self.worker_id, request_id)
 

@@ -72,8 +72,10 @@ class Turn:
         eot_ids: frozenset[int],
         worker_id: str = "worker",
         clock: Callable[[], float] = time.perf_counter,
+        reply_to: bytes = b"",
     ) -> None:
         self.request_id = request_id
+        self.reply_to = reply_to  # carried by every event of this turn
         self.session = session
         self.prompt = prompt
         self.plan = plan
@@ -176,7 +178,9 @@ class Turn:
 
     def _token_event(self, text: str, ids: tuple[int, ...]) -> TokenEvent:
         self.streamed_chars += len(text)
-        event = TokenEvent(self.request_id, self.session.session_id, self.seq, text, ids)
+        event = TokenEvent(
+            self.request_id, self.session.session_id, self.seq, text, ids, self.reply_to
+        )
         self.seq += 1
         return event
 
@@ -217,6 +221,7 @@ class Turn:
             self.finish_reason,
             stats,
             reply_sha256(self._decoder.text[: self.streamed_chars]),
+            self.reply_to,
         )
         return last, end
 
