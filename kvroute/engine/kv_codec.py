@@ -170,7 +170,8 @@ def error_bound(x: np.ndarray, dtype: RestDtype) -> np.ndarray:
     if dtype is RestDtype.NONE:
         return np.zeros(x.shape, np.float32)
     if dtype is RestDtype.F16:
-        return (np.abs(x) * 2.0**-11 + 2.0**-24).astype(np.float32)
+        rel: np.ndarray = (np.abs(x) * 2.0**-11 + 2.0**-24).astype(np.float32)
+        return rel
     b = _blocks(x)
     amax = np.abs(b).max(axis=1, keepdims=True)
     # d rounded to f16 may exceed its exact value by 2**-11 relative: allow 0.1% over.
