@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from kvroute.broker.config import BrokerConfig
+from kvroute.engine.kv_codec import RestDtype
 from kvroute.proto.limits import MAX_BODY_BYTES, MAX_CAPACITY, MIN_HEARTBEAT_INTERVAL_S
 from kvroute.worker.config import KV_DEFAULT_RULE, WorkerConfig
 
@@ -193,6 +194,17 @@ worker_options = option_group(
             ),
         ),
         (
+            "kv_rest",
+            click.option(
+                "--kv-rest",
+                type=click.Choice([d.value for d in RestDtype]),
+                default=_W.kv_rest,
+                show_default=True,
+                help="How idle sessions are compressed when the KV budget is short, before "
+                "any is evicted (none: evicted at once).",
+            ),
+        ),
+        (
             "prefill_chunk",
             click.option(
                 "--prefill-chunk",
@@ -214,5 +226,5 @@ worker_options = option_group(
         ),
     ),
 )
-"""``--capacity --kv-budget-mb --prefill-chunk --threads``, handed over as ``worker_kw``
+"""``--capacity --kv-budget-mb --kv-rest --prefill-chunk --threads``, handed over as ``worker_kw``
 (WorkerConfig keywords)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import psutil
 
 from kvroute.engine.engine import DEFAULT_N_CTX, MIN_N_CTX
+from kvroute.engine.kv_codec import RestDtype
 from kvroute.proto.endpoint import parse_endpoint
 from kvroute.proto.identity import KeyPair
 from kvroute.proto.limits import (
@@ -71,6 +72,7 @@ class WorkerConfig:
     model: str = "default"  # GGUF path or "default"
     n_ctx: int = DEFAULT_N_CTX  # positions per session (prompt + reply)
     kv_budget_mb: float | None = None  # KV cache for all sessions; None: KV_DEFAULT_RULE
+    kv_rest: str = RestDtype.Q8_0.value  # idle sessions compressed to this when RAM is short
     host_workers: int = 1  # workers sharing this machine's memory (serve sets it): default budget
     prefill_chunk: int = 256  # prompt tokens per step: bounds the time between socket polls
     threads: int = 1  # BLAS threads: N workers on few cores must not fight over them
@@ -97,6 +99,7 @@ class WorkerConfig:
         mb = self.kv_budget_mb
         if mb is not None and not (math.isfinite(mb) and mb >= 0):
             raise ValueError(f"kv_budget_mb must be >= 0 MiB (or None), not {mb!r}")
+        self.kv_rest = RestDtype(self.kv_rest).value  # ValueError names a bad one
         for name in ("host_workers", "prefill_chunk", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from kvroute.engine.engine import Engine
 from kvroute.engine.errors import EngineError
+from kvroute.engine.kv_codec import RestDtype
 from kvroute.engine.sampling import SamplingParams
 from kvroute.proto.errors import ErrorCode
 from kvroute.proto.messages import ColdReason, Overflow
@@ -38,6 +39,7 @@ class SchedulerConfig:
     prefill_chunk: int = 256  # max prompt tokens fed per step, over all prefilling turns
     kv_budget_bytes: int | None = None  # KV bytes for all sessions; idle ones evicted beyond it
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # capacity, queue
+    kv_rest: RestDtype = RestDtype.NONE  # idle sessions compressed to this before eviction
 
 
 class Scheduler:
@@ -59,7 +61,9 @@ class Scheduler:
         self.engine = engine
         self.worker_id = worker_id
         self.config = config or SchedulerConfig()
-        self.store = SessionStore(engine.new_cache, self.config.kv_budget_bytes)
+        self.store = SessionStore(
+            engine.new_cache, self.config.kv_budget_bytes, rest=self.config.kv_rest
+        )
         self.turns: dict[bytes, Turn] = {}  # session id -> turn in flight
         # Turns beyond capacity or the KV budget wait here, started in fair order by client.
         self.admission = Admission(self.config.admission, self.store, engine.n_ctx)

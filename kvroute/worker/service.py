@@ -24,6 +24,7 @@ import zmq
 
 from kvroute.engine.engine import Engine
 from kvroute.engine.errors import EngineError
+from kvroute.engine.kv_codec import RestDtype
 from kvroute.engine.sampling import SamplingParams
 from kvroute.proto import (
     EMPTY_BODY,
@@ -94,7 +95,9 @@ class WorkerService:
 
     def _new_scheduler(self) -> Scheduler:
         c = self.config
-        cfg = SchedulerConfig(c.prefill_chunk, c.kv_budget_bytes, c.admission)
+        cfg = SchedulerConfig(
+            c.prefill_chunk, c.kv_budget_bytes, c.admission, kv_rest=RestDtype(c.kv_rest)
+        )
         return Scheduler(self.engine, cfg, self.worker_id)
 
     def stop(self) -> None:

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from kvroute.engine.cache import KVCache
-from kvroute.proto.messages import ColdReason
+from kvroute.engine.kv_codec import RestDtype
+from kvroute.proto.messages import ColdReason, KvSource
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class Session:
     # Announced in READY when the worker registers again (the broker re-pins the session):
     owner: bytes = b""  # the principal the broker gave with the session's last TURN
     last_turn_ns: int = 0  # wall clock (ns) when its last turn was accepted
+    kv_from: KvSource = KvSource.HOT  # where the cache's positions came from, while parked
 
     def check(self) -> None:
         """Assert the session invariant (our own bug if it fails)."""
@@ -73,15 +75,17 @@ class Session:
         self.check()
         self.in_flight, self.keep, self.feeding = request_id, keep, False
 
-    def trim_to_keep(self) -> None:
+    def trim_to_keep(self, n_new: int = 0) -> None:
         """Drop cache positions past ``keep``, before the turn's first forward pass (idempotent).
 
         Deferred to here rather than done in `begin` because a full hit or an edited history
-        trims positions that K still needs: until the model is fed, a cancel loses nothing.
+        trims positions that K still needs: until the model is fed, a cancel loses nothing. A
+        parked cache is decoded here (what is kept of it, with room for ``n_new`` positions).
         """
         assert self.in_flight is not None, f"session {self.session_id}: no turn in flight"
         if not self.feeding:
             self.cache.truncate(self.keep)
+            self.cache.unpark(n_new)
             self.feeding = True
 
     def commit(self, text: str, tokens: list[int]) -> None:
@@ -119,6 +123,8 @@ class Session:
 
     def _land(self) -> None:
         self.in_flight, self.keep, self.feeding = None, 0, False
+        if not self.cache.parked:
+            self.kv_from = KvSource.HOT
         self.check()
 
 
@@ -130,7 +136,11 @@ class SessionStore:
     new_cache:
         Factory for an empty KV cache (``Engine.new_cache``).
     kv_budget_bytes:
-        Target for the sum of all sessions' cache bytes; None = unbounded.
+        Target for the sum of all sessions' cache bytes (as held: parked ones count their
+        codes); None = unbounded.
+    rest:
+        How idle sessions are parked when the budget is short (``none``: they are not, and
+        are evicted at once). Parking is deferred while the budget has room.
     clock:
         Monotonic clock (injected for tests).
     """
@@ -140,13 +150,16 @@ class SessionStore:
         new_cache: Callable[[], KVCache],
         kv_budget_bytes: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        rest: RestDtype = RestDtype.NONE,
     ) -> None:
         self._new_cache = new_cache
         self.kv_budget_bytes = kv_budget_bytes
+        self.rest = rest
         self._clock = clock
         self._sessions: OrderedDict[bytes, Session] = OrderedDict()  # LRU order, oldest first
         self._gone: OrderedDict[bytes, str] = OrderedDict()  # session id -> cold reason
         self.evictions = 0
+        self.parked = 0  # sessions compressed at rest so far
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -222,17 +235,38 @@ class SessionStore:
         while len(self._gone) > REMEMBER_GONE:
             self._gone.popitem(last=False)
 
+    def park(self, session: Session) -> int:
+        """Compress an idle session's cache into the rest dtype; returns the bytes freed.
+
+        A session with a turn in flight, already parked, or empty is left as it is (0).
+        """
+        cache = session.cache
+        if self.rest is RestDtype.NONE or session.in_flight is not None or cache.parked:
+            return 0
+        if not session.tokens:
+            return 0
+        before = cache.nbytes
+        cache.park(self.rest)
+        session.kv_from = KvSource.REST
+        self.parked += 1
+        return before - cache.nbytes
+
     def evict_to_fit(self, extra_bytes: int = 0) -> list[bytes]:
-        """Evict idle sessions, least recently used first, until the budget holds.
+        """Park, then evict idle sessions, least recently used first, until the budget holds.
 
         ``extra_bytes`` is room wanted on top of what is held (a turn about to grow its cache).
-        Sessions with a turn in flight are never evicted, so the budget may stay exceeded while
-        they run; that is logged, not refused. Returns the evicted ids.
+        Idle sessions are first compressed at rest (`park`), oldest first; only if that is not
+        enough are they evicted. Sessions with a turn in flight are neither, so the budget may
+        stay exceeded while they run; that is logged, not refused. Returns the evicted ids.
         """
         if self.kv_budget_bytes is None:
             return []
         evicted: list[bytes] = []
         total = self.kv_bytes + extra_bytes
+        for session in list(self._sessions.values()):
+            if total <= self.kv_budget_bytes:
+                break
+            total -= self.park(session)
         for session in list(self._sessions.values()):
             if total <= self.kv_budget_bytes:
                 break

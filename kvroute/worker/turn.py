@@ -35,6 +35,7 @@ from kvroute.proto.messages import (
     CachePath,
     ColdReason,
     FinishReason,
+    KvSource,
     TurnStats,
     reply_sha256,
 )
@@ -94,6 +95,9 @@ class Turn:
         self.finish_reason: FinishReason | None = None
         self.t_start = clock()
         self.t_first: float | None = None
+        # Where the reused KV comes from, and the time its decoding took (the first `take`).
+        self.kv_source = session.kv_from if plan.keep and session.cache.parked else KvSource.HOT
+        self.restore_ms = 0.0
         if plan.path == CachePath.COLD:
             self.cold_reason: ColdReason | None = (
                 session.cold_reason if not session.tokens else ColdReason.DIVERGED
@@ -116,7 +120,11 @@ class Turn:
         The caller feeds them to the model at once: the session's cache is trimmed to
         ``plan.keep`` first, so they land right after the reused positions.
         """
-        self.session.trim_to_keep()
+        if not self.session.feeding:
+            t0 = self._clock()
+            self.session.trim_to_keep(len(self.pending))
+            if self.kv_source is not KvSource.HOT:
+                self.restore_ms = round((self._clock() - t0) * 1e3, 3)
         ids, self.pending = self.pending[:budget], self.pending[budget:]
         if not self.prefilling:
             self.fed_generated += len(ids)
@@ -209,6 +217,8 @@ class Turn:
             ttft_ms=round((t_first - self.t_start) * 1e3, 3),
             decode_ms=round((t_end - t_first) * 1e3, 3),
             worker=self.worker_id,
+            restore_ms=self.restore_ms,
+            kv_source=self.kv_source,
         )
         end = EndEvent(
             self.request_id,
