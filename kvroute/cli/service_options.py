@@ -205,6 +205,27 @@ worker_options = option_group(
             ),
         ),
         (
+            "spill_dir",
+            click.option(
+                "--spill-dir",
+                type=click.Path(file_okay=False),
+                default=_W.spill_dir,
+                help="Write sessions that must leave RAM here (one subdirectory per worker) "
+                "instead of dropping them; their next turn reads them back.",
+            ),
+        ),
+        (
+            "spill_mb",
+            click.option(
+                "--spill-mb",
+                type=FiniteRange(min=0, min_open=True),
+                default=_W.spill_mb,
+                show_default=True,
+                help="Disk budget of one worker's spill files in MiB (least recently written "
+                "dropped beyond it).",
+            ),
+        ),
+        (
             "prefill_chunk",
             click.option(
                 "--prefill-chunk",
@@ -226,5 +247,5 @@ worker_options = option_group(
         ),
     ),
 )
-"""``--capacity --kv-budget-mb --kv-rest --prefill-chunk --threads``, handed over as ``worker_kw``
-(WorkerConfig keywords)."""
+"""``--capacity --kv-budget-mb --kv-rest --spill-dir --spill-mb --prefill-chunk --threads``,
+handed over as ``worker_kw`` (WorkerConfig keywords)."""

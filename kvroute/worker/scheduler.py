@@ -27,6 +27,7 @@ from .admission import Admission, AdmissionConfig
 from .events import BusyEvent, ErrorEvent, Event, OverflowEvent
 from .planner import plan_prefill
 from .sessions import SessionStore
+from .spill import SpillDir
 from .turn import Turn
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class SchedulerConfig:
     kv_budget_bytes: int | None = None  # KV bytes for all sessions; idle ones evicted beyond it
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # capacity, queue
     kv_rest: RestDtype = RestDtype.NONE  # idle sessions compressed to this before eviction
+    spill: SpillDir | None = None  # where sessions leaving RAM are written (None: dropped)
 
 
 class Scheduler:
@@ -62,7 +64,10 @@ class Scheduler:
         self.worker_id = worker_id
         self.config = config or SchedulerConfig()
         self.store = SessionStore(
-            engine.new_cache, self.config.kv_budget_bytes, rest=self.config.kv_rest
+            engine.new_cache,
+            self.config.kv_budget_bytes,
+            rest=self.config.kv_rest,
+            spill=self.config.spill,
         )
         self.turns: dict[bytes, Turn] = {}  # session id -> turn in flight
         # Turns beyond capacity or the KV budget wait here, started in fair order by client.
@@ -118,7 +123,7 @@ class Scheduler:
             return [ErrorEvent(request_id, session_id, ErrorCode.BAD_BODY, str(exc))]
         if worker_lost:
             self.store.reset(session_id, ColdReason.WORKER_LOST)
-        held = self.store.get(session_id)
+        held = self.store.get(session_id) or self.store.restore_spilled(session_id)
         text, tokens = (held.text, held.tokens) if held else ("", [])
         plan = plan_prefill(text, tokens, prompt, self.engine.prompts)
         overflow = Overflow(len(plan.prompt_ids), params.max_tokens, self.engine.n_ctx)

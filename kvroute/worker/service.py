@@ -18,6 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import assert_never
 
 import zmq
@@ -25,6 +26,7 @@ import zmq
 from kvroute.engine.engine import Engine
 from kvroute.engine.errors import EngineError
 from kvroute.engine.kv_codec import RestDtype
+from kvroute.engine.model_store import sha256_of
 from kvroute.engine.sampling import SamplingParams
 from kvroute.proto import (
     EMPTY_BODY,
@@ -47,11 +49,12 @@ from kvroute.proto.errors import ErrorCode
 from kvroute.proto.identity import CurveClient, KeyFileError
 from kvroute.proto.limits import MAX_IDLE_MS, MAX_RESIDENT_SESSIONS
 
-from .config import WorkerConfig
+from .config import MIB, WorkerConfig
 from .events import BusyEvent, EndEvent, ErrorEvent, Event, OverflowEvent, TokenEvent
 from .gauges import WorkerMeter
 from .process import setup_worker_process
 from .scheduler import Scheduler, SchedulerConfig
+from .spill import SpillDir, SpillIdentity
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +99,28 @@ class WorkerService:
     def _new_scheduler(self) -> Scheduler:
         c = self.config
         cfg = SchedulerConfig(
-            c.prefill_chunk, c.kv_budget_bytes, c.admission, kv_rest=RestDtype(c.kv_rest)
+            c.prefill_chunk,
+            c.kv_budget_bytes,
+            c.admission,
+            kv_rest=RestDtype(c.kv_rest),
+            spill=self._spill_dir(),
         )
         return Scheduler(self.engine, cfg, self.worker_id)
+
+    def _spill_dir(self) -> SpillDir | None:
+        """This worker's spill files (``--spill-dir``/<worker id>), or None."""
+        c = self.config
+        if c.spill_dir is None:
+            return None
+        engine = self.engine
+        assert engine.path is not None, "a served engine comes from a file"
+        a = engine.model.args
+        ident = SpillIdentity(
+            sha256_of(engine.path), engine.n_ctx, a.n_layers, a.n_kv_heads, a.head_dim
+        )
+        directory = Path(c.spill_dir) / self.worker_id
+        logger.info("worker %s: spilling to %s (%g MiB)", self.worker_id, directory, c.spill_mb)
+        return SpillDir(directory, int(c.spill_mb * MIB), ident)
 
     def stop(self) -> None:
         """Ask the loop to end (thread- and signal-safe)."""

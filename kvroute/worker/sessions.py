@@ -19,6 +19,8 @@ from kvroute.engine.cache import KVCache
 from kvroute.engine.kv_codec import RestDtype
 from kvroute.proto.messages import ColdReason, KvSource
 
+from .spill import SpillDir, SpillInvalid
+
 logger = logging.getLogger(__name__)
 
 REMEMBER_GONE = 100_000  # ids of evicted/reset sessions remembered for their cold reason
@@ -54,6 +56,7 @@ class Session:
     owner: bytes = b""  # the principal the broker gave with the session's last TURN
     last_turn_ns: int = 0  # wall clock (ns) when its last turn was accepted
     kv_from: KvSource = KvSource.HOT  # where the cache's positions came from, while parked
+    load_ms: float = 0.0  # time spent reading it back from disk, owed to its next turn's stats
 
     def check(self) -> None:
         """Assert the session invariant (our own bug if it fails)."""
@@ -141,6 +144,8 @@ class SessionStore:
     rest:
         How idle sessions are parked when the budget is short (``none``: they are not, and
         are evicted at once). Parking is deferred while the budget has room.
+    spill:
+        Where sessions that must leave RAM are written instead of dropped (None: dropped).
     clock:
         Monotonic clock (injected for tests).
     """
@@ -151,10 +156,12 @@ class SessionStore:
         kv_budget_bytes: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         rest: RestDtype = RestDtype.NONE,
+        spill: SpillDir | None = None,
     ) -> None:
         self._new_cache = new_cache
         self.kv_budget_bytes = kv_budget_bytes
         self.rest = rest
+        self.spill = spill
         self._clock = clock
         self._sessions: OrderedDict[bytes, Session] = OrderedDict()  # LRU order, oldest first
         self._gone: OrderedDict[bytes, str] = OrderedDict()  # session id -> cold reason
@@ -188,7 +195,7 @@ class SessionStore:
         """Bytes held by all sessions' KV caches."""
         return sum(s.cache.nbytes for s in self._sessions.values())
 
-    def _fresh(self, session_id: bytes, cold_reason: bytes) -> Session:
+    def _fresh(self, session_id: bytes, cold_reason: str) -> Session:
         """The one factory for an empty session (new, reset, re-created after eviction)."""
         session = Session(
             session_id=session_id,
@@ -218,6 +225,8 @@ class SessionStore:
         Returns whether a live session was dropped. The caller ends a turn in flight first.
         """
         session = self._sessions.pop(session_id, None)
+        if self.spill is not None:
+            self.spill.drop(session_id)
         self._remember(session_id, reason)
         return session is not None
 
@@ -227,6 +236,8 @@ class SessionStore:
         Returns whether a live session was dropped. The caller ends a turn in flight first.
         """
         self._gone.pop(session_id, None)
+        if self.spill is not None:
+            self.spill.drop(session_id)
         return self._sessions.pop(session_id, None) is not None
 
     def _remember(self, session_id: bytes, reason: str) -> None:
@@ -251,13 +262,46 @@ class SessionStore:
         self.parked += 1
         return before - cache.nbytes
 
+    def _spill(self, session: Session) -> list[bytes]:
+        """Write a session leaving RAM to disk; returns the sessions that are now gone (it, if
+        there is no spill directory or its file could not be kept, and those dropped from disk
+        to make room)."""
+        if self.spill is None or not session.tokens:
+            return [session.session_id]
+        cache = session.cache
+        cache.park(self.rest)  # the form it is written in (none: float32)
+        assert cache.rest is not None
+        return self.spill.write(session.session_id, session.text, session.tokens, cache.rest)
+
+    def restore_spilled(self, session_id: bytes) -> Session | None:
+        """Bring a spilled session back into RAM (parked, ``kv_from`` disk), before its turn is
+        planned. None if it is not on disk, or its file is unusable: then its next turn goes
+        cold with ``spill_invalid``, and the file is gone."""
+        if session_id in self._sessions or self.spill is None or session_id not in self.spill:
+            return None
+        t0 = time.perf_counter()
+        try:
+            spilled = self.spill.take(session_id)
+        except SpillInvalid:
+            self._remember(session_id, ColdReason.SPILL_INVALID)
+            return None
+        self._gone.pop(session_id, None)
+        session = self._fresh(session_id, ColdReason.EVICTED)
+        session.cache.load(spilled.rest)
+        session.text, session.tokens = spilled.text, spilled.tokens
+        session.kv_from = KvSource.DISK
+        session.load_ms = (time.perf_counter() - t0) * 1e3
+        session.check()
+        return session
+
     def evict_to_fit(self, extra_bytes: int = 0) -> list[bytes]:
         """Park, then evict idle sessions, least recently used first, until the budget holds.
 
         ``extra_bytes`` is room wanted on top of what is held (a turn about to grow its cache).
         Idle sessions are first compressed at rest (`park`), oldest first; only if that is not
-        enough are they evicted. Sessions with a turn in flight are neither, so the budget may
-        stay exceeded while they run; that is logged, not refused. Returns the evicted ids.
+        enough are they evicted, to the spill directory if there is one. Sessions with a turn
+        in flight are neither, so the budget may stay exceeded while they run; that is logged,
+        not refused. Returns the ids that are gone (not those written to disk).
         """
         if self.kv_budget_bytes is None:
             return []
@@ -274,8 +318,9 @@ class SessionStore:
                 continue
             total -= session.cache.nbytes
             del self._sessions[session.session_id]
-            self._remember(session.session_id, ColdReason.EVICTED)
-            evicted.append(session.session_id)
+            for sid in self._spill(session):
+                self._remember(sid, ColdReason.EVICTED)
+                evicted.append(sid)
         if evicted:
             self.evictions += len(evicted)
             logger.info("evicted %d idle sessions to fit the KV budget: %s", len(evicted), evicted)

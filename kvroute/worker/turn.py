@@ -97,7 +97,11 @@ class Turn:
         self.t_first: float | None = None
         # Where the reused KV comes from, and the time its decoding took (the first `take`).
         self.kv_source = session.kv_from if plan.keep and session.cache.parked else KvSource.HOT
-        self.restore_ms = 0.0
+        # A session read back from disk owes its reading time to this turn: it counts in
+        # restore_ms and in ttft_ms.
+        self.restore_ms = round(session.load_ms, 3) if self.kv_source is not KvSource.HOT else 0.0
+        self.t_start -= session.load_ms / 1e3
+        session.load_ms = 0.0
         if plan.path == CachePath.COLD:
             self.cold_reason: ColdReason | None = (
                 session.cold_reason if not session.tokens else ColdReason.DIVERGED
@@ -124,7 +128,7 @@ class Turn:
             t0 = self._clock()
             self.session.trim_to_keep(len(self.pending))
             if self.kv_source is not KvSource.HOT:
-                self.restore_ms = round((self._clock() - t0) * 1e3, 3)
+                self.restore_ms = round(self.restore_ms + (self._clock() - t0) * 1e3, 3)
         ids, self.pending = self.pending[:budget], self.pending[budget:]
         if not self.prefilling:
             self.fed_generated += len(ids)
