@@ -63,6 +63,11 @@ def _check_broker(kw: dict[str, Any]) -> None:
         raise click.UsageError("--max-msg-size must be at least --max-body-bytes")
 
 
+def _check_worker(kw: dict[str, Any]) -> None:
+    if kw["checkpoint"] and kw["spill_dir"] is None:
+        raise click.UsageError("--checkpoint needs --spill-dir (shared by the workers)")
+
+
 broker_options = option_group(
     "broker_kw",
     (
@@ -226,6 +231,17 @@ worker_options = option_group(
             ),
         ),
         (
+            "checkpoint",
+            click.option(
+                "--checkpoint/--no-checkpoint",
+                default=_W.checkpoint,
+                show_default=True,
+                help="At each turn end, append the session's new KV to a checkpoint in "
+                "--spill-dir, so that another worker sharing it resumes the session warm if "
+                "this one dies.",
+            ),
+        ),
+        (
             "prefill_chunk",
             click.option(
                 "--prefill-chunk",
@@ -246,6 +262,7 @@ worker_options = option_group(
             ),
         ),
     ),
+    _check_worker,
 )
-"""``--capacity --kv-budget-mb --kv-rest --spill-dir --spill-mb --prefill-chunk --threads``,
-handed over as ``worker_kw`` (WorkerConfig keywords)."""
+"""``--capacity --kv-budget-mb --kv-rest --spill-dir --spill-mb --checkpoint --prefill-chunk
+--threads``, handed over as ``worker_kw`` (WorkerConfig keywords)."""

@@ -75,6 +75,7 @@ class WorkerConfig:
     kv_rest: str = RestDtype.Q8_0.value  # idle sessions compressed to this when RAM is short
     spill_dir: str | None = None  # sessions leaving RAM are written here (one subdir per worker)
     spill_mb: float = 4096.0  # disk budget of one worker's spill files (LRU beyond it)
+    checkpoint: bool = False  # checkpoint committed KV in spill_dir, for other workers to resume
     host_workers: int = 1  # workers sharing this machine's memory (serve sets it): default budget
     prefill_chunk: int = 256  # prompt tokens per step: bounds the time between socket polls
     threads: int = 1  # BLAS threads: N workers on few cores must not fight over them
@@ -102,6 +103,8 @@ class WorkerConfig:
         if mb is not None and not (math.isfinite(mb) and mb >= 0):
             raise ValueError(f"kv_budget_mb must be >= 0 MiB (or None), not {mb!r}")
         self.kv_rest = RestDtype(self.kv_rest).value  # ValueError names a bad one
+        if self.checkpoint and self.spill_dir is None:
+            raise ValueError("checkpoint needs a spill_dir (shared by the workers)")
         if not (math.isfinite(self.spill_mb) and self.spill_mb > 0):
             raise ValueError(f"spill_mb must be > 0 MiB, not {self.spill_mb!r}")
         for name in ("host_workers", "prefill_chunk", "threads"):

@@ -13,6 +13,7 @@ the worker and every other session go on.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -21,13 +22,14 @@ from kvroute.engine.errors import EngineError
 from kvroute.engine.kv_codec import RestDtype
 from kvroute.engine.sampling import SamplingParams
 from kvroute.proto.errors import ErrorCode
-from kvroute.proto.messages import ColdReason, Overflow
+from kvroute.proto.messages import CachePath, ColdReason, KvSource, Overflow
 
 from .admission import Admission, AdmissionConfig
+from .checkpoint import Checkpoints
 from .events import BusyEvent, ErrorEvent, Event, OverflowEvent
 from .planner import plan_prefill
-from .sessions import SessionStore
-from .spill import SpillDir
+from .sessions import Session, SessionStore
+from .spill import SpillDir, SpillInvalid
 from .turn import Turn
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ class SchedulerConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # capacity, queue
     kv_rest: RestDtype = RestDtype.NONE  # idle sessions compressed to this before eviction
     spill: SpillDir | None = None  # where sessions leaving RAM are written (None: dropped)
+    checkpoints: Checkpoints | None = None  # committed KV shared with other workers, or None
 
 
 class Scheduler:
@@ -121,11 +124,21 @@ class Scheduler:
             prompt = self.engine.render_prompt(messages)
         except EngineError as exc:
             return [ErrorEvent(request_id, session_id, ErrorCode.BAD_BODY, str(exc))]
+        held = None
         if worker_lost:
             self.store.reset(session_id, ColdReason.WORKER_LOST)
-        held = self.store.get(session_id) or self.store.restore_spilled(session_id)
+            held = self._restore_checkpoint(session_id)
+        held = held or self.store.get(session_id) or self.store.restore_spilled(session_id)
         text, tokens = (held.text, held.tokens) if held else ("", [])
         plan = plan_prefill(text, tokens, prompt, self.engine.prompts)
+        if (
+            held is not None
+            and held.kv_from is KvSource.CHECKPOINT
+            and plan.path is not (CachePath.TEXT_PREFIX)
+        ):
+            # A checkpoint is used only for the history it was written for.
+            self.store.reset(session_id, ColdReason.WORKER_LOST)
+            plan = plan_prefill("", [], prompt, self.engine.prompts)
         overflow = Overflow(len(plan.prompt_ids), params.max_tokens, self.engine.n_ctx)
         if not overflow.fits:
             return [OverflowEvent(request_id, session_id, overflow)]
@@ -145,6 +158,34 @@ class Scheduler:
         self.admission.wait(turn, client)
         self.admission.admit(self.turns)
         return []
+
+    def _restore_checkpoint(self, session_id: bytes) -> Session | None:
+        """The session as its lost worker last checkpointed it (parked), or None."""
+        ckpt = self.config.checkpoints
+        if ckpt is None or not ckpt.has(session_id):
+            return None
+        t0 = time.perf_counter()
+        try:
+            spilled = ckpt.load(session_id)
+        except SpillInvalid:
+            self.store.reset(session_id, ColdReason.SPILL_INVALID)
+            return None
+        load_ms = (time.perf_counter() - t0) * 1e3
+        return self.store.install(session_id, spilled, KvSource.CHECKPOINT, load_ms)
+
+    def _checkpoint(self, turn: Turn) -> None:
+        """Record the session's committed state after a turn (best effort, never raises)."""
+        ckpt = self.config.checkpoints
+        s = turn.session
+        if ckpt is None or s.in_flight is not None:
+            return
+        try:
+            if s.tokens and not s.cache.parked:
+                ckpt.save(s.session_id, s.text, s.tokens, s.cache)
+            elif not s.tokens:
+                ckpt.drop(s.session_id)
+        except Exception:
+            logger.exception("checkpoint failed for session %r", s.session_id)
 
     def _overloaded(self, request_id: bytes, session_id: bytes, why: str) -> ErrorEvent:
         return ErrorEvent(request_id, session_id, ErrorCode.OVERLOADED, f"{why}; retry later")
@@ -195,6 +236,8 @@ class Scheduler:
             self.store.forget(session_id)
         else:
             self.store.reset(session_id)
+        if self.config.checkpoints is not None:
+            self.config.checkpoints.drop(session_id)
         return events
 
     def step(self) -> list[Event]:
@@ -268,6 +311,7 @@ class Scheduler:
         except Exception:
             logger.exception("finishing the turn failed for session %r", sid)
             return [self._fail(turn)]
+        self._checkpoint(turn)
         return [last, end] if last is not None else [end]
 
     def _fail(self, turn: Turn) -> ErrorEvent:
@@ -283,6 +327,8 @@ class Scheduler:
             self.turns.pop(session_id, None)
             self.admission.remove(session_id)
             self.store.reset(session_id)
+            if self.config.checkpoints is not None:
+                self.config.checkpoints.drop(session_id)
         return ErrorEvent(
             request_id,
             session_id,

@@ -49,6 +49,7 @@ from kvroute.proto.errors import ErrorCode
 from kvroute.proto.identity import CurveClient, KeyFileError
 from kvroute.proto.limits import MAX_IDLE_MS, MAX_RESIDENT_SESSIONS
 
+from .checkpoint import Checkpoints
 from .config import MIB, WorkerConfig
 from .events import BusyEvent, EndEvent, ErrorEvent, Event, OverflowEvent, TokenEvent
 from .gauges import WorkerMeter
@@ -86,6 +87,7 @@ class WorkerService:
         self.worker_id = config.worker_id or f"w{os.getpid()}"
         self.epoch = 0
         self.registrations = 0
+        self._ident: SpillIdentity | None = None
         self.scheduler = self._new_scheduler()
         logger.info("worker %s: %s", self.worker_id, config.describe_kv_budget())
         self._clients: dict[tuple[bytes, bytes], bytes] = {}  # (session, request) -> client
@@ -104,23 +106,38 @@ class WorkerService:
             c.admission,
             kv_rest=RestDtype(c.kv_rest),
             spill=self._spill_dir(),
+            checkpoints=self._checkpoints(),
         )
         return Scheduler(self.engine, cfg, self.worker_id)
 
+    def _identity(self) -> SpillIdentity:
+        """What this worker's spill and checkpoint files are written for."""
+        if self._ident is None:
+            engine = self.engine
+            assert engine.path is not None, "a served engine comes from a file"
+            a = engine.model.args
+            self._ident = SpillIdentity(
+                sha256_of(engine.path), engine.n_ctx, a.n_layers, a.n_kv_heads, a.head_dim
+            )
+        return self._ident
+
     def _spill_dir(self) -> SpillDir | None:
-        """This worker's spill files (``--spill-dir``/<worker id>), or None."""
+        """This worker's spill files (``--spill-dir``/spill-<worker id>), or None."""
         c = self.config
         if c.spill_dir is None:
             return None
-        engine = self.engine
-        assert engine.path is not None, "a served engine comes from a file"
-        a = engine.model.args
-        ident = SpillIdentity(
-            sha256_of(engine.path), engine.n_ctx, a.n_layers, a.n_kv_heads, a.head_dim
-        )
-        directory = Path(c.spill_dir) / self.worker_id
+        directory = Path(c.spill_dir) / f"spill-{self.worker_id}"
         logger.info("worker %s: spilling to %s (%g MiB)", self.worker_id, directory, c.spill_mb)
-        return SpillDir(directory, int(c.spill_mb * MIB), ident)
+        return SpillDir(directory, int(c.spill_mb * MIB), self._identity())
+
+    def _checkpoints(self) -> Checkpoints | None:
+        """The checkpoints every worker sharing ``--spill-dir`` reads (``checkpoints/``)."""
+        c = self.config
+        if not c.checkpoint or c.spill_dir is None:
+            return None
+        directory = Path(c.spill_dir) / "checkpoints"
+        logger.info("worker %s: checkpoints in %s", self.worker_id, directory)
+        return Checkpoints(directory, self._identity(), RestDtype(c.kv_rest))
 
     def stop(self) -> None:
         """Ask the loop to end (thread- and signal-safe)."""

@@ -19,7 +19,7 @@ from kvroute.engine.cache import KVCache
 from kvroute.engine.kv_codec import RestDtype
 from kvroute.proto.messages import ColdReason, KvSource
 
-from .spill import SpillDir, SpillInvalid
+from .spill import SpillDir, Spilled, SpillInvalid
 
 logger = logging.getLogger(__name__)
 
@@ -285,12 +285,22 @@ class SessionStore:
         except SpillInvalid:
             self._remember(session_id, ColdReason.SPILL_INVALID)
             return None
-        self._gone.pop(session_id, None)
-        session = self._fresh(session_id, ColdReason.EVICTED)
+        return self.install(session_id, spilled, KvSource.DISK, (time.perf_counter() - t0) * 1e3)
+
+    def install(
+        self, session_id: bytes, spilled: Spilled, source: KvSource, load_ms: float
+    ) -> Session:
+        """Make a session of state read back from disk (parked until its turn runs).
+
+        ``load_ms`` (the reading time) is reported in its next turn's ``restore_ms``.
+        """
+        reason = self._gone.pop(session_id, ColdReason.EVICTED)
+        self._sessions.pop(session_id, None)
+        session = self._fresh(session_id, reason)
         session.cache.load(spilled.rest)
         session.text, session.tokens = spilled.text, spilled.tokens
-        session.kv_from = KvSource.DISK
-        session.load_ms = (time.perf_counter() - t0) * 1e3
+        session.kv_from = source
+        session.load_ms = load_ms
         session.check()
         return session
 
