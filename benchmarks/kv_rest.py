@@ -11,7 +11,13 @@ measured in the same run. Prints one JSON object:
   prefill of the same ids: from RAM (decode a parked cache) and from disk (read, check and
   decode its spill file) per rest dtype (targets <= 0.10x from RAM, <= 0.25x from disk);
 - ``idle_sessions``: sessions of 1,000 tokens one worker's store holds in 256 MiB before any
-  leaves RAM, per rest dtype, against ``none`` (target >= 4x).
+  leaves RAM, per rest dtype, against ``none`` (target >= 4x);
+- ``checkpoint``: the TTFT of a session's next turn on a worker that did not hold it (the turn
+  flagged worker_lost, as after kill -9 of its worker), warm from the checkpoint the lost
+  worker wrote against cold without one (target <= 0.25x); and the time to append a warm
+  turn's positions to the checkpoint against that turn's TTFT (target <= 5%). The kill itself
+  is exercised by ``tests/test_checkpoint_serve.py``; here both workers are schedulers in this
+  process, so that only the turn is timed.
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ from kvroute.engine.cache import KVCache  # noqa: E402
 from kvroute.engine.engine import Engine  # noqa: E402
 from kvroute.engine.kv_codec import RestDtype  # noqa: E402
 from kvroute.engine.model_store import resolve_model  # noqa: E402
+from kvroute.engine.sampling import SamplingParams  # noqa: E402
+from kvroute.worker.checkpoint import Checkpoints  # noqa: E402
+from kvroute.worker.events import EndEvent  # noqa: E402
+from kvroute.worker.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from kvroute.worker.sessions import SessionStore  # noqa: E402
 from kvroute.worker.spill import SpillDir, SpillIdentity  # noqa: E402
 
@@ -44,11 +54,14 @@ TARGETS = {
     "restore_ram": 0.10,
     "restore_disk": 0.25,
     "idle_sessions": 4.0,
+    "checkpoint_ttft": 0.25,
+    "checkpoint_write": 0.05,
 }
 
 
-def long_prompt(engine: Engine, n: int) -> list[int]:
-    """A chat history of at least ``n`` tokens (reference questions and answers), cut to n."""
+def long_chat(engine: Engine, n: int) -> tuple[list[dict[str, str]], list[int]]:
+    """A chat history of at least ``n`` tokens (reference questions and answers) ending with a
+    user message, and its prompt ids."""
     cases = json.loads(
         (Path(__file__).resolve().parent.parent / "tests/data/llamacpp_cases.json").read_text()
     )["cases"]
@@ -63,7 +76,62 @@ def long_prompt(engine: Engine, n: int) -> list[int]:
         ]
         ids = engine.encode_prompt(engine.render_prompt([*msgs, {"role": "user", "content": "?"}]))
         i += 1
-    return ids[:n]
+    msgs.append({"role": "user", "content": "?"})
+    return msgs, ids
+
+
+def long_prompt(engine: Engine, n: int) -> list[int]:
+    """Ids of a chat history of at least ``n`` tokens, cut to n."""
+    return long_chat(engine, n)[1][:n]
+
+
+def turn(
+    sched: Scheduler, sid: bytes, msgs: list[dict[str, str]], worker_lost: bool = False
+) -> tuple[str, EndEvent]:
+    """Run one greedy turn of 8 tokens; its reply and END."""
+    events = list(sched.submit(b"r", sid, msgs, SamplingParams(8), worker_lost))
+    while sched.busy:
+        events.extend(sched.step())
+    end = next(e for e in events if isinstance(e, EndEvent))
+    return "".join(getattr(e, "text", "") for e in events), end
+
+
+def checkpoint_figures(engine: Engine, n: int, directory: Path) -> dict[str, Any]:
+    a = engine.model.args
+    ident = SpillIdentity("0" * 64, engine.n_ctx, a.n_layers, a.n_kv_heads, a.head_dim)
+    msgs, _ = long_chat(engine, n)
+    ckpt = Checkpoints(directory, ident, RestDtype.Q8_0)
+    lost = Scheduler(engine, SchedulerConfig(kv_rest=RestDtype.Q8_0, checkpoints=ckpt))
+    reply, _ = turn(lost, b"s", msgs)  # the worker that will be lost: it checkpoints the turn
+    nxt = [*msgs, {"role": "assistant", "content": reply}, {"role": "user", "content": "Why?"}]
+    plain = Scheduler(engine)
+    _, cold = turn(plain, b"s", nxt, worker_lost=True)
+    ckpt2 = Checkpoints(directory, ident, RestDtype.Q8_0)
+    heir = Scheduler(engine, SchedulerConfig(kv_rest=RestDtype.Q8_0, checkpoints=ckpt2))
+    reply2, warm = turn(heir, b"s", nxt, worker_lost=True)
+    assert warm.stats.kv_source == "checkpoint", warm.stats
+    # A warm turn on the heir, with the time its checkpoint append takes.
+    saves: list[float] = []
+    save = ckpt2.save
+
+    def timed_save(*args: Any) -> None:
+        t = time.perf_counter()
+        save(*args)
+        saves.append(time.perf_counter() - t)
+
+    ckpt2.save = timed_save  # type: ignore[method-assign]
+    more = [*nxt, {"role": "assistant", "content": reply2}, {"role": "user", "content": "Sure?"}]
+    _, hot = turn(heir, b"s", more)
+    return {
+        "tokens": cold.stats.prompt_tokens,
+        "cold_ttft_ms": cold.stats.ttft_ms,
+        "checkpoint_ttft_ms": warm.stats.ttft_ms,
+        "checkpoint_restore_ms": warm.stats.restore_ms,
+        "checkpoint_vs_cold": round(warm.stats.ttft_ms / cold.stats.ttft_ms, 4),
+        "warm_ttft_ms": hot.stats.ttft_ms,
+        "append_ms": round(saves[0] * 1e3, 2),
+        "append_vs_warm_ttft": round(saves[0] * 1e3 / hot.stats.ttft_ms, 4),
+    }
 
 
 def copy_cache(engine: Engine, src: KVCache) -> KVCache:
@@ -149,14 +217,21 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1500)
     ap.add_argument("--budget-mib", type=int, default=256)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--only", choices=["checkpoint"], help="run one part alone")
     args = ap.parse_args()
     engine = Engine.load(resolve_model(args.model))
     ids = long_prompt(engine, args.tokens)
+    if args.only == "checkpoint":
+        with tempfile.TemporaryDirectory(prefix="kv_ckpt_") as tmp:
+            print(json.dumps(checkpoint_figures(engine, args.tokens, Path(tmp)), indent=1))
+        return
     with tempfile.TemporaryDirectory(prefix="kv_rest_") as tmp:
         report = restore_figures(engine, ids, Path(tmp))
     base = engine.new_cache()
     engine.prefill(base, ids[:1000])
     report["idle_sessions"] = idle_sessions(engine, base, 1000, args.budget_mib)
+    with tempfile.TemporaryDirectory(prefix="kv_ckpt_") as tmp:
+        report["checkpoint"] = checkpoint_figures(engine, args.tokens, Path(tmp))
     report["targets"] = {
         "bytes_q8_0<=0.27": report["bytes_per_token"]["q8_0"] <= TARGETS["bytes_q8_0"],
         "bytes_q4_0<=0.16": report["bytes_per_token"]["q4_0"] <= TARGETS["bytes_q4_0"],
@@ -167,6 +242,10 @@ def main() -> None:
             report[f"restore_{d.value}"]["disk_vs_cold"] <= TARGETS["restore_disk"] for d in LOSSY
         ),
         "idle_sessions>=4x": report["idle_sessions"]["ratio"]["q8_0"] >= TARGETS["idle_sessions"],
+        "checkpoint_ttft<=0.25": report["checkpoint"]["checkpoint_vs_cold"]
+        <= TARGETS["checkpoint_ttft"],
+        "checkpoint_write<=5%": report["checkpoint"]["append_vs_warm_ttft"]
+        <= TARGETS["checkpoint_write"],
     }
     text = json.dumps(report, indent=1)
     print(text)
