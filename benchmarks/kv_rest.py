@@ -119,7 +119,7 @@ def checkpoint_figures(engine: Engine, n: int, directory: Path) -> dict[str, Any
         save(*args)
         saves.append(time.perf_counter() - t)
 
-    ckpt2.save = timed_save  # type: ignore[method-assign]
+    ckpt2.save = timed_save  # type: ignore[method-assign,assignment]
     more = [*nxt, {"role": "assistant", "content": reply2}, {"role": "user", "content": "Sure?"}]
     _, hot = turn(heir, b"s", more)
     return {
