@@ -12,6 +12,8 @@ measured in the same run. Prints one JSON object:
   decode its spill file) per rest dtype (targets <= 0.10x from RAM, <= 0.25x from disk);
 - ``idle_sessions``: sessions of 1,000 tokens one worker's store holds in 256 MiB before any
   leaves RAM, per rest dtype, against ``none`` (target >= 4x);
+- ``decode``: decode step time with ``--kv-dtype f16`` against f32 at ``--tokens`` of context
+  (target: f16 tok/s >= 0.95x of f32), alternating rounds, best of each;
 - ``checkpoint``: the TTFT of a session's next turn on a worker that did not hold it (the turn
   flagged worker_lost, as after kill -9 of its worker), warm from the checkpoint the lost
   worker wrote against cold without one (target <= 0.25x); and the time to append a warm
@@ -54,6 +56,7 @@ TARGETS = {
     "restore_ram": 0.10,
     "restore_disk": 0.25,
     "idle_sessions": 4.0,
+    "decode_f16": 0.95,
     "checkpoint_ttft": 0.25,
     "checkpoint_write": 0.05,
 }
@@ -189,6 +192,27 @@ def restore_figures(engine: Engine, ids: list[int], spill_dir: Path) -> dict[str
     return out
 
 
+def decode_figures(engine: Engine, ids: list[int], steps: int = 24) -> dict[str, Any]:
+    caches = {}
+    for dtype in ("f32", "f16"):
+        caches[dtype] = engine.new_cache(dtype)
+        engine.prefill(caches[dtype], ids)
+    best = {"f32": float("inf"), "f16": float("inf")}
+    for _ in range(3):
+        for dtype, cache in caches.items():
+            cache.truncate(len(ids))
+            t0 = time.perf_counter()
+            for i in range(steps):
+                engine.forward([(cache, [100 + i])])
+            best[dtype] = min(best[dtype], (time.perf_counter() - t0) / steps)
+    return {
+        "context": len(ids),
+        "f32_step_ms": round(best["f32"] * 1e3, 2),
+        "f16_step_ms": round(best["f16"] * 1e3, 2),
+        "f16_vs_f32_tok_s": round(best["f32"] / best["f16"], 3),
+    }
+
+
 def idle_sessions(engine: Engine, base: KVCache, tokens: int, budget_mib: int) -> dict[str, Any]:
     """Sessions of ``tokens`` positions held in the budget before the first leaves RAM."""
     out: dict[str, Any] = {}
@@ -230,6 +254,7 @@ def main() -> None:
     base = engine.new_cache()
     engine.prefill(base, ids[:1000])
     report["idle_sessions"] = idle_sessions(engine, base, 1000, args.budget_mib)
+    report["decode"] = decode_figures(engine, ids)
     with tempfile.TemporaryDirectory(prefix="kv_ckpt_") as tmp:
         report["checkpoint"] = checkpoint_figures(engine, args.tokens, Path(tmp))
     report["targets"] = {
@@ -242,6 +267,7 @@ def main() -> None:
             report[f"restore_{d.value}"]["disk_vs_cold"] <= TARGETS["restore_disk"] for d in LOSSY
         ),
         "idle_sessions>=4x": report["idle_sessions"]["ratio"]["q8_0"] >= TARGETS["idle_sessions"],
+        "decode_f16>=0.95x": report["decode"]["f16_vs_f32_tok_s"] >= TARGETS["decode_f16"],
         "checkpoint_ttft<=0.25": report["checkpoint"]["checkpoint_vs_cold"]
         <= TARGETS["checkpoint_ttft"],
         "checkpoint_write<=5%": report["checkpoint"]["append_vs_warm_ttft"]

@@ -147,3 +147,25 @@ def test_turn_after_park_restores_and_reports(tiny_engine: Engine, dtype: RestDt
     assert end.stats.cached_tokens == end_hot.stats.cached_tokens
     assert got == want
     assert not session.cache.parked and session.kv_from is KvSource.HOT
+
+
+def test_f16_live_cache_parks_losslessly_to_f16(tiny_engine: Engine) -> None:
+    """``--kv-dtype f16``: caches hold half floats, count half the bytes, and park to f16
+    exactly, so the turn after a restore is the turn without one."""
+    msgs = [{"role": "user", "content": "hello there, how are you today?"}]
+    cfg = SchedulerConfig(kv_rest=RestDtype.F16, kv_dtype="f16")
+    plain, sched = Scheduler(tiny_engine, cfg), Scheduler(tiny_engine, cfg)
+    replies = [run(s, b"s", msgs)[0] for s in (plain, sched)]
+    assert replies[0] == replies[1]
+    session = sched.store.get(b"s")
+    assert session is not None and session.cache.k.dtype == np.float16
+    f32 = tiny_engine.new_cache()
+    assert session.cache.bytes_per_token * 2 == f32.bytes_per_token
+    held = session.cache.k[:, :, : session.cache.length].copy()
+    assert sched.store.park(session) > 0
+    session.begin(b"x", len(session.tokens))
+    session.trim_to_keep()
+    assert np.array_equal(session.cache.k[:, :, : session.cache.length], held)
+    session.rollback()
+    nxt = [*msgs, {"role": "assistant", "content": replies[0]}, {"role": "user", "content": "so?"}]
+    assert run(plain, b"s", nxt)[0] == run(sched, b"s", nxt)[0]

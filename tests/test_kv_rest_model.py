@@ -96,3 +96,24 @@ def test_q4_0_agreement_rate_is_reported(
     record_property("q4_0_agreement", rate)
     print(f"q4_0 greedy agreement after restore: {rate:.2f} of {len(CASES)} cases")
     assert len(agreement[RestDtype.Q4_0]) == len(CASES)
+
+
+CLEAR_MARGIN = 0.5  # as test_engine: llama.cpp top-1/top-2 gap below which order may flip
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"case{i}" for i in range(len(CASES))])
+def test_f16_live_cache_greedy_matches_llamacpp(engine: Engine, index: int) -> None:
+    """``--kv-dtype f16``: the greedy ids still follow llama.cpp's wherever its choice is clear
+    (the same criterion as the float32 cache's conformance test)."""
+    case = CASES[index]
+    margins = [step["margin_top1_top2"] for step in case["steps"]]
+    n = next((i for i, m in enumerate(margins) if m < CLEAR_MARGIN), len(margins))
+    cache = engine.new_cache("f16")
+    assert (
+        cache.k.dtype == np.float16
+        and cache.bytes_per_token * 2
+        == KVCache(cache.n_layers, cache.n_kv_heads, cache.head_dim, 16).bytes_per_token
+    )
+    params = SamplingParams(max_tokens=max(n, 1), temperature=0.0, ignore_eos=True)
+    ids = [p.token_id for p in engine.generate(case["prompt_ids"], params, cache=cache)]
+    assert [i for i in ids if i is not None][:n] == case["greedy_ids"][:n], f"clear prefix {n}"

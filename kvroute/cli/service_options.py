@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from kvroute.broker.config import BrokerConfig
+from kvroute.engine.cache import LIVE_DTYPES
 from kvroute.engine.kv_codec import RestDtype
 from kvroute.proto.limits import MAX_BODY_BYTES, MAX_CAPACITY, MIN_HEARTBEAT_INTERVAL_S
 from kvroute.worker.config import KV_DEFAULT_RULE, WorkerConfig
@@ -199,6 +200,17 @@ worker_options = option_group(
             ),
         ),
         (
+            "kv_dtype",
+            click.option(
+                "--kv-dtype",
+                type=click.Choice(sorted(LIVE_DTYPES)),
+                default=_W.kv_dtype,
+                show_default=True,
+                help="How live KV caches hold keys and values: f16 halves their bytes but "
+                "slows decoding on long contexts (numpy widens it to f32 for attention).",
+            ),
+        ),
+        (
             "kv_rest",
             click.option(
                 "--kv-rest",
@@ -264,5 +276,5 @@ worker_options = option_group(
     ),
     _check_worker,
 )
-"""``--capacity --kv-budget-mb --kv-rest --spill-dir --spill-mb --checkpoint --prefill-chunk
---threads``, handed over as ``worker_kw`` (WorkerConfig keywords)."""
+"""``--capacity --kv-budget-mb --kv-dtype --kv-rest --spill-dir --spill-mb --checkpoint
+--prefill-chunk --threads``, handed over as ``worker_kw`` (WorkerConfig keywords)."""

@@ -42,8 +42,12 @@ class RestKV:
         return self.k.shape[2]
 
 
+LIVE_DTYPES = {"f32": np.float32, "f16": np.float16}
+"""How a live cache holds keys and values (``--kv-dtype``): the attention reads them as float32."""
+
+
 class KVCache:
-    """Keys and values of one sequence, all layers, float32.
+    """Keys and values of one sequence, all layers, float32 (or float16, ``dtype="f16"``).
 
     Layout is ``(n_layers, n_kv_heads, capacity, head_dim)`` so that one layer's keys for one
     head are a contiguous ``(L, head_dim)`` block, which BLAS reads without a copy.
@@ -56,7 +60,15 @@ class KVCache:
     positions back before the next forward pass (which asserts it is not parked).
     """
 
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int) -> None:
+    def __init__(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: str = "f32",
+    ) -> None:
+        self.dtype = np.dtype(LIVE_DTYPES[dtype])
         self.n_layers = n_layers
         self.n_kv_heads = n_kv_heads
         self.head_dim = head_dim
@@ -64,14 +76,14 @@ class KVCache:
         self.growth_limit = max_len  # growth allocates no more positions than this (see reserve)
         self.length = 0  # positions holding committed keys/values
         shape = (n_layers, n_kv_heads, 0, head_dim)
-        self.k = np.zeros(shape, dtype=np.float32)
-        self.v = np.zeros(shape, dtype=np.float32)
+        self.k = np.zeros(shape, dtype=self.dtype)
+        self.v = np.zeros(shape, dtype=self.dtype)
         self.rest: RestKV | None = None  # the positions, compressed, while parked
 
     @property
     def capacity(self) -> int:
         """Positions allocated (>= length)."""
-        return self.k.shape[2]
+        return int(self.k.shape[2])
 
     @property
     def nbytes(self) -> int:
@@ -90,8 +102,8 @@ class KVCache:
         n = self.length
         self.rest = RestKV(encode(self.k[:, :, :n], dtype), encode(self.v[:, :, :n], dtype))
         empty = (self.n_layers, self.n_kv_heads, 0, self.head_dim)
-        self.k = np.zeros(empty, dtype=np.float32)
-        self.v = np.zeros(empty, dtype=np.float32)
+        self.k = np.zeros(empty, dtype=self.dtype)
+        self.v = np.zeros(empty, dtype=self.dtype)
 
     def load(self, rest: RestKV) -> None:
         """Hold ``rest`` as this (empty) cache's positions, parked (a restore from disk)."""
@@ -113,8 +125,8 @@ class KVCache:
         n = self.length
         cap = min(self.max_len, max(n + n_new, min(self.growth_limit, n + max(n_new, MIN_GROW))))
         shape = (self.n_layers, self.n_kv_heads, cap, self.head_dim)
-        self.k = np.empty(shape, dtype=np.float32)
-        self.v = np.empty(shape, dtype=np.float32)
+        self.k = np.empty(shape, dtype=self.dtype)
+        self.v = np.empty(shape, dtype=self.dtype)
         for packed, dst in ((rest.k, self.k), (rest.v, self.v)):
             if rest.length == n:
                 decode(packed, dst[:, :, :n])
@@ -124,7 +136,7 @@ class KVCache:
     @property
     def bytes_per_token(self) -> int:
         """Bytes one position costs (keys + values, all layers)."""
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 4
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * self.dtype.itemsize
 
     def grown_capacity(self, need: int) -> int:
         """The capacity `reserve` allocates when ``need`` positions do not fit.
@@ -145,8 +157,8 @@ class KVCache:
         if need <= self.capacity:
             return
         shape = (self.n_layers, self.n_kv_heads, self.grown_capacity(need), self.head_dim)
-        k = np.empty(shape, dtype=np.float32)
-        v = np.empty(shape, dtype=np.float32)
+        k = np.empty(shape, dtype=self.dtype)
+        v = np.empty(shape, dtype=self.dtype)
         k[:, :, : self.length] = self.k[:, :, : self.length]
         v[:, :, : self.length] = self.v[:, :, : self.length]
         self.k, self.v = k, v

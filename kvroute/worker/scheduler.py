@@ -43,6 +43,7 @@ class SchedulerConfig:
     kv_budget_bytes: int | None = None  # KV bytes for all sessions; idle ones evicted beyond it
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # capacity, queue
     kv_rest: RestDtype = RestDtype.NONE  # idle sessions compressed to this before eviction
+    kv_dtype: str = "f32"  # how live caches hold keys and values (f32 or f16)
     spill: SpillDir | None = None  # where sessions leaving RAM are written (None: dropped)
     checkpoints: Checkpoints | None = None  # committed KV shared with other workers, or None
 
@@ -66,8 +67,9 @@ class Scheduler:
         self.engine = engine
         self.worker_id = worker_id
         self.config = config or SchedulerConfig()
+        dtype = self.config.kv_dtype
         self.store = SessionStore(
-            engine.new_cache,
+            lambda: engine.new_cache(dtype),
             self.config.kv_budget_bytes,
             rest=self.config.kv_rest,
             spill=self.config.spill,

@@ -105,6 +105,7 @@ class WorkerService:
             c.kv_budget_bytes,
             c.admission,
             kv_rest=RestDtype(c.kv_rest),
+            kv_dtype=c.kv_dtype,
             spill=self._spill_dir(),
             checkpoints=self._checkpoints(),
         )
