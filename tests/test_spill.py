@@ -194,3 +194,21 @@ def test_many_sessions_spill_and_come_back_warm(
             assert got == want  # float32 on disk: exactly what stayed hot computes
     assert KvSource.DISK in sources
     assert spill.invalid == 0 and sched.store.evictions == 0
+
+
+def test_overflow_leaves_a_spilled_session_on_disk(tiny_engine: Engine, tmp_path: Path) -> None:
+    a = tiny_engine.model.args
+    ident = SpillIdentity("ab" * 32, tiny_engine.n_ctx, a.n_layers, a.n_kv_heads, a.head_dim)
+    spill = SpillDir(tmp_path, 64 * MB, ident)
+    sched = Scheduler(tiny_engine, SchedulerConfig(kv_budget_bytes=1, spill=spill))
+    msgs = [{"role": "user", "content": "hello"}]
+    reply, _ = run(sched, b"s", msgs)
+    run(sched, b"t", msgs)  # s, idle, leaves RAM for t
+    assert b"s" in spill and b"s" not in sched.store
+    nxt = [*msgs, {"role": "assistant", "content": reply}, {"role": "user", "content": "more"}]
+    params = SamplingParams(max_tokens=tiny_engine.n_ctx)
+    events = sched.submit(b"r2", b"s", nxt, params)
+    assert [type(e).__name__ for e in events] == ["OverflowEvent"]
+    assert b"s" in spill and b"s" not in sched.store  # untouched: still on disk
+    _, end = run(sched, b"s", nxt)
+    assert end.stats.kv_source is KvSource.DISK and end.stats.path is CachePath.TEXT_PREFIX

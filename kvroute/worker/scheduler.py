@@ -130,7 +130,9 @@ class Scheduler:
         if worker_lost:
             self.store.reset(session_id, ColdReason.WORKER_LOST)
             held = self._restore_checkpoint(session_id)
+        from_disk = held is None and self.store.get(session_id) is None
         held = held or self.store.get(session_id) or self.store.restore_spilled(session_id)
+        from_disk = from_disk and held is not None
         text, tokens = (held.text, held.tokens) if held else ("", [])
         plan = plan_prefill(text, tokens, prompt, self.engine.prompts)
         if (
@@ -143,6 +145,8 @@ class Scheduler:
             plan = plan_prefill("", [], prompt, self.engine.prompts)
         overflow = Overflow(len(plan.prompt_ids), params.max_tokens, self.engine.n_ctx)
         if not overflow.fits:
+            if from_disk:
+                self.store.respill(session_id)  # left as it was: on disk
             return [OverflowEvent(request_id, session_id, overflow)]
         # Past this point the turn is accepted and the session may change.
         session = self.store.acquire(session_id)

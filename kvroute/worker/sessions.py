@@ -287,6 +287,16 @@ class SessionStore:
             return None
         return self.install(session_id, spilled, KvSource.DISK, (time.perf_counter() - t0) * 1e3)
 
+    def respill(self, session_id: bytes) -> None:
+        """Write a session read back by `restore_spilled` to disk again, as it was (its turn was
+        refused before it began: an overflow must leave the session where it was)."""
+        session = self._sessions.get(session_id)
+        if session is None or session.in_flight is not None:
+            return
+        del self._sessions[session_id]
+        for sid in self._spill(session):
+            self._remember(sid, ColdReason.EVICTED)
+
     def install(
         self, session_id: bytes, spilled: Spilled, source: KvSource, load_ms: float
     ) -> Session:
