@@ -35,6 +35,7 @@ from kvroute.proto import (
     FinishReason,
     Heartbeat,
     Kind,
+    KvSource,
     LostReason,
     Overflow,
     ProtocolViolation,
@@ -182,6 +183,12 @@ def valid_bodies() -> dict[str, tuple[Kind, Any]]:
             )
             name = f"END/stats/{path.value}/{reason.value if reason else 'nil'}"
             cases[name] = (Kind.END, TurnEnd(L.MAX_SEQ, FinishReason.STOP, reply_sha256(""), stats))
+    for source in KvSource:
+        stats = TurnStats(40, 30, 10, 5, CachePath.TEXT_PREFIX, None, 9.5, 2.0, "w0", 3.25, source)
+        cases[f"END/kv_source/{source.value}"] = (
+            Kind.END,
+            TurnEnd(7, FinishReason.STOP, reply_sha256(""), stats),
+        )
     for code in ErrorCode:
         cases[f"ERROR/{code.value}"] = (Kind.ERROR, ErrorReply(code, f"because {code.value}"))
     for reason in LostReason:

@@ -316,9 +316,9 @@ class ForceToken:
         self.at_call = at_call
         self.calls = 0
 
-    def new_cache(self, max_len: int) -> KVCache:
+    def new_cache(self, max_len: int, dtype: str = "f32") -> KVCache:
         """The wrapped model's cache."""
-        return self.model.new_cache(max_len)
+        return self.model.new_cache(max_len, dtype)
 
     def forward(
         self, segments: Sequence[tuple[KVCache, Sequence[int]]], all_logits: bool = False

@@ -18,9 +18,12 @@ checks every session and every request:
 from __future__ import annotations
 
 import hashlib
+import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -32,12 +35,14 @@ from hypothesis.stateful import (
 )
 
 from kvroute.engine.engine import Engine
+from kvroute.engine.kv_codec import decode
 from kvroute.engine.sampling import SamplingParams
 from kvroute.proto.errors import ErrorCode
 from kvroute.proto.messages import TurnEnd, reply_sha256
 from kvroute.worker.events import BusyEvent, EndEvent, ErrorEvent, Event, TokenEvent
 from kvroute.worker.scheduler import Scheduler, SchedulerConfig
 from kvroute.worker.sessions import Session
+from kvroute.worker.spill import SpillDir, SpillIdentity
 
 Messages = list[dict[str, str]]
 
@@ -68,12 +73,17 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     engine: Engine  # set by the test before running
 
+    def new_spill(self) -> SpillDir | None:
+        """Where evicted sessions go (None: dropped)."""
+        return None
+
     def __init__(self) -> None:
         super().__init__()
         per_token = self.engine.new_cache().bytes_per_token
         # Room for about two full contexts: the third session's turns make the store evict.
         budget = 2 * self.engine.n_ctx * per_token
-        self.sched = Scheduler(self.engine, SchedulerConfig(PREFILL_CHUNK, budget))
+        cfg = SchedulerConfig(PREFILL_CHUNK, budget, spill=self.new_spill())
+        self.sched = Scheduler(self.engine, cfg)
         self.requests: dict[bytes, Request] = {}
         self.history: dict[bytes, Messages] = {sid: [] for sid in SIDS}  # last prompt accepted
         self.reply: dict[bytes, str | None] = dict.fromkeys(SIDS)  # its reply as streamed
@@ -252,6 +262,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         if n == 0:
             return
         k, v = session.cache.k[:, :, :n], session.cache.v[:, :, :n]
+        if session.cache.rest is not None:  # read back from disk, not yet run: float32 codes
+            k, v = decode(session.cache.rest.k)[:, :, :n], decode(session.cache.rest.v)[:, :, :n]
         key = (bytes(np.array(session.tokens, dtype=np.int64)), digest(k, v))
         if key in self.verified:
             return
@@ -289,6 +301,35 @@ def test_no_call_sequence_breaks_a_session(tiny_engine: Engine) -> None:
         SchedulerMachine,
         settings=settings(
             max_examples=100,
+            stateful_step_count=50,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
+
+
+class SpillingMachine(SchedulerMachine):
+    """The same, with evicted sessions written to disk (float32) and read back by their next
+    turn: every path through a spill keeps the invariant and the exact cache contents."""
+
+    directory: Path  # set by the test before running
+
+    def new_spill(self) -> SpillDir | None:
+        a = self.engine.model.args
+        ident = SpillIdentity("ab" * 32, self.engine.n_ctx, a.n_layers, a.n_kv_heads, a.head_dim)
+        return SpillDir(self.directory / uuid.uuid4().hex, 1 << 30, ident)
+
+
+@pytest.mark.timeout(900)
+def test_no_call_sequence_breaks_a_spilling_session(tiny_engine: Engine, tmp_path: Path) -> None:
+    SpillingMachine.engine = tiny_engine
+    SpillingMachine.directory = tmp_path
+    run_state_machine_as_test(
+        SpillingMachine,
+        settings=settings(
+            max_examples=40,
             stateful_step_count=50,
             deadline=None,
             derandomize=True,

@@ -12,6 +12,8 @@ from typing import Any
 import click
 
 from kvroute.broker.config import BrokerConfig
+from kvroute.engine.cache import LIVE_DTYPES
+from kvroute.engine.kv_codec import RestDtype
 from kvroute.proto.limits import MAX_BODY_BYTES, MAX_CAPACITY, MIN_HEARTBEAT_INTERVAL_S
 from kvroute.worker.config import KV_DEFAULT_RULE, WorkerConfig
 
@@ -60,6 +62,11 @@ def _check_broker(kw: dict[str, Any]) -> None:
         raise click.UsageError("--allow-worker-keys needs --curve-secret and --allow-keys")
     if kw["max_msg_size"] < kw["max_body_bytes"]:
         raise click.UsageError("--max-msg-size must be at least --max-body-bytes")
+
+
+def _check_worker(kw: dict[str, Any]) -> None:
+    if kw["checkpoint"] and kw["spill_dir"] is None:
+        raise click.UsageError("--checkpoint needs --spill-dir (shared by the workers)")
 
 
 broker_options = option_group(
@@ -193,6 +200,60 @@ worker_options = option_group(
             ),
         ),
         (
+            "kv_dtype",
+            click.option(
+                "--kv-dtype",
+                type=click.Choice(sorted(LIVE_DTYPES)),
+                default=_W.kv_dtype,
+                show_default=True,
+                help="How live KV caches hold keys and values: f16 halves their bytes but "
+                "slows decoding on long contexts (numpy widens it to f32 for attention).",
+            ),
+        ),
+        (
+            "kv_rest",
+            click.option(
+                "--kv-rest",
+                type=click.Choice([d.value for d in RestDtype]),
+                default=_W.kv_rest,
+                show_default=True,
+                help="How idle sessions are compressed when the KV budget is short, before "
+                "any is evicted (none: evicted at once).",
+            ),
+        ),
+        (
+            "spill_dir",
+            click.option(
+                "--spill-dir",
+                type=click.Path(file_okay=False),
+                default=_W.spill_dir,
+                help="Write sessions that must leave RAM here (one subdirectory per worker) "
+                "instead of dropping them; their next turn reads them back.",
+            ),
+        ),
+        (
+            "spill_mb",
+            click.option(
+                "--spill-mb",
+                type=FiniteRange(min=0, min_open=True),
+                default=_W.spill_mb,
+                show_default=True,
+                help="Disk budget of one worker's spill files in MiB (least recently written "
+                "dropped beyond it).",
+            ),
+        ),
+        (
+            "checkpoint",
+            click.option(
+                "--checkpoint/--no-checkpoint",
+                default=_W.checkpoint,
+                show_default=True,
+                help="At each turn end, append the session's new KV to a checkpoint in "
+                "--spill-dir, so that another worker sharing it resumes the session warm if "
+                "this one dies.",
+            ),
+        ),
+        (
             "prefill_chunk",
             click.option(
                 "--prefill-chunk",
@@ -213,6 +274,7 @@ worker_options = option_group(
             ),
         ),
     ),
+    _check_worker,
 )
-"""``--capacity --kv-budget-mb --prefill-chunk --threads``, handed over as ``worker_kw``
-(WorkerConfig keywords)."""
+"""``--capacity --kv-budget-mb --kv-dtype --kv-rest --spill-dir --spill-mb --checkpoint
+--prefill-chunk --threads``, handed over as ``worker_kw`` (WorkerConfig keywords)."""

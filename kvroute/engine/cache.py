@@ -14,23 +14,61 @@ never allocates more than it reserved.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+from .kv_codec import Packed, RestDtype, decode, encode
 
 MIN_GROW = 16  # fewest positions one growth adds: decode one token at a time without a copy each
 GROWTH = 0.5  # growth adds this fraction of the capacity: geometric, so copies amortise to O(n)
 
 
+@dataclass(frozen=True)
+class RestKV:
+    """A parked cache's keys and values in a rest form, ``(n_layers, n_kv_heads, L, head_dim)``."""
+
+    k: Packed
+    v: Packed
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return self.k.nbytes + self.v.nbytes
+
+    @property
+    def length(self) -> int:
+        """Positions held."""
+        return self.k.shape[2]
+
+
+LIVE_DTYPES = {"f32": np.float32, "f16": np.float16}
+"""How a live cache holds keys and values (``--kv-dtype``): the attention reads them as float32."""
+
+
 class KVCache:
-    """Keys and values of one sequence, all layers, float32.
+    """Keys and values of one sequence, all layers, float32 (or float16, ``dtype="f16"``).
 
     Layout is ``(n_layers, n_kv_heads, capacity, head_dim)`` so that one layer's keys for one
     head are a contiguous ``(L, head_dim)`` block, which BLAS reads without a copy.
 
     The verbs mirror mlx-lm's caches: ``update_and_fetch`` during a forward pass, ``advance`` once
     the pass is complete, ``trim`` to drop a suffix, ``nbytes`` for budgets.
+
+    An idle cache may be *parked*: its positions compressed (`park`, see ``kv_codec``) and its
+    float32 arrays released. ``length`` and `trim` work as before; `unpark` decodes the kept
+    positions back before the next forward pass (which asserts it is not parked).
     """
 
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int) -> None:
+    def __init__(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: str = "f32",
+    ) -> None:
+        self.dtype = np.dtype(LIVE_DTYPES[dtype])
         self.n_layers = n_layers
         self.n_kv_heads = n_kv_heads
         self.head_dim = head_dim
@@ -38,23 +76,67 @@ class KVCache:
         self.growth_limit = max_len  # growth allocates no more positions than this (see reserve)
         self.length = 0  # positions holding committed keys/values
         shape = (n_layers, n_kv_heads, 0, head_dim)
-        self.k = np.zeros(shape, dtype=np.float32)
-        self.v = np.zeros(shape, dtype=np.float32)
+        self.k = np.zeros(shape, dtype=self.dtype)
+        self.v = np.zeros(shape, dtype=self.dtype)
+        self.rest: RestKV | None = None  # the positions, compressed, while parked
 
     @property
     def capacity(self) -> int:
         """Positions allocated (>= length)."""
-        return self.k.shape[2]
+        return int(self.k.shape[2])
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated for keys and values."""
-        return self.k.nbytes + self.v.nbytes
+        """Bytes held for keys and values (allocated arrays, or the codes while parked)."""
+        return self.k.nbytes + self.v.nbytes + (self.rest.nbytes if self.rest else 0)
+
+    @property
+    def parked(self) -> bool:
+        """Whether the positions are held compressed (`unpark` before a forward pass)."""
+        return self.rest is not None
+
+    def park(self, dtype: RestDtype) -> None:
+        """Compress the committed positions into ``dtype`` and release the arrays (idempotent)."""
+        if self.rest is not None:
+            return
+        n = self.length
+        self.rest = RestKV(encode(self.k[:, :, :n], dtype), encode(self.v[:, :, :n], dtype))
+        empty = (self.n_layers, self.n_kv_heads, 0, self.head_dim)
+        self.k = np.zeros(empty, dtype=self.dtype)
+        self.v = np.zeros(empty, dtype=self.dtype)
+
+    def load(self, rest: RestKV) -> None:
+        """Hold ``rest`` as this (empty) cache's positions, parked (a restore from disk)."""
+        assert self.length == 0 and self.rest is None, "load into an empty cache"
+        shape = (self.n_layers, self.n_kv_heads, rest.length, self.head_dim)
+        assert rest.k.shape == shape and rest.v.shape == shape, f"{rest.k.shape} != {shape}"
+        assert rest.length <= self.max_len
+        self.rest, self.length = rest, rest.length
+
+    def unpark(self, n_new: int = 0) -> None:
+        """Decode the kept positions back to float32, with room for ``n_new`` more (idempotent).
+
+        Only the first ``length`` positions come back (a parked cache may have been trimmed).
+        """
+        rest = self.rest
+        if rest is None:
+            return
+        self.rest = None
+        n = self.length
+        cap = min(self.max_len, max(n + n_new, min(self.growth_limit, n + max(n_new, MIN_GROW))))
+        shape = (self.n_layers, self.n_kv_heads, cap, self.head_dim)
+        self.k = np.empty(shape, dtype=self.dtype)
+        self.v = np.empty(shape, dtype=self.dtype)
+        for packed, dst in ((rest.k, self.k), (rest.v, self.v)):
+            if rest.length == n:
+                decode(packed, dst[:, :, :n])
+            else:
+                dst[:, :, :n] = decode(packed)[:, :, :n]
 
     @property
     def bytes_per_token(self) -> int:
         """Bytes one position costs (keys + values, all layers)."""
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 4
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * self.dtype.itemsize
 
     def grown_capacity(self, need: int) -> int:
         """The capacity `reserve` allocates when ``need`` positions do not fit.
@@ -69,13 +151,14 @@ class KVCache:
 
     def reserve(self, n_new: int) -> None:
         """Make room for ``n_new`` more positions (see `grown_capacity`)."""
+        assert self.rest is None, "unpark() before a forward pass"
         need = self.length + n_new
         assert need <= self.max_len, f"cache overflow: {need} > {self.max_len}"
         if need <= self.capacity:
             return
         shape = (self.n_layers, self.n_kv_heads, self.grown_capacity(need), self.head_dim)
-        k = np.empty(shape, dtype=np.float32)
-        v = np.empty(shape, dtype=np.float32)
+        k = np.empty(shape, dtype=self.dtype)
+        v = np.empty(shape, dtype=self.dtype)
         k[:, :, : self.length] = self.k[:, :, : self.length]
         v[:, :, : self.length] = self.v[:, :, : self.length]
         self.k, self.v = k, v
@@ -112,6 +195,6 @@ class KVCache:
 
     def compact(self) -> None:
         """Release all capacity beyond the length (after a large trim, or to park a sequence)."""
-        if self.length < self.capacity:
+        if self.rest is None and self.length < self.capacity:
             self.k = self.k[:, :, : self.length].copy()
             self.v = self.v[:, :, : self.length].copy()

@@ -130,9 +130,10 @@ class Engine:
         """Token ids that end an assistant turn (EOS and the template's end-of-turn)."""
         return self.tokenizer.eot_ids
 
-    def new_cache(self) -> KVCache:
-        """An empty KV cache for one sequence, limited to ``n_ctx`` positions."""
-        return self.model.new_cache(self.n_ctx)
+    def new_cache(self, dtype: str = "f32") -> KVCache:
+        """An empty KV cache for one sequence, limited to ``n_ctx`` positions, holding keys and
+        values as ``dtype`` (``f32`` or ``f16``)."""
+        return self.model.new_cache(self.n_ctx, dtype)
 
     def render(self, messages: Sequence[Mapping[str, str]]) -> str:
         """Render role/content messages with the model's chat template (generation prompt on)."""

@@ -53,6 +53,16 @@ class ColdReason(StrEnum):
     CANCELLED = "cancelled"  # the previous turn was cancelled before anything could be kept
     DIVERGED = "diverged"  # history shares no token with the cache
     WORKER_LOST = "worker_lost"  # the previous owner died (flags bit 0 was set)
+    SPILL_INVALID = "spill_invalid"  # its spill or checkpoint file was unusable (and deleted)
+
+
+class KvSource(StrEnum):
+    """Where a turn's reused KV came from (END ``stats.kv_source``)."""
+
+    HOT = "hot"  # resident float32 in the worker's RAM (or nothing was reused)
+    REST = "rest"  # the worker's RAM, compressed at rest: decoded before the prefill
+    DISK = "disk"  # a spill file the worker wrote when it needed the RAM
+    CHECKPOINT = "checkpoint"  # a checkpoint a worker that died left in the shared spill dir
 
 
 class ChatMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -125,13 +135,17 @@ class Token(Body, frozen=True):
     ]
 
 
-class TurnStats(Body, frozen=True):
+class TurnStats(Body, frozen=True, omit_defaults=True):
     """END ``stats``: what the turn cost and how the cache was used.
 
     Invariants (checked): ``prompt_tokens == cached_tokens + prefill_tokens``; ``cold_reason`` is
     set exactly when ``path`` is cold, and a cold turn reused nothing (``cached_tokens == 0``).
     ``ttft_ms`` is worker-side, from receiving the TURN to the first token; ``decode_ms`` the
     time from the first token to the last. ``worker`` is the id READY announced.
+
+    ``restore_ms`` and ``kv_source`` (optional, left out at their defaults, so a turn that found
+    its KV hot encodes as before): the time spent, within ``ttft_ms``, decoding the reused KV
+    from where it was (:class:`KvSource`).
     """
 
     WHAT: ClassVar[str] = "END.stats"
@@ -144,6 +158,8 @@ class TurnStats(Body, frozen=True):
     ttft_ms: Millis
     decode_ms: Millis
     worker: WorkerId
+    restore_ms: Millis = 0.0
+    kv_source: KvSource = KvSource.HOT
 
     def check(self) -> None:
         """``prompt_tokens == cached_tokens + prefill_tokens``; ``cold_reason`` is set exactly

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import psutil
 
+from kvroute.engine.cache import LIVE_DTYPES
 from kvroute.engine.engine import DEFAULT_N_CTX, MIN_N_CTX
+from kvroute.engine.kv_codec import RestDtype
 from kvroute.proto.endpoint import parse_endpoint
 from kvroute.proto.identity import KeyPair
 from kvroute.proto.limits import (
@@ -71,6 +73,11 @@ class WorkerConfig:
     model: str = "default"  # GGUF path or "default"
     n_ctx: int = DEFAULT_N_CTX  # positions per session (prompt + reply)
     kv_budget_mb: float | None = None  # KV cache for all sessions; None: KV_DEFAULT_RULE
+    kv_dtype: str = "f32"  # live KV: f32, or f16 (half the bytes, slower attention in numpy)
+    kv_rest: str = RestDtype.Q8_0.value  # idle sessions compressed to this when RAM is short
+    spill_dir: str | None = None  # sessions leaving RAM are written here (one subdir per worker)
+    spill_mb: float = 4096.0  # disk budget of one worker's spill files (LRU beyond it)
+    checkpoint: bool = False  # checkpoint committed KV in spill_dir, for other workers to resume
     host_workers: int = 1  # workers sharing this machine's memory (serve sets it): default budget
     prefill_chunk: int = 256  # prompt tokens per step: bounds the time between socket polls
     threads: int = 1  # BLAS threads: N workers on few cores must not fight over them
@@ -97,6 +104,15 @@ class WorkerConfig:
         mb = self.kv_budget_mb
         if mb is not None and not (math.isfinite(mb) and mb >= 0):
             raise ValueError(f"kv_budget_mb must be >= 0 MiB (or None), not {mb!r}")
+        self.kv_rest = RestDtype(self.kv_rest).value  # ValueError names a bad one
+        if self.kv_dtype not in LIVE_DTYPES:
+            raise ValueError(
+                f"kv_dtype must be one of {sorted(LIVE_DTYPES)}, not {self.kv_dtype!r}"
+            )
+        if self.checkpoint and self.spill_dir is None:
+            raise ValueError("checkpoint needs a spill_dir (shared by the workers)")
+        if not (math.isfinite(self.spill_mb) and self.spill_mb > 0):
+            raise ValueError(f"spill_mb must be > 0 MiB, not {self.spill_mb!r}")
         for name in ("host_workers", "prefill_chunk", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

@@ -13,19 +13,23 @@ the worker and every other session go on.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kvroute.engine.engine import Engine
 from kvroute.engine.errors import EngineError
+from kvroute.engine.kv_codec import RestDtype
 from kvroute.engine.sampling import SamplingParams
 from kvroute.proto.errors import ErrorCode
-from kvroute.proto.messages import ColdReason, Overflow
+from kvroute.proto.messages import CachePath, ColdReason, KvSource, Overflow
 
 from .admission import Admission, AdmissionConfig
+from .checkpoint import Checkpoints
 from .events import BusyEvent, ErrorEvent, Event, OverflowEvent
 from .planner import plan_prefill
-from .sessions import SessionStore
+from .sessions import Session, SessionStore
+from .spill import SpillDir, SpillInvalid
 from .turn import Turn
 
 logger = logging.getLogger(__name__)
@@ -38,6 +42,10 @@ class SchedulerConfig:
     prefill_chunk: int = 256  # max prompt tokens fed per step, over all prefilling turns
     kv_budget_bytes: int | None = None  # KV bytes for all sessions; idle ones evicted beyond it
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # capacity, queue
+    kv_rest: RestDtype = RestDtype.NONE  # idle sessions compressed to this before eviction
+    kv_dtype: str = "f32"  # how live caches hold keys and values (f32 or f16)
+    spill: SpillDir | None = None  # where sessions leaving RAM are written (None: dropped)
+    checkpoints: Checkpoints | None = None  # committed KV shared with other workers, or None
 
 
 class Scheduler:
@@ -59,7 +67,13 @@ class Scheduler:
         self.engine = engine
         self.worker_id = worker_id
         self.config = config or SchedulerConfig()
-        self.store = SessionStore(engine.new_cache, self.config.kv_budget_bytes)
+        dtype = self.config.kv_dtype
+        self.store = SessionStore(
+            lambda: engine.new_cache(dtype),
+            self.config.kv_budget_bytes,
+            rest=self.config.kv_rest,
+            spill=self.config.spill,
+        )
         self.turns: dict[bytes, Turn] = {}  # session id -> turn in flight
         # Turns beyond capacity or the KV budget wait here, started in fair order by client.
         self.admission = Admission(self.config.admission, self.store, engine.n_ctx)
@@ -122,13 +136,27 @@ class Scheduler:
             prompt = self.engine.render_prompt(messages)
         except EngineError as exc:
             return [ErrorEvent(request_id, session_id, ErrorCode.BAD_BODY, str(exc), reply_to)]
+        held = None
         if worker_lost:
             self.store.reset(session_id, ColdReason.WORKER_LOST)
-        held = self.store.get(session_id)
+            held = self._restore_checkpoint(session_id)
+        from_disk = held is None and self.store.get(session_id) is None
+        held = held or self.store.get(session_id) or self.store.restore_spilled(session_id)
+        from_disk = from_disk and held is not None
         text, tokens = (held.text, held.tokens) if held else ("", [])
         plan = plan_prefill(text, tokens, prompt, self.engine.prompts)
+        if (
+            held is not None
+            and held.kv_from is KvSource.CHECKPOINT
+            and plan.path is not (CachePath.TEXT_PREFIX)
+        ):
+            # A checkpoint is used only for the history it was written for.
+            self.store.reset(session_id, ColdReason.WORKER_LOST)
+            plan = plan_prefill("", [], prompt, self.engine.prompts)
         overflow = Overflow(len(plan.prompt_ids), params.max_tokens, self.engine.n_ctx)
         if not overflow.fits:
+            if from_disk:
+                self.store.respill(session_id)  # left as it was: on disk
             return [OverflowEvent(request_id, session_id, overflow, reply_to)]
         # Past this point the turn is accepted and the session may change.
         session = self.store.acquire(session_id)
@@ -147,6 +175,34 @@ class Scheduler:
         self.admission.wait(turn, client)
         self.admission.admit(self.turns)
         return []
+
+    def _restore_checkpoint(self, session_id: bytes) -> Session | None:
+        """The session as its lost worker last checkpointed it (parked), or None."""
+        ckpt = self.config.checkpoints
+        if ckpt is None or not ckpt.has(session_id):
+            return None
+        t0 = time.perf_counter()
+        try:
+            spilled = ckpt.load(session_id)
+        except SpillInvalid:
+            self.store.reset(session_id, ColdReason.SPILL_INVALID)
+            return None
+        load_ms = (time.perf_counter() - t0) * 1e3
+        return self.store.install(session_id, spilled, KvSource.CHECKPOINT, load_ms)
+
+    def _checkpoint(self, turn: Turn) -> None:
+        """Record the session's committed state after a turn (best effort, never raises)."""
+        ckpt = self.config.checkpoints
+        s = turn.session
+        if ckpt is None or s.in_flight is not None:
+            return
+        try:
+            if s.tokens and not s.cache.parked:
+                ckpt.save(s.session_id, s.text, s.tokens, s.cache)
+            elif not s.tokens:
+                ckpt.drop(s.session_id)
+        except Exception:
+            logger.exception("checkpoint failed for session %r", s.session_id)
 
     def _overloaded(
         self, request_id: bytes, session_id: bytes, why: str, reply_to: bytes
@@ -221,6 +277,8 @@ class Scheduler:
             self.store.forget(session_id)
         else:
             self.store.reset(session_id)
+        if self.config.checkpoints is not None:
+            self.config.checkpoints.drop(session_id)
         return events
 
     def step(self) -> list[Event]:
@@ -294,6 +352,7 @@ class Scheduler:
         except Exception:
             logger.exception("finishing the turn failed for session %r", sid)
             return [self._fail(turn)]
+        self._checkpoint(turn)
         return [last, end] if last is not None else [end]
 
     def _fail(self, turn: Turn) -> ErrorEvent:
@@ -310,6 +369,8 @@ class Scheduler:
             self.turns.pop(session_id, None)
             self.admission.remove(session_id)
             self.store.reset(session_id)
+            if self.config.checkpoints is not None:
+                self.config.checkpoints.drop(session_id)
         return ErrorEvent(
             request_id,
             session_id,

@@ -18,12 +18,15 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import assert_never
 
 import zmq
 
 from kvroute.engine.engine import Engine
 from kvroute.engine.errors import EngineError
+from kvroute.engine.kv_codec import RestDtype
+from kvroute.engine.model_store import sha256_of
 from kvroute.engine.sampling import SamplingParams
 from kvroute.proto import (
     EMPTY_BODY,
@@ -46,11 +49,13 @@ from kvroute.proto.errors import ErrorCode
 from kvroute.proto.identity import CurveClient, KeyFileError
 from kvroute.proto.limits import MAX_IDLE_MS, MAX_RESIDENT_SESSIONS
 
-from .config import WorkerConfig
+from .checkpoint import Checkpoints
+from .config import MIB, WorkerConfig
 from .events import BusyEvent, EndEvent, ErrorEvent, Event, OverflowEvent, TokenEvent
 from .gauges import WorkerMeter
 from .process import setup_worker_process
 from .scheduler import Scheduler, SchedulerConfig
+from .spill import SpillDir, SpillIdentity
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +87,7 @@ class WorkerService:
         self.worker_id = config.worker_id or f"w{os.getpid()}"
         self.epoch = 0
         self.registrations = 0
+        self._ident: SpillIdentity | None = None
         self.scheduler = self._new_scheduler()
         logger.info("worker %s: %s", self.worker_id, config.describe_kv_budget())
         self._announce = True  # announce resident sessions in the next READY
@@ -93,8 +99,45 @@ class WorkerService:
 
     def _new_scheduler(self) -> Scheduler:
         c = self.config
-        cfg = SchedulerConfig(c.prefill_chunk, c.kv_budget_bytes, c.admission)
+        cfg = SchedulerConfig(
+            c.prefill_chunk,
+            c.kv_budget_bytes,
+            c.admission,
+            kv_rest=RestDtype(c.kv_rest),
+            kv_dtype=c.kv_dtype,
+            spill=self._spill_dir(),
+            checkpoints=self._checkpoints(),
+        )
         return Scheduler(self.engine, cfg, self.worker_id)
+
+    def _identity(self) -> SpillIdentity:
+        """What this worker's spill and checkpoint files are written for."""
+        if self._ident is None:
+            engine = self.engine
+            assert engine.path is not None, "a served engine comes from a file"
+            a = engine.model.args
+            self._ident = SpillIdentity(
+                sha256_of(engine.path), engine.n_ctx, a.n_layers, a.n_kv_heads, a.head_dim
+            )
+        return self._ident
+
+    def _spill_dir(self) -> SpillDir | None:
+        """This worker's spill files (``--spill-dir``/spill-<worker id>), or None."""
+        c = self.config
+        if c.spill_dir is None:
+            return None
+        directory = Path(c.spill_dir) / f"spill-{self.worker_id}"
+        logger.info("worker %s: spilling to %s (%g MiB)", self.worker_id, directory, c.spill_mb)
+        return SpillDir(directory, int(c.spill_mb * MIB), self._identity())
+
+    def _checkpoints(self) -> Checkpoints | None:
+        """The checkpoints every worker sharing ``--spill-dir`` reads (``checkpoints/``)."""
+        c = self.config
+        if not c.checkpoint or c.spill_dir is None:
+            return None
+        directory = Path(c.spill_dir) / "checkpoints"
+        logger.info("worker %s: checkpoints in %s", self.worker_id, directory)
+        return Checkpoints(directory, self._identity(), RestDtype(c.kv_rest))
 
     def stop(self) -> None:
         """Ask the loop to end (thread- and signal-safe)."""

@@ -35,6 +35,7 @@ from kvroute.proto.messages import (
     CachePath,
     ColdReason,
     FinishReason,
+    KvSource,
     TurnStats,
     reply_sha256,
 )
@@ -96,6 +97,13 @@ class Turn:
         self.finish_reason: FinishReason | None = None
         self.t_start = clock()
         self.t_first: float | None = None
+        # Where the reused KV comes from, and the time its decoding took (the first `take`).
+        self.kv_source = session.kv_from if plan.keep and session.cache.parked else KvSource.HOT
+        # A session read back from disk owes its reading time to this turn: it counts in
+        # restore_ms and in ttft_ms.
+        self.restore_ms = round(session.load_ms, 3) if self.kv_source is not KvSource.HOT else 0.0
+        self.t_start -= session.load_ms / 1e3
+        session.load_ms = 0.0
         if plan.path == CachePath.COLD:
             self.cold_reason: ColdReason | None = (
                 session.cold_reason if not session.tokens else ColdReason.DIVERGED
@@ -118,7 +126,11 @@ class Turn:
         The caller feeds them to the model at once: the session's cache is trimmed to
         ``plan.keep`` first, so they land right after the reused positions.
         """
-        self.session.trim_to_keep()
+        if not self.session.feeding:
+            t0 = self._clock()
+            self.session.trim_to_keep(len(self.pending))
+            if self.kv_source is not KvSource.HOT:
+                self.restore_ms = round(self.restore_ms + (self._clock() - t0) * 1e3, 3)
         ids, self.pending = self.pending[:budget], self.pending[budget:]
         if not self.prefilling:
             self.fed_generated += len(ids)
@@ -168,11 +180,11 @@ class Turn:
         plus what this turn fed.
         """
         s = self.session
-        assert s.in_flight == self.request_id, f"session {s.session_id}: not this turn's"
+        assert s.in_flight == self.request_id, f"session {s.session_id!r}: not this turn's"
         s.check()
         if s.feeding:
             assert s.cache.length == self.plan.keep + self.fed, (
-                f"session {s.session_id}: cache holds {s.cache.length} positions, "
+                f"session {s.session_id!r}: cache holds {s.cache.length} positions, "
                 f"the turn reused {self.plan.keep} and fed {self.fed}"
             )
 
@@ -213,6 +225,8 @@ class Turn:
             ttft_ms=round((t_first - self.t_start) * 1e3, 3),
             decode_ms=round((t_end - t_first) * 1e3, 3),
             worker=self.worker_id,
+            restore_ms=self.restore_ms,
+            kv_source=self.kv_source,
         )
         end = EndEvent(
             self.request_id,

@@ -205,10 +205,10 @@ class LlamaModel:
         ]
         return cls(a, layers, arrays["out_norm"], arrays["head"], arrays.get("embed"))
 
-    def new_cache(self, max_len: int) -> KVCache:
+    def new_cache(self, max_len: int, dtype: str = "f32") -> KVCache:
         """An empty cache sized for this model, allowed to grow to ``max_len`` positions."""
         a = self.args
-        return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, max_len)
+        return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, max_len, dtype)
 
     def matrices(self) -> list[np.ndarray]:
         """Every matrix a decode step multiplies by, in the order it does."""
@@ -310,6 +310,9 @@ class LlamaModel:
         T, H, hd = q.shape
         KV = H // G
         K, V = cache.update_and_fetch(layer, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
+        if K.dtype != np.float32:
+            # numpy has no half-precision BLAS: a float16 cache is widened per layer here.
+            K, V = K.astype(np.float32), V.astype(np.float32)
         L = K.shape[1]  # (KV, L, hd): past + the T new positions
         # (T, H, hd) -> (KV, G*T, hd): the G query heads of a group share one K/V head.
         qg = q.reshape(T, KV, G, hd).transpose(1, 2, 0, 3).reshape(KV, G * T, hd)
