@@ -5,6 +5,11 @@ is used only for the history it was written for."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,12 +18,13 @@ from kvroute.engine.engine import Engine
 from kvroute.engine.kv_codec import RestDtype
 from kvroute.engine.sampling import SamplingParams
 from kvroute.proto.messages import CachePath, ColdReason, KvSource
-from kvroute.worker.checkpoint import Checkpoints
+from kvroute.worker.checkpoint import SWEEP_INTERVAL_S, Checkpoints
 from kvroute.worker.events import EndEvent, Event, TokenEvent
 from kvroute.worker.scheduler import Scheduler, SchedulerConfig
 from kvroute.worker.spill import SpillIdentity
 
 Messages = list[dict[str, str]]
+Clock = Callable[[], float]
 
 
 def ident(engine: Engine) -> SpillIdentity:
@@ -139,3 +145,148 @@ def test_reset_and_close_drop_the_checkpoint(tiny_engine: Engine, tmp_path: Path
     chat(w, b"t", 1)
     w.close(b"t")
     assert not ckpt.has(b"t")
+
+
+# --- disk budget and expiry of the shared directory ---
+
+DAY = 24 * 3600.0
+
+
+def bounded(
+    engine: Engine, directory: Path, budget: int = 1 << 30, clock: Clock | None = None
+) -> Scheduler:
+    """A worker whose checkpoints have the given budget and (optionally) an injected clock."""
+    ckpt = Checkpoints(directory, ident(engine), RestDtype.NONE, budget, DAY, clock or time.time)
+    return Scheduler(engine, SchedulerConfig(checkpoints=ckpt))
+
+
+def checkpoints(sched: Scheduler) -> Checkpoints:
+    assert sched.config.checkpoints is not None
+    return sched.config.checkpoints
+
+
+def set_mtime(path: Path, t: float) -> None:
+    os.utime(path, (t, t))
+
+
+def test_budget_drops_least_recently_written(tiny_engine: Engine, tmp_path: Path) -> None:
+    w = bounded(tiny_engine, tmp_path)
+    ckpt = checkpoints(w)
+    for sid in (b"a", b"b", b"c", b"d"):
+        chat(w, sid, 1)
+    size = {sid: ckpt.path(sid).stat().st_size for sid in (b"a", b"b", b"c", b"d")}
+    now = time.time()
+    for age, sid in enumerate((b"b", b"d", b"a", b"c")):  # c written longest ago, b last
+        set_mtime(ckpt.path(sid), now - 100 * (age + 1))
+    ckpt.budget_bytes = size[b"b"] + size[b"d"]
+    ckpt.sweep()
+    assert [ckpt.has(s) for s in (b"a", b"b", b"c", b"d")] == [False, True, False, True]
+    ckpt.budget_bytes = size[b"b"]
+    ckpt.sweep()
+    assert [ckpt.has(s) for s in (b"a", b"b", b"c", b"d")] == [False, True, False, False]
+    assert (ckpt.evicted, ckpt.expired) == (3, 0)
+    assert ckpt.load(b"b").tokens  # what is kept is whole
+
+
+def test_turn_end_enforces_the_budget(tiny_engine: Engine, tmp_path: Path) -> None:
+    w = bounded(tiny_engine, tmp_path)
+    ckpt = checkpoints(w)
+    chat(w, b"a", 1)
+    ckpt.budget_bytes = int(ckpt.path(b"a").stat().st_size * 2.5)  # about two sessions
+    chat(w, b"b", 1)
+    assert ckpt.has(b"a") and ckpt.has(b"b")
+    chat(w, b"c", 1)  # no explicit sweep: the save that passed the budget swept
+    assert not ckpt.has(b"a") and ckpt.has(b"b") and ckpt.has(b"c")
+    assert ckpt.evicted == 1
+
+
+def test_expired_checkpoints_are_swept_at_most_once_a_minute(
+    tiny_engine: Engine, tmp_path: Path
+) -> None:
+    t = [time.time()]
+    w = bounded(tiny_engine, tmp_path, clock=lambda: t[0])
+    ckpt = checkpoints(w)
+    chat(w, b"old", 1)
+    chat(w, b"young", 1)
+    set_mtime(ckpt.path(b"old"), t[0] - DAY - 1)
+    set_mtime(ckpt.path(b"young"), t[0] - DAY + 3600)
+    ckpt.sweep()
+    assert not ckpt.has(b"old") and ckpt.has(b"young") and ckpt.expired == 1
+    # Between sweeps a turn end does not scan the directory.
+    chat(w, b"later", 1)
+    set_mtime(ckpt.path(b"young"), t[0] - DAY - 1)
+    t[0] += SWEEP_INTERVAL_S / 2
+    chat(w, b"later2", 1)
+    assert ckpt.has(b"young")
+    # A minute on, the next turn end (or the worker's heartbeat) sweeps it.
+    t[0] += SWEEP_INTERVAL_S
+    chat(w, b"later3", 1)
+    assert not ckpt.has(b"young") and ckpt.has(b"later") and ckpt.expired == 2
+    # A leftover of a crashed rewrite goes too.
+    part = tmp_path / "abcd.ckpt.x1y2.part"
+    part.write_bytes(b"half a file")
+    ckpt.sweep()
+    assert not part.exists() and ckpt.has(b"later")
+
+
+def test_owner_rewrites_a_checkpoint_another_worker_swept(
+    tiny_engine: Engine, tmp_path: Path
+) -> None:
+    w1 = bounded(tiny_engine, tmp_path)
+    msgs = chat(w1, b"s", 1)
+    path = checkpoints(w1).path(b"s")
+    set_mtime(path, time.time() - DAY - 1)
+    checkpoints(bounded(tiny_engine, tmp_path)).sweep()  # another worker expires it
+    assert not path.exists()
+    run(w1, b"s", [*msgs, {"role": "user", "content": "q1 apples"}])
+    # Not appended to a missing file: written whole, head and all.
+    assert checkpoints(w1).load(b"s").tokens == w1.store.get(b"s").tokens
+
+
+def test_sweep_keeps_a_file_written_after_it_listed_the_directory(
+    tiny_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner = bounded(tiny_engine, tmp_path)
+    msgs = chat(owner, b"s", 1)
+    chat(owner, b"gone", 1)
+    sweeper = checkpoints(bounded(tiny_engine, tmp_path))
+    for sid in (b"s", b"gone"):
+        set_mtime(checkpoints(owner).path(sid), time.time() - DAY - 1)
+    scan = sweeper._scan
+
+    def scan_then_owner_appends() -> list[tuple[int, int, Path]]:
+        listed = scan()
+        run(owner, b"s", [*msgs, {"role": "user", "content": "q1 apples"}])
+        return listed
+
+    monkeypatch.setattr(sweeper, "_scan", scan_then_owner_appends)
+    sweeper.sweep()
+    assert not sweeper.has(b"gone")  # expired and untouched
+    assert sweeper.load(b"s").tokens == owner.store.get(b"s").tokens  # kept, whole
+
+
+def test_sweep_waits_for_a_write_in_progress(tiny_engine: Engine, tmp_path: Path) -> None:
+    owner = bounded(tiny_engine, tmp_path)
+    chat(owner, b"s", 1)
+    path = checkpoints(owner).path(b"s")
+    sweeper = checkpoints(bounded(tiny_engine, tmp_path))
+    set_mtime(path, time.time() - DAY - 1)
+    holding, finish = threading.Event(), threading.Event()
+
+    def writer() -> None:  # another worker mid-append: holds the writers' lock
+        with checkpoints(owner)._lock(fcntl.LOCK_SH):
+            holding.set()
+            finish.wait(10)
+            set_mtime(path, time.time())  # its append lands
+
+    t_write = threading.Thread(target=writer)
+    t_write.start()
+    assert holding.wait(10)
+    t_sweep = threading.Thread(target=sweeper.sweep)
+    t_sweep.start()
+    t_sweep.join(0.5)
+    assert t_sweep.is_alive() and path.exists()  # blocked on the lock, nothing deleted
+    finish.set()
+    t_write.join(10)
+    t_sweep.join(10)
+    assert not t_sweep.is_alive() and path.exists() and sweeper.expired == 0

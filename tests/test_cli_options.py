@@ -21,7 +21,14 @@ SETS = {
         ("broker", "serve"),
     ),
     "worker": (
-        ("--capacity", "--kv-budget-mb", "--prefill-chunk", "--threads"),
+        (
+            "--capacity",
+            "--kv-budget-mb",
+            "--prefill-chunk",
+            "--threads",
+            "--checkpoint-mb",
+            "--checkpoint-ttl",
+        ),
         ("serve", "worker"),
     ),
     "model": (("--model", "--ctx"), ("generate", "serve", "worker", "bench")),
@@ -56,6 +63,8 @@ def test_defaults_come_from_the_configs() -> None:
     assert _option("serve", "--capacity").default == w.capacity
     assert _option("worker", "--ctx").default == w.n_ctx
     assert _option("broker", "--max-pins").default == b.max_pins
+    assert _option("serve", "--checkpoint-mb").default == w.checkpoint_mb
+    assert _option("worker", "--checkpoint-ttl").default == w.checkpoint_ttl_s == 24 * 3600
 
 
 @pytest.mark.parametrize(
@@ -70,6 +79,9 @@ def test_defaults_come_from_the_configs() -> None:
         ["worker", "--capacity", "0"],
         ["serve", "--kv-budget-mb", "-1"],
         ["worker", "--prefill-chunk", "0"],
+        ["serve", "--checkpoint-mb", "0"],
+        ["worker", "--checkpoint-ttl", "-1"],
+        ["worker", "--checkpoint-ttl", "nan"],
         ["generate", "--ctx", "8", "hi"],
         ["chat", "--temperature", "nan"],
     ],
@@ -123,6 +135,9 @@ def test_broker_config_refuses_settings_that_cannot_work(kw: dict[str, float]) -
         {"threads": 0},
         {"host_workers": 0},
         {"max_wait_s": 0.0},
+        {"checkpoint_mb": 0.0},
+        {"checkpoint_ttl_s": -1.0},
+        {"checkpoint_ttl_s": math.inf},
     ],
 )
 def test_worker_config_refuses_settings_that_cannot_work(kw: dict[str, float]) -> None:

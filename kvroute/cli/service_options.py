@@ -254,6 +254,29 @@ worker_options = option_group(
             ),
         ),
         (
+            "checkpoint_mb",
+            click.option(
+                "--checkpoint-mb",
+                type=FiniteRange(min=0, min_open=True),
+                default=_W.checkpoint_mb,
+                show_default=True,
+                help="Disk budget in MiB of all checkpoints in --spill-dir (shared by the "
+                "workers; least recently written deleted beyond it).",
+            ),
+        ),
+        (
+            "checkpoint_ttl_s",
+            click.option(
+                "--checkpoint-ttl",
+                "checkpoint_ttl_s",
+                type=FiniteRange(min=0, min_open=True),
+                default=_W.checkpoint_ttl_s,
+                show_default=True,
+                help="Seconds after its last write a checkpoint is deleted (its session never "
+                "came back).",
+            ),
+        ),
+        (
             "prefill_chunk",
             click.option(
                 "--prefill-chunk",
@@ -277,4 +300,5 @@ worker_options = option_group(
     _check_worker,
 )
 """``--capacity --kv-budget-mb --kv-dtype --kv-rest --spill-dir --spill-mb --checkpoint
---prefill-chunk --threads``, handed over as ``worker_kw`` (WorkerConfig keywords)."""
+--checkpoint-mb --checkpoint-ttl --prefill-chunk --threads``, handed over as ``worker_kw``
+(WorkerConfig keywords)."""

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .weights_cache import locked, write_atomic
+from .durable import write_atomic
+from .weights_cache import locked
 
 logger = logging.getLogger(__name__)
 

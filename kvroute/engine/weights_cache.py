@@ -32,9 +32,7 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import struct
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from .durable import replacing
 from .model_store import weights_dir
 
 logger = logging.getLogger(__name__)
@@ -123,52 +122,36 @@ def write(path: Path, model_sha256: str, recipe: Recipe) -> None:
         If the directory is not writable or the disk is full; ``path`` is then unchanged.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC + bytes(ALIGN - len(MAGIC)))
-            entries = []
-            for name, arr in recipe.arrays:
-                arr = np.ascontiguousarray(arr)
-                raw = arr.reshape(-1).view(np.uint8)
-                pad = _padded(raw.nbytes) - raw.nbytes
-                padded = np.concatenate([raw, np.zeros(pad, np.uint8)]) if pad else raw
-                entries.append(
-                    {
-                        "name": name,
-                        "dtype": arr.dtype.str,
-                        "shape": list(arr.shape),
-                        "offset": f.tell(),
-                        "nbytes": raw.nbytes,
-                        "sum": _checksum(padded),
-                    }
-                )
-                f.write(padded.data)
-            header = json.dumps(
+    with replacing(path, mode=0o644) as f:  # the weights are no secret
+        f.write(MAGIC + bytes(ALIGN - len(MAGIC)))
+        entries = []
+        for name, arr in recipe.arrays:
+            arr = np.ascontiguousarray(arr)
+            raw = arr.reshape(-1).view(np.uint8)
+            pad = _padded(raw.nbytes) - raw.nbytes
+            padded = np.concatenate([raw, np.zeros(pad, np.uint8)]) if pad else raw
+            entries.append(
                 {
-                    "format": FORMAT,
-                    "model_sha256": model_sha256,
-                    "layout": recipe.layout,
-                    "meta": recipe.meta,
-                    "arrays": entries,
+                    "name": name,
+                    "dtype": arr.dtype.str,
+                    "shape": list(arr.shape),
+                    "offset": f.tell(),
+                    "nbytes": raw.nbytes,
+                    "sum": _checksum(padded),
                 }
-            ).encode()
-            f.write(header)
-            f.write(_TRAILER.pack(len(header), hashlib.sha256(header).digest(), END_MAGIC))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the weights are no secret
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            )
+            f.write(padded.data)
+        header = json.dumps(
+            {
+                "format": FORMAT,
+                "model_sha256": model_sha256,
+                "layout": recipe.layout,
+                "meta": recipe.meta,
+                "arrays": entries,
+            }
+        ).encode()
+        f.write(header)
+        f.write(_TRAILER.pack(len(header), hashlib.sha256(header).digest(), END_MAGIC))
 
 
 def read(path: Path, model_sha256: str, verify_data: bool = True) -> Prepared:
@@ -211,20 +194,6 @@ def read(path: Path, model_sha256: str, verify_data: bool = True) -> Prepared:
         return Prepared(str(header["layout"]), dict(header["meta"]), arrays, path)
     except (KeyError, TypeError, ValueError) as exc:  # json, dtype or shape nonsense
         raise CacheInvalid(f"malformed header ({exc!r})") from exc
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a small file whole or not at all (temporary file renamed into place)."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager

@@ -20,15 +20,26 @@ A record cut short at the end of the file (a worker killed mid-append) is ignore
 before it are a whole committed state. Any other fault (a bad head, a record that fails its
 checksum, a foreign model or layout, a gap in positions) makes the file unusable: `load` raises
 `SpillInvalid` and deletes it.
+
+The directory is bounded (`Checkpoints.sweep`): files not written for ``ttl_s`` are deleted, and
+beyond ``budget_bytes`` the least recently written go first (by mtime, across all workers, so
+each sweep sees every worker's files). A worker sweeps at most every `SWEEP_INTERVAL_S`, sooner
+when its own writes since its last sweep may have passed the budget. Several workers may sweep
+at once: deleting a missing file is fine. A writer holds a shared `flock` on ``.lock`` while it
+appends or renames, and a sweep deletes only under the exclusive lock, after checking the file's
+mtime again: it never deletes a file mid-write, nor one written since it listed the directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import struct
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +47,10 @@ import msgspec
 import numpy as np
 
 from kvroute.engine.cache import KVCache, RestKV
+from kvroute.engine.durable import PART, write_atomic
 from kvroute.engine.kv_codec import Packed, RestDtype, decode, encode, packed_nbytes
 
-from .spill import Spilled, SpillIdentity, SpillInvalid, write_atomic
+from .spill import Spilled, SpillIdentity, SpillInvalid
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +60,11 @@ SUFFIX = ".ckpt"
 _HEAD = struct.Struct("<8sHI")
 _U32 = struct.Struct("<I")
 _SUM = 32
+LOCK = ".lock"  # writers share it, a sweep takes it alone
+
+DEFAULT_BUDGET_MIB = 4096.0
+DEFAULT_TTL_S = 24 * 3600.0
+SWEEP_INTERVAL_S = 60.0  # between sweeps, unless the budget may have been passed
 
 
 class CheckpointHeader(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -88,15 +105,46 @@ class Checkpoints:
         The model, context and KV layout files must match.
     dtype:
         How positions are stored (``none``: float32).
+    budget_bytes:
+        Most bytes of checkpoint files in the directory (all workers' together).
+    ttl_s:
+        Files not written for this long are deleted (sessions that never came back).
+    clock:
+        Wall-clock time, compared with file mtimes (tests inject their own).
     """
 
-    def __init__(self, directory: Path, ident: SpillIdentity, dtype: RestDtype) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        ident: SpillIdentity,
+        dtype: RestDtype,
+        budget_bytes: int = int(DEFAULT_BUDGET_MIB * (1 << 20)),
+        ttl_s: float = DEFAULT_TTL_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.ident = ident
         self.dtype = dtype
+        self.budget_bytes = budget_bytes
+        self.ttl_s = ttl_s
+        self.clock = clock
         self._written: dict[bytes, _Written] = {}
         self.saved = self.appended_bytes = self.loaded = self.invalid = 0
+        self.expired = self.evicted = 0
+        self._last_sweep = -float("inf")
+        self._estimate = 0  # bytes in the directory at the last sweep, plus ours written since
+        self.maybe_sweep()  # what earlier runs left
+
+    @contextlib.contextmanager
+    def _lock(self, op: int) -> Iterator[None]:
+        """Hold the directory's lock: ``LOCK_SH`` to write a file, ``LOCK_EX`` to delete."""
+        fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, op)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def path(self, session_id: bytes) -> Path:
         """The file of a session."""
@@ -134,15 +182,17 @@ class Checkpoints:
         prev = self._written.get(session_id)
         path = self.path(session_id)
         try:
-            if prev is not None and tokens[: len(prev.tokens)] == prev.tokens and path.exists():
-                data = self._record(len(prev.tokens), text, tokens, cache)
-                with open(path, "ab") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-            else:
-                data = self._head(session_id) + self._record(0, text, tokens, cache)
-                write_atomic(path, data)
+            with self._lock(fcntl.LOCK_SH):  # no sweep deletes while we write
+                # Checked under the lock: another worker's sweep may have deleted the file.
+                if prev is not None and tokens[: len(prev.tokens)] == prev.tokens and path.exists():
+                    data = self._record(len(prev.tokens), text, tokens, cache)
+                    with open(path, "ab") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                else:
+                    data = self._head(session_id) + self._record(0, text, tokens, cache)
+                    write_atomic(path, data)
         except OSError:
             logger.exception("checkpointing session %r failed", session_id)
             self.drop(session_id)
@@ -150,6 +200,67 @@ class Checkpoints:
         self._written[session_id] = _Written(list(tokens))
         self.saved += 1
         self.appended_bytes += len(data)
+        self._estimate += len(data)  # counts a rewrite's old file too: errs towards sweeping
+        self.maybe_sweep()
+
+    def maybe_sweep(self) -> None:
+        """Sweep if `SWEEP_INTERVAL_S` passed since the last one or our writes may have passed
+        the budget (cheap otherwise; never raises)."""
+        now = self.clock()
+        if now - self._last_sweep < SWEEP_INTERVAL_S and self._estimate <= self.budget_bytes:
+            return
+        try:
+            self.sweep()
+        except OSError:
+            logger.exception("sweeping checkpoints in %s failed", self.directory)
+            self._last_sweep = now
+
+    def _scan(self) -> list[tuple[int, int, Path]]:
+        """(mtime in ns, size, path) of every checkpoint and part file, oldest first."""
+        found: list[tuple[int, int, Path]] = []
+        for entry in os.scandir(self.directory):
+            if not entry.name.endswith((SUFFIX, PART)):
+                continue
+            with contextlib.suppress(OSError):  # deleted meanwhile
+                st = entry.stat()
+                found.append((st.st_mtime_ns, st.st_size, Path(entry.path)))
+        found.sort(key=lambda f: f[0])
+        return found
+
+    def sweep(self) -> None:
+        """Delete files older than ``ttl_s``, leftovers of crashed rewrites, then the least
+        recently written until the directory is within ``budget_bytes``."""
+        now = self.clock()
+        old = int((now - self.ttl_s) * 1e9)  # mtimes before it have expired
+        files = self._scan()  # listed without the lock: only the deletions need it
+        total = sum(size for _, size, _ in files)
+        doomed: list[tuple[int, int, Path]] = []
+        for f in files:
+            mtime, size, path = f
+            if path.name.endswith(PART) or mtime < old or total > self.budget_bytes:
+                doomed.append(f)
+                total -= size
+        if doomed:
+            with contextlib.nullcontext():  # no writer is mid-append or mid-rename now
+                for mtime, size, path in doomed:
+                    try:
+                        if path.stat().st_mtime_ns != mtime:
+                            total += size  # written since we listed it: in use, keep it
+                            continue
+                        path.unlink()
+                    except OSError:  # another worker's sweep took it first
+                        continue
+                    if path.name.endswith(SUFFIX):
+                        if mtime < old:
+                            self.expired += 1
+                        else:
+                            self.evicted += 1
+                    logger.debug("checkpoint %s deleted (age %.0f s)", path.name, now - mtime / 1e9)
+        self._estimate = max(0, total)
+        self._last_sweep = now
+        # Forget what we wrote to files that are gone (ours or another worker's sweep).
+        for sid in [sid for sid in self._written if not self.path(sid).exists()]:
+            del self._written[sid]
 
     def has(self, session_id: bytes) -> bool:
         """Whether a checkpoint file exists for the session."""

@@ -22,6 +22,7 @@ from kvroute.proto.limits import (
 )
 
 from .admission import AdmissionConfig
+from .checkpoint import DEFAULT_BUDGET_MIB, DEFAULT_TTL_S
 
 MIB = 1 << 20
 KV_SHARE = 0.5  # of the machine's memory, for all workers' weights and KV caches together
@@ -78,6 +79,8 @@ class WorkerConfig:
     spill_dir: str | None = None  # sessions leaving RAM are written here (one subdir per worker)
     spill_mb: float = 4096.0  # disk budget of one worker's spill files (LRU beyond it)
     checkpoint: bool = False  # checkpoint committed KV in spill_dir, for other workers to resume
+    checkpoint_mb: float = DEFAULT_BUDGET_MIB  # disk budget of all workers' checkpoints (LRU)
+    checkpoint_ttl_s: float = DEFAULT_TTL_S  # checkpoints not written for this long are deleted
     host_workers: int = 1  # workers sharing this machine's memory (serve sets it): default budget
     prefill_chunk: int = 256  # prompt tokens per step: bounds the time between socket polls
     threads: int = 1  # BLAS threads: N workers on few cores must not fight over them
@@ -113,6 +116,10 @@ class WorkerConfig:
             raise ValueError("checkpoint needs a spill_dir (shared by the workers)")
         if not (math.isfinite(self.spill_mb) and self.spill_mb > 0):
             raise ValueError(f"spill_mb must be > 0 MiB, not {self.spill_mb!r}")
+        for name in ("checkpoint_mb", "checkpoint_ttl_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be > 0, not {value!r}")
         for name in ("host_workers", "prefill_chunk", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

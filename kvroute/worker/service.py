@@ -136,8 +136,20 @@ class WorkerService:
         if not c.checkpoint or c.spill_dir is None:
             return None
         directory = Path(c.spill_dir) / "checkpoints"
-        logger.info("worker %s: checkpoints in %s", self.worker_id, directory)
-        return Checkpoints(directory, self._identity(), RestDtype(c.kv_rest))
+        logger.info(
+            "worker %s: checkpoints in %s (%g MiB, %g s)",
+            self.worker_id,
+            directory,
+            c.checkpoint_mb,
+            c.checkpoint_ttl_s,
+        )
+        return Checkpoints(
+            directory,
+            self._identity(),
+            RestDtype(c.kv_rest),
+            int(c.checkpoint_mb * MIB),
+            c.checkpoint_ttl_s,
+        )
 
     def stop(self) -> None:
         """Ask the loop to end (thread- and signal-safe)."""
@@ -254,6 +266,8 @@ class WorkerService:
                 hb = Heartbeat(len(s.turns), len(s.store), s.store.kv_bytes, gauges)
                 self._send(control_frames(Kind.HEARTBEAT, hb.encode()))
                 next_beat = now + interval
+                if s.config.checkpoints is not None:
+                    s.config.checkpoints.maybe_sweep()  # expiry goes on while no turn ends
             if now - last_heard > expiry:
                 self._reconnect(ctx, f"broker silent for {now - last_heard:.1f} s")
                 last_heard = next_beat = time.monotonic()

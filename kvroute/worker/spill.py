@@ -27,9 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import struct
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ from pathlib import Path
 import msgspec
 
 from kvroute.engine.cache import RestKV
+from kvroute.engine.durable import PART, write_atomic
 from kvroute.engine.kv_codec import Packed, RestDtype, packed_nbytes
 
 logger = logging.getLogger(__name__)
@@ -45,7 +44,6 @@ logger = logging.getLogger(__name__)
 MAGIC = b"KVRSPILL"
 FORMAT = 1
 SUFFIX = ".kvs"
-PART = ".part"
 _HEAD = struct.Struct("<8sHI")  # magic, format, header length
 _SUM = 32  # sha256 trailer
 
@@ -146,30 +144,6 @@ def decode_file(ident: SpillIdentity, session_id: bytes, buf: bytes) -> Spilled:
     k = Packed.frombytes(dtype, h.shape, body[start : start + want])
     v = Packed.frombytes(dtype, h.shape, body[start + want :])
     return Spilled(h.text, list(h.ids), RestKV(k, v))
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees all of it or no file at all.
-
-    Raises OSError (disk full, no permission); nothing is left behind then.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=PART, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 class SpillDir:
