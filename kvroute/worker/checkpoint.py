@@ -241,7 +241,7 @@ class Checkpoints:
                 doomed.append(f)
                 total -= size
         if doomed:
-            with contextlib.nullcontext():  # no writer is mid-append or mid-rename now
+            with self._lock(fcntl.LOCK_EX):  # no writer is mid-append or mid-rename now
                 for mtime, size, path in doomed:
                     try:
                         if path.stat().st_mtime_ns != mtime:
