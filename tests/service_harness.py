@@ -17,6 +17,9 @@ from kvroute.worker.config import WorkerConfig
 from kvroute.worker.service import WorkerService
 
 HEARTBEAT = 0.2  # seconds: short, so liveness tests finish quickly
+REAL_MODEL_HEARTBEAT = 0.5
+"""For the default model: a worker thread in a long prefill step (shared cores, the GIL) must
+not look dead (liveness is 3 intervals)."""
 
 
 @dataclass
@@ -30,11 +33,13 @@ class Harness:
     stops: dict[str, threading.Event] = field(default_factory=dict)
     threads: list[threading.Thread] = field(default_factory=list)
 
+    heartbeat: float = HEARTBEAT
+
     def add_worker(self, engine: Engine, worker_id: str, **kw: object) -> WorkerService:
         """Start one more worker thread and wait until the broker has it registered."""
         stop = threading.Event()
         cfg = WorkerConfig(
-            connect=self.backend, worker_id=worker_id, heartbeat_interval=HEARTBEAT, **kw
+            connect=self.backend, worker_id=worker_id, heartbeat_interval=self.heartbeat, **kw
         )  # type: ignore[arg-type]
         service = WorkerService(engine, cfg, stop)
         t = threading.Thread(target=service.run, name=f"worker-{worker_id}", daemon=True)
@@ -59,16 +64,18 @@ class Harness:
             t.join(timeout=5)
 
 
-def start_harness(engine: Engine, n_workers: int = 2, **worker_kw: object) -> Harness:
+def start_harness(
+    engine: Engine, n_workers: int = 2, heartbeat: float = HEARTBEAT, **worker_kw: object
+) -> Harness:
     """Broker on random loopback ports plus ``n_workers`` workers named w0, w1, ..."""
     cfg = BrokerConfig(
-        frontend="tcp://127.0.0.1:0", backend="tcp://127.0.0.1:0", heartbeat_interval=HEARTBEAT
+        frontend="tcp://127.0.0.1:0", backend="tcp://127.0.0.1:0", heartbeat_interval=heartbeat
     )
     broker = Broker(cfg)
     t = threading.Thread(target=broker.run, name="broker", daemon=True)
     t.start()
     frontend, backend = broker.wait_bound(10)
-    h = Harness(broker, frontend, backend, threads=[t])
+    h = Harness(broker, frontend, backend, threads=[t], heartbeat=heartbeat)
     for i in range(n_workers):
         h.add_worker(engine, f"w{i}", **worker_kw)
     return h

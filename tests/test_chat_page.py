@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from service_harness import Harness, start_harness
+from service_harness import REAL_MODEL_HEARTBEAT, Harness, start_harness
 
 from kvroute import Client
 from kvroute.engine.engine import Engine
@@ -63,7 +63,7 @@ def browser_or_skip() -> None:
 @pytest.fixture(scope="module")
 def served(engine: Engine) -> Iterator[tuple[Harness, str]]:
     """A broker, one worker with the default model, and the gateway; yields (harness, url)."""
-    h = start_harness(engine, 1)
+    h = start_harness(engine, 1, heartbeat=REAL_MODEL_HEARTBEAT)
     gw = GatewayThread(GatewayConfig(connect=h.frontend, port=0, timeout=60))
     try:
         yield h, gw.start()

@@ -20,7 +20,7 @@ import pytest
 from chat_service import FakeService
 from click.testing import CliRunner, Result
 from fake_peers import wait_until
-from service_harness import Harness, start_harness
+from service_harness import REAL_MODEL_HEARTBEAT, Harness, start_harness
 from test_client import free_port
 
 from kvroute.cli import chat_repl, main
@@ -299,7 +299,7 @@ def test_orderly_worker_stop_is_not_resent() -> None:
 
 @pytest.mark.model
 def test_second_reply_is_warm(engine: Engine) -> None:
-    h = start_harness(engine, 1)
+    h = start_harness(engine, 1, heartbeat=REAL_MODEL_HEARTBEAT)
     try:
         result = chat(h.frontend, "What is 2+2?\nAnd 3+3?\n", "--max-tokens", "8")
     finally:

@@ -10,7 +10,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from service_harness import Harness, start_harness
+from service_harness import REAL_MODEL_HEARTBEAT, Harness, start_harness
 from test_client import Connect, connect_fixture  # noqa: F401  (the fixture)
 
 from kvroute import AsyncClient, Client, NotOwner, SessionLost
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.model, pytest.mark.timeout(300)]
 @pytest.fixture(scope="module")
 def real_service(engine: Engine) -> Iterator[Harness]:
     """One worker serving the real model (the engine loads once per test session)."""
-    h = start_harness(engine, 1)
+    h = start_harness(engine, 1, heartbeat=REAL_MODEL_HEARTBEAT)
     yield h
     h.close()
 
@@ -117,7 +117,7 @@ def test_service_not_owner_for_a_second_client_on_the_session(
 
 
 def test_session_lost_mid_stream_then_resend_is_cold(engine: Engine, connect: Connect) -> None:
-    h = start_harness(engine, 2)
+    h = start_harness(engine, 2, heartbeat=REAL_MODEL_HEARTBEAT)
     try:
         with connect(h.frontend, timeout=30) as client:
             s = client.session()

@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 from procs import Procs, free_port
-from service_harness import Harness, start_harness
+from service_harness import REAL_MODEL_HEARTBEAT, Harness, start_harness
 from tiny_gguf import TinySpec, write_tiny_gguf
 
 from kvroute import Client
@@ -42,7 +42,7 @@ def engine_1k(tmp_path_factory: pytest.TempPathFactory) -> Engine:
 
 @pytest.fixture
 def service(engine_1k: Engine) -> Iterator[Harness]:
-    h = start_harness(engine_1k, 1)
+    h = start_harness(engine_1k, 1, heartbeat=REAL_MODEL_HEARTBEAT)
     try:
         yield h
     finally:
