@@ -1,13 +1,22 @@
-"""Helpers shared by the benchmark scripts: BLAS threads, model path, reference figures."""
+"""Helpers shared by the benchmark scripts: BLAS threads, model path, reference figures, medians,
+short follow-up turns."""
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
 REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "data" / "llamacpp_speed.json"
+SHORT_TURNS = [
+    "Tell me one more fact.",
+    "Why is that?",
+    "Give a short example.",
+    "And what else?",
+    "Say it differently.",
+]
 
 
 def limit_blas_threads(n: int = 1) -> None:
@@ -21,3 +30,8 @@ def limit_blas_threads(n: int = 1) -> None:
 def llamacpp_reference() -> dict[str, Any]:
     """llama.cpp's figures as recorded with the test data (see tests/data/README.md)."""
     return json.loads(REFERENCE.read_text())
+
+
+def p50(xs: list[float]) -> float:
+    """The median of ``xs``."""
+    return statistics.median(xs)

@@ -96,7 +96,6 @@ class BrokerStats:
     pins_forgotten: int = 0  # idle sessions forgotten (pin_ttl_s / max_pins)
     keys_refused: int = 0  # CURVE handshakes refused by ZAP (updated by the ZAP thread)
     sessions_repinned: int = 0  # sessions workers announced in READY and the broker pinned
-    announced_dropped: int = 0  # announced sessions a worker was told to drop (CLOSE)
     connections_closed: int = 0  # connections the socket monitors saw close (both sockets)
     lookups: int = 0  # LOOKUP requests answered
     lookups_found: int = 0  # of those, answered with a session

@@ -285,25 +285,24 @@ class Forwarder:
                 self._on_control(msg, now)
         except ProtocolViolation as exc:
             logger.warning("bad message from a worker: %s", exc)
-            self.stats.errors_sent += 1
-            self.fleet.error_sent(exc.code)
-            self._to_worker(frames[0], Kind.ERROR, _error_body(exc.code, exc.message))
+            self._error_to_worker(frames[0], exc.code, exc.message)
 
     def _on_reply(self, msg: WorkerReply, now: float) -> None:
         kind = msg.kind
         fl = self.table.on_reply(
             msg.worker, kind, msg.session_id, msg.request_id, msg.client, now, msg.body
         )
-        if fl is not None and kind is Kind.CLOSE_OK and fl.kind is Kind.CLOSE:
-            self.transcripts.forget(fl.session_id)  # the table has just forgotten it
         if fl is None:
             if msg.worker not in self.table.workers:
                 self._to_worker(msg.worker, Kind.DISCONNECT, Disconnect("unknown worker").encode())
             else:
                 logger.debug("stale %s for session %r dropped", kind.name, msg.session_id)
             return
-        if kind is not Kind.TOKEN and fl.kind is Kind.TURN:  # a TURN's terminal
-            self.fleet.turn_ended(kind)
+        if kind is not Kind.TOKEN:  # a terminal: one test per TOKEN, the rest once per request
+            if fl.kind is Kind.TURN:
+                self.fleet.turn_ended(kind)
+            elif kind is Kind.CLOSE_OK and fl.kind is Kind.CLOSE:
+                self.transcripts.forget(fl.session_id)  # the table has just forgotten it
         if fl.orphaned is not None:
             if fl.orphaned is Orphan.SLOW_CLIENT and kind in TERMINAL_KINDS:
                 # Best effort: tell the client why its stream stopped (if its queue has room).
@@ -371,9 +370,7 @@ class Forwarder:
             )
         reg = self.table.register(key, ready, now, other_connected=connected)
         if reg.refused:
-            self.stats.errors_sent += 1
-            self.fleet.error_sent(ErrorCode.NOT_OWNER)
-            self._to_worker(key, Kind.ERROR, _error_body(ErrorCode.NOT_OWNER, reg.refused))
+            self._error_to_worker(key, ErrorCode.NOT_OWNER, reg.refused)
             return
         # Answer at once: the worker counts us silent from the moment it sent READY, and one
         # that waited up to a heartbeat interval for our first heartbeat could give up just as
@@ -383,8 +380,12 @@ class Forwarder:
             self._report_lost(lost)
         self.stats.sessions_repinned += reg.repinned
         for f in reg.drops:
-            self.stats.announced_dropped += 1
             self._close_on_worker(f)
+
+    def _error_to_worker(self, key: bytes, code: ErrorCode, message: str) -> None:
+        self.stats.errors_sent += 1
+        self.fleet.error_sent(code)
+        self._to_worker(key, Kind.ERROR, _error_body(code, message))
 
     def _to_worker(self, key: bytes, kind: Kind, body: bytes) -> None:
         if send(self.back, [key, HEADERS[kind], body]) is not Sent.OK:

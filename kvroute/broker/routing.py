@@ -421,11 +421,10 @@ class RoutingTable:
         """
         fl = self.in_flight.pop(session_id, None)
         if fl is not None:
-            w = self.workers[fl.worker]
-            w.turns.discard(session_id)
+            self.workers[fl.worker].turns.discard(session_id)
             self.requests_of.remove(fl.principal)
             if fl.first:
-                self._unpin_unrun(session_id, w)
+                self._unpin_unrun(session_id)
 
     def orphan(self, session_id: bytes, reason: Orphan) -> InFlight | None:
         """Mark a request's client unreachable; returns it if it was in flight and not yet
@@ -452,9 +451,7 @@ class RoutingTable:
                 pin.last_used = now
                 pins.move_to_end(session_id)
                 continue
-            del pins[session_id]
-            self.sessions_of.remove(pin.principal)
-            self.workers[pin.worker].sessions.discard(session_id)
+            self._unpin(session_id)
             out.append(Forgotten(session_id, pin.worker))
         if out:
             logger.info("forgot %d idle sessions (%d pinned)", len(out), len(pins))
@@ -497,21 +494,24 @@ class RoutingTable:
         if kind is Kind.END or kind is Kind.RESET_OK:
             self.pins[session_id].lost = False
         elif kind is Kind.CLOSE_OK and fl.kind is Kind.CLOSE:
-            pin = self.pins.pop(session_id)
-            self.sessions_of.remove(pin.principal)
-            w.sessions.discard(session_id)
+            self._unpin(session_id)
         elif fl.first and (kind is Kind.OVERFLOW or (kind is Kind.ERROR and _unrun(body))):
-            self._unpin_unrun(session_id, w)
+            self._unpin_unrun(session_id)
         return fl
 
-    def _unpin_unrun(self, session_id: bytes, w: WorkerState) -> None:
+    def _unpin(self, session_id: bytes) -> Pin:
+        """Drop a session's pin, freeing its slot in its owner's session count."""
+        pin = self.pins.pop(session_id)
+        self.sessions_of.remove(pin.principal)
+        self.workers[pin.worker].sessions.discard(session_id)
+        return pin
+
+    def _unpin_unrun(self, session_id: bytes) -> None:
         """Forget the pin the session's first TURN created, now that the TURN was refused
         before it ran: the worker kept nothing, so nothing is lost. The id goes back to what it
         was before that TURN: free, or remembered as a lost worker's session (its owner and the
         ``worker_lost`` flag stay for its next TURN)."""
-        pin = self.pins.pop(session_id)
-        self.sessions_of.remove(pin.principal)
-        w.sessions.discard(session_id)
+        pin = self._unpin(session_id)
         if pin.lost:
             self._remember_lost(session_id, pin.principal)
 

@@ -40,7 +40,14 @@ from kvroute.client import AsyncClient, KvrouteError
 
 from .affinity import Affinity
 from .config import GatewayConfig
-from .errors import INVALID_REQUEST, ApiError, from_client_error, invalid
+from .errors import (
+    INVALID_REQUEST,
+    ApiError,
+    from_client_error,
+    invalid,
+    rate_limited,
+    unavailable,
+)
 from .fleet import fleet_status
 from .metrics import GatewayMetrics, metrics_route
 from .page import page_routes
@@ -157,12 +164,8 @@ class Gateway:
         if self.in_flight >= self.config.max_in_flight:
             limit = self.config.max_in_flight
             return error_response(
-                ApiError(
-                    429,
-                    f"too many requests in flight on this gateway (limit {limit}); retry later",
-                    "rate_limit_error",
-                    None,
-                    "rate_limit_exceeded",
+                rate_limited(
+                    f"too many requests in flight on this gateway (limit {limit}); retry later"
                 )
             )
         try:
@@ -181,9 +184,7 @@ class Gateway:
         if not names:
             st = await fleet_status(self.client, self.config.health_timeout)
             if not st.broker:
-                return error_response(
-                    ApiError(503, st.error, "service_unavailable", None, "broker_unavailable")
-                )
+                return error_response(unavailable(st.error, "broker_unavailable"))
             names = st.models
         data = [
             {"id": m, "object": "model", "created": self.started, "owned_by": "kvroute"}

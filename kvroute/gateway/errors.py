@@ -81,6 +81,16 @@ def invalid(message: str, param: str | None = None, code: str = "invalid_value")
     return ApiError(400, message, INVALID_REQUEST, param, code)
 
 
+def rate_limited(message: str) -> ApiError:
+    """A 429 ``rate_limit_exceeded`` (the worker's limits, or this gateway's)."""
+    return ApiError(429, message, "rate_limit_error", None, "rate_limit_exceeded")
+
+
+def unavailable(message: str, code: str) -> ApiError:
+    """A 503 ``service_unavailable`` with ``code`` (no worker, no broker, ...)."""
+    return ApiError(503, message, "service_unavailable", None, code)
+
+
 def overflow_error(exc: ContextOverflow) -> ApiError:
     """400 ``context_length_exceeded``, worded as OpenAI words it (clients match the prefix)."""
     message = (
@@ -99,11 +109,11 @@ def from_client_error(exc: Exception) -> ApiError:
     if isinstance(exc, ContextOverflow):
         return overflow_error(exc)
     if isinstance(exc, LimitReached):
-        return ApiError(429, exc.message, "rate_limit_error", None, "rate_limit_exceeded")
+        return rate_limited(exc.message)
     if isinstance(exc, ServiceUnavailable):
-        return ApiError(503, exc.message, "service_unavailable", None, str(exc.code))
+        return unavailable(exc.message, str(exc.code))
     if isinstance(exc, SessionLost):
-        return ApiError(503, str(exc), "service_unavailable", None, "worker_lost")
+        return unavailable(str(exc), "worker_lost")
     if isinstance(exc, Timeout):
         return ApiError(504, str(exc), "timeout", None, "broker_timeout")
     if isinstance(exc, NotOwner):
@@ -113,7 +123,7 @@ def from_client_error(exc: Exception) -> ApiError:
     if isinstance(exc, ProtocolError):
         return ApiError(502, str(exc), "upstream_error", None, str(exc.code))
     if isinstance(exc, KvrouteError):  # e.g. the client was closed under a request
-        return ApiError(503, str(exc), "service_unavailable", None, "unavailable")
+        return unavailable(str(exc), "unavailable")
     if isinstance(exc, ValueError):  # the library's own argument checks (protocol limits)
         return invalid(str(exc), "messages")
     raise TypeError(f"not a client error: {exc!r}") from exc

@@ -34,7 +34,6 @@ from kvroute.client import (
     KvrouteError,
     NotOwner,
     ProtocolError,
-    ServiceUnavailable,
     SessionBusy,
     SessionLost,
     Timeout,
@@ -253,8 +252,3 @@ class TurnRunner:
 
 def _finish_reason(result: TurnResult) -> str:
     return "length" if result.finish_reason is FinishReason.LENGTH else "stop"
-
-
-def is_unavailable(exc: BaseException) -> bool:
-    """Whether an error says no worker can take turns now."""
-    return isinstance(exc, ServiceUnavailable) and exc.code is ErrorCode.NO_WORKER
