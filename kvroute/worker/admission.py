@@ -8,9 +8,9 @@ turns delays another client's turn by at most one of its own per free slot. And 
 already has a turn running may not take the last ``spare`` free slots: they are kept for a client
 with nothing running, whose turn then starts at once instead of waiting for a flood's turns to end.
 Once running, the step's prefill budget goes first to the clients running the fewest turns
-(`fair_order`), so that turn's prompt is fed in the next step; and while several clients run
-turns, steps feed fewer prompt tokens, the light client's alone (`prefill_budget`), so that
-next step is short and comes soon.
+(`Admission.step_plan`), so that turn's prompt is fed in the next step; and while several
+clients run turns, steps feed fewer prompt tokens, the light client's alone, so that next step
+is short and comes soon.
 
 Memory is admitted by reservation. A running turn may grow its session's cache up to its
 *horizon*, the prompt plus ``max_tokens`` (the cache never allocates past it, see
@@ -261,14 +261,22 @@ class Admission:
             self.store.evict_to_fit(self._outstanding(running))
         return started
 
-    def fair_order(self, running: Mapping[bytes, Turn]) -> list[Turn]:
-        """The running turns grouped by client, the clients running fewest turns first.
+    def step_plan(self, running: Mapping[bytes, Turn], chunk: int) -> tuple[list[Turn], int]:
+        """The running turns in fair order, and the prompt tokens the next step may feed.
 
-        A step hands its prefill budget out in this order, so a client with one short prompt
-        gets it fed in the next step even while another client's many prompts are prefilling
-        (turns that decode take one token each whatever the order).
+        Fair order groups the turns by client, the clients running fewest turns first. A step
+        hands its prefill budget out in this order, so a client with one short prompt gets it
+        fed in the next step even while another client's many prompts are prefilling (turns
+        that decode take one token each whatever the order).
+
+        The budget is ``chunk`` while one client runs turns. With several, a step's length is
+        what one client's first token waits for behind the others' work, so steps feed at most
+        ``shared_prefill_chunk`` tokens (prefill tok/s drops a little), and a step that feeds
+        the prompt of a client running fewer turns than another (first in fair order) feeds
+        that prompt only.
         """
-        return [turn for group in self._groups(running) for turn in group]
+        groups = self._groups(running)  # once per step: both answers derive from it
+        return [turn for group in groups for turn in group], self._prefill_budget(groups, chunk)
 
     def _groups(self, running: Mapping[bytes, Turn]) -> list[list[Turn]]:
         """Running turns per client, fewest first (stable: ties keep start order)."""
@@ -277,15 +285,7 @@ class Admission:
             by_client.setdefault(self._client_of.get(sid, sid), []).append(turn)
         return sorted(by_client.values(), key=len)
 
-    def prefill_budget(self, running: Mapping[bytes, Turn], chunk: int) -> int:
-        """Prompt tokens the next step may feed: ``chunk`` while one client runs turns.
-
-        With several, a step's length is what one client's first token waits for behind the
-        others' work, so steps feed at most ``shared_prefill_chunk`` tokens (prefill tok/s drops
-        a little), and a step that feeds the prompt of a client running fewer turns than
-        another (first in `fair_order`) feeds that prompt only.
-        """
-        groups = self._groups(running)
+    def _prefill_budget(self, groups: list[list[Turn]], chunk: int) -> int:
         if len(groups) < 2:
             return chunk
         budget = min(chunk, self.config.shared_prefill_chunk)

@@ -301,8 +301,9 @@ class Scheduler:
             events.extend(self._end(turn))
         self._admit_waiting(events)
         segments, batch = [], []
-        budget = self.admission.prefill_budget(self.turns, self.config.prefill_chunk)
-        for turn in self.admission.fair_order(self.turns):  # light clients' prompts first
+        # Light clients' prompts first, within the step's prompt budget.
+        order, budget = self.admission.step_plan(self.turns, self.config.prefill_chunk)
+        for turn in order:
             prefilling = turn.prefilling
             if prefilling and budget <= 0:
                 continue

@@ -18,15 +18,12 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import assert_never
 
 import zmq
 
 from kvroute.engine.engine import Engine
 from kvroute.engine.errors import EngineError
-from kvroute.engine.kv_codec import RestDtype
-from kvroute.engine.model_store import sha256_of
 from kvroute.engine.sampling import SamplingParams
 from kvroute.proto import (
     EMPTY_BODY,
@@ -49,13 +46,11 @@ from kvroute.proto.errors import ErrorCode
 from kvroute.proto.identity import CurveClient, KeyFileError
 from kvroute.proto.limits import MAX_IDLE_MS, MAX_RESIDENT_SESSIONS
 
-from .checkpoint import Checkpoints
-from .config import MIB, WorkerConfig
+from .assembly import build_scheduler
+from .config import WorkerConfig
 from .events import BusyEvent, EndEvent, ErrorEvent, Event, OverflowEvent, TokenEvent
 from .gauges import WorkerMeter
 from .process import setup_worker_process
-from .scheduler import Scheduler, SchedulerConfig
-from .spill import SpillDir, SpillIdentity
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +82,7 @@ class WorkerService:
         self.worker_id = config.worker_id or f"w{os.getpid()}"
         self.epoch = 0
         self.registrations = 0
-        self._ident: SpillIdentity | None = None
-        self.scheduler = self._new_scheduler()
+        self.scheduler = build_scheduler(engine, config, self.worker_id)
         logger.info("worker %s: %s", self.worker_id, config.describe_kv_budget())
         self._announce = True  # announce resident sessions in the next READY
         self._announced = 0  # sessions the last READY announced
@@ -96,60 +90,6 @@ class WorkerService:
         self._send_gauges = True  # False once a broker refused them (an older release)
         self._stop = stop or threading.Event()
         self._sock: zmq.Socket[bytes] | None = None
-
-    def _new_scheduler(self) -> Scheduler:
-        c = self.config
-        cfg = SchedulerConfig(
-            c.prefill_chunk,
-            c.kv_budget_bytes,
-            c.admission,
-            kv_rest=RestDtype(c.kv_rest),
-            kv_dtype=c.kv_dtype,
-            spill=self._spill_dir(),
-            checkpoints=self._checkpoints(),
-        )
-        return Scheduler(self.engine, cfg, self.worker_id)
-
-    def _identity(self) -> SpillIdentity:
-        """What this worker's spill and checkpoint files are written for."""
-        if self._ident is None:
-            engine = self.engine
-            assert engine.path is not None, "a served engine comes from a file"
-            a = engine.model.args
-            self._ident = SpillIdentity(
-                sha256_of(engine.path), engine.n_ctx, a.n_layers, a.n_kv_heads, a.head_dim
-            )
-        return self._ident
-
-    def _spill_dir(self) -> SpillDir | None:
-        """This worker's spill files (``--spill-dir``/spill-<worker id>), or None."""
-        c = self.config
-        if c.spill_dir is None:
-            return None
-        directory = Path(c.spill_dir) / f"spill-{self.worker_id}"
-        logger.info("worker %s: spilling to %s (%g MiB)", self.worker_id, directory, c.spill_mb)
-        return SpillDir(directory, int(c.spill_mb * MIB), self._identity())
-
-    def _checkpoints(self) -> Checkpoints | None:
-        """The checkpoints every worker sharing ``--spill-dir`` reads (``checkpoints/``)."""
-        c = self.config
-        if not c.checkpoint or c.spill_dir is None:
-            return None
-        directory = Path(c.spill_dir) / "checkpoints"
-        logger.info(
-            "worker %s: checkpoints in %s (%g MiB, %g s)",
-            self.worker_id,
-            directory,
-            c.checkpoint_mb,
-            c.checkpoint_ttl_s,
-        )
-        return Checkpoints(
-            directory,
-            self._identity(),
-            RestDtype(c.kv_rest),
-            int(c.checkpoint_mb * MIB),
-            c.checkpoint_ttl_s,
-        )
 
     def stop(self) -> None:
         """Ask the loop to end (thread- and signal-safe)."""

@@ -166,7 +166,6 @@ class SessionStore:
         self._sessions: OrderedDict[bytes, Session] = OrderedDict()  # LRU order, oldest first
         self._gone: OrderedDict[bytes, ColdReason] = OrderedDict()  # session id -> cold reason
         self.evictions = 0
-        self.parked = 0  # sessions compressed at rest so far
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -259,7 +258,6 @@ class SessionStore:
         before = cache.nbytes
         cache.park(self.rest)
         session.kv_from = KvSource.REST
-        self.parked += 1
         return before - cache.nbytes
 
     def _spill(self, session: Session) -> list[bytes]:
