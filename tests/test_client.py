@@ -61,8 +61,8 @@ class LoopThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -77,7 +77,7 @@ class LoopThread:
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
+        self.thread.join(timeout=10)
         self.loop.close()
 
 
@@ -102,7 +102,13 @@ class AsyncStream:
         self._loop.run(self._box[0].aclose())
 
     def __del__(self) -> None:
-        if self._loop.loop.is_running():  # else the test is over
+        if not self._loop.loop.is_running():  # the test is over
+            return
+        if threading.current_thread() is self._loop.thread:
+            # The cyclic GC can run this finalizer in the loop's own thread (the stream sits in
+            # a raised exception's traceback cycle): waiting there for the loop would block it.
+            self._box.clear()
+        else:
             self._loop.call(self._box.clear)
 
 

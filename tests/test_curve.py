@@ -294,8 +294,9 @@ def test_broker_restart_keeps_curve_sessions_warm_and_owned(
         new.wait_bound(10)
         h.broker = new
         h.threads.append(t)
-        wait_until(lambda: new.table.principal(chat.id.encode()) == owner_key.public, 10)
-        assert new.stats.sessions_repinned == 1
+        # The stat is counted after the pin is made, in the broker's thread: wait for both.
+        wait_until(lambda: new.stats.sessions_repinned == 1, 10)
+        assert new.table.principal(chat.id.encode()) == owner_key.public
         list(chat.send("still there?", max_tokens=4))
         assert chat.last is not None and (chat.last.worker, chat.last.path) == ("w0", "text_prefix")
         with connect(h, keys, "other", TIMEOUT) as other:
