@@ -12,8 +12,10 @@ BLAS is pinned to one thread, as in a worker (one worker per core). Prints one J
 - single-stream decode tok/s (64 greedy steps after a 128-token prompt, best of 3); these and
   llama.cpp's are measured in alternating rounds, each side keeping its best;
 - aggregate decode tok/s with 8 sequences of different lengths advanced in one batched step;
-- decode step time by batch size (1..16 rows) with the host's matmul plan and with plain
-  SGEMM, and the plan itself;
+- decode step time by batch size (1..16 rows) with the host's matmul plan, with that plan
+  kept to float32 (its ``quant`` rows replaced by the fastest float32 way it measured), and
+  with plain SGEMM, and the plan itself; single-stream decode is also timed on the float32
+  plan in the same rounds, which gives the quantized kernels' own gain;
 - llama.cpp's prefill and decode on the same file and token ids, 1 thread, measured now by
   `llamacpp_probe.py` under ``--llama-python`` (or ``$KVROUTE_LLAMA_PYTHON``): an interpreter
   with llama-cpp-python, which kvroute never depends on. Without it those ratios are skipped;
@@ -35,7 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import limit_blas_threads
@@ -53,6 +55,7 @@ from kvroute.engine.model_store import resolve_model, weights_dir  # noqa: E402
 from kvroute.engine.weights_cache import CacheConfig  # noqa: E402
 
 MIB = 1 << 20
+T = TypeVar("T")
 PREFILL_LENGTHS = (128, 512)
 DECODE_PROMPT = 128
 DECODE_STEPS = 64
@@ -131,6 +134,26 @@ def decode_tok_s(engine: Engine, prompts: list[list[int]], steps: int) -> float:
     return len(prompts) * steps / best_of(REPEATS, run)
 
 
+def float32_plan(plan: MatmulPlan) -> MatmulPlan:
+    """``plan`` without the quantized kernels: each ``quant`` row takes the fastest float32 way
+    the plan measured for it (gemm if it has no timings)."""
+    ways = []
+    for n, way in enumerate(plan.ways, 1):
+        timed = plan.ms[n - 1] if n <= len(plan.ms) else {}
+        ms = {w: t for w, t in timed.items() if w != "quant"}
+        ways.append(way if way != "quant" else min(ms, key=lambda w: ms[w], default="gemm"))
+    return MatmulPlan(tuple(ways), plan.ms, plan.source + ", float32 only")
+
+
+def with_plan(engine: Engine, plan: MatmulPlan, run: Callable[[], T]) -> T:
+    """``run()`` with ``plan`` as the model's matmul plan for its duration."""
+    saved, engine.model.mm = engine.model.mm, plan
+    try:
+        return run()
+    finally:
+        engine.model.mm = saved
+
+
 def single_stream(engine: Engine, ids: list[int]) -> dict[str, float]:
     """Prefill tok/s per prompt length and single-stream decode tok/s, each best of REPEATS."""
     out = {
@@ -138,36 +161,42 @@ def single_stream(engine: Engine, ids: list[int]) -> dict[str, float]:
         for n in PREFILL_LENGTHS
     }
     out["decode"] = decode_tok_s(engine, [ids[:DECODE_PROMPT]], DECODE_STEPS)
+    out["decode_float32"] = with_plan(
+        engine,
+        float32_plan(engine.model.mm),
+        lambda: decode_tok_s(engine, [ids[:DECODE_PROMPT]], DECODE_STEPS),
+    )
     return out
 
 
 def step_ms_by_batch(engine: Engine, ids: list[int], plan: MatmulPlan) -> dict[str, float]:
     """Milliseconds per decode step for each batch size in ``BATCH_SIZES`` under ``plan``."""
-    saved, engine.model.mm = engine.model.mm, plan
-    try:
-        out = {}
-        for b in BATCH_SIZES:
-            prompts = [ids[3 * i : 3 * i + 24] for i in range(b)]
-            out[str(b)] = 1e3 * b / decode_tok_s(engine, prompts, 8)
-        return out
-    finally:
-        engine.model.mm = saved
+    prompts = {b: [ids[3 * i : 3 * i + 24] for i in range(b)] for b in BATCH_SIZES}
+    return with_plan(
+        engine,
+        plan,
+        lambda: {str(b): 1e3 * b / decode_tok_s(engine, p, 8) for b, p in prompts.items()},
+    )
 
 
 def bytes_per_decode_step(engine: Engine, context: int) -> int:
-    """DRAM bytes one single-stream decode step reads: all weights once, plus the KV cache.
+    """DRAM bytes one single-stream decode step reads: all weights once (in the form the plan
+    multiplies one row by), plus the KV cache.
 
     A separate (untied) embedding table is not streamed: a step gathers one row of it.
     """
     model = engine.model
-    weights = model.weight_bytes - (model.embed.nbytes if model.embed is not None else 0)
+    quant = model.mm.way(1) == "quant"
+    weights = sum(
+        lin.q.nbytes if quant and lin.q is not None else lin.w.nbytes for lin in model.matrices()
+    )
     kv = engine.new_cache().bytes_per_token * context
     return weights + kv
 
 
 def flops_per_token(engine: Engine) -> int:
     """Multiply-adds x 2 of the matmuls per token (attention over the context excluded)."""
-    return 2 * sum(m.size for m in engine.model.matrices())
+    return 2 * sum(m.w.size for m in engine.model.matrices())
 
 
 def memory_bandwidth(nbytes: int = 512 * MIB) -> dict[str, float]:
@@ -371,11 +400,13 @@ def measure_engine(
         refs.append(llamacpp(llama_python, path, ids))
     prefill = {str(n): max(o[f"prefill_{n}"] for o in ours) for n in PREFILL_LENGTHS}
     decode = max(o["decode"] for o in ours)
+    decode_f32 = max(o["decode_float32"] for o in ours)
     ref = best_reference(refs)
     batch_prompts = [ids[i : i + n] for i, n in enumerate(BATCH_LENGTHS)]  # distinct contents
     batch8 = decode_tok_s(engine, batch_prompts, BATCH_STEPS)
     planned = step_ms_by_batch(engine, ids, engine.model.mm)
     gemm_only = step_ms_by_batch(engine, ids, MatmulPlan(("gemm",) * MAX_ROWS))
+    f32_only = step_ms_by_batch(engine, ids, float32_plan(engine.model.mm))
 
     ratios: dict[str, float | None] = dict.fromkeys(TARGETS)
     ratios["pss_4_vs_1"] = workers["pss_4_vs_1"]
@@ -416,11 +447,15 @@ def measure_engine(
         "workers": workers,
         "prefill_tok_s": {k: round(v, 1) for k, v in prefill.items()},
         "decode_tok_s_single_stream": round(decode, 1),
+        "decode_tok_s_single_stream_float32_plan": round(decode_f32, 1),
+        "decode_planned_over_float32_plan": round(decode / decode_f32, 2),
         "decode_tok_s_batch8_aggregate": round(batch8, 1),
         "batch8_prompt_lengths": list(BATCH_LENGTHS),
         "decode_step_ms_by_batch": {
             "planned": {k: round(v, 1) for k, v in planned.items()},
+            "float32_plan": {k: round(v, 1) for k, v in f32_only.items()},
             "gemm_only": {k: round(v, 1) for k, v in gemm_only.items()},
+            "float32_over_planned": {k: round(f32_only[k] / planned[k], 2) for k in planned},
             "gemm_over_planned": {k: round(gemm_only[k] / planned[k], 2) for k in planned},
         },
         "matmul_plan": engine.model.mm.describe(),

@@ -31,9 +31,11 @@ PROMPT = [5, 80, 81, 72, 79, 79, 82, 3, 100]
 
 def model_arrays(model: LlamaModel) -> list[np.ndarray]:
     """Every weight array the model computes with."""
-    arrays = [model.out_norm, model.head]
-    for lw in model.layers:
-        arrays += [lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down]
+    arrays = [model.out_norm]
+    for lin in model.matrices():
+        arrays += [lin.w] + ([lin.gain] if lin.gain is not None else [])
+        if lin.q is not None:
+            arrays += [lin.q.q, lin.q.d] + ([lin.q.m] if lin.q.m is not None else [])
     return arrays + ([model.embed] if model.embed is not None else [])
 
 
@@ -188,7 +190,7 @@ def test_bad_cache_file_is_rebuilt_never_used(
     logged = " | ".join(r.getMessage() for r in caplog.records)
     assert reason in logged
     np.testing.assert_array_equal(logits(engine), reference)
-    assert isinstance(engine.model.head, np.memmap)  # the rebuilt file is mapped
+    assert isinstance(engine.model.head.w, np.memmap)  # the rebuilt file is mapped
     # The rebuilt file is whole again.
     weights_cache.read(cache_file, sha256_of(tiny_model_path))
     caplog.clear()
@@ -258,7 +260,7 @@ def test_concurrent_first_loads_prepare_once(
     assert len(engines) == 3
     assert preparations(caplog) == 1, "the lock lets one loader prepare, the others map"
     for engine in engines:
-        assert isinstance(engine.model.head, np.memmap)
+        assert isinstance(engine.model.head.w, np.memmap)
         np.testing.assert_array_equal(logits(engine), reference)
 
 
@@ -270,7 +272,7 @@ def test_unwritable_directory_falls_back_to_memory(
     config = CacheConfig(directory=blocker / "weights", min_model_bytes=0)
     engine = Engine.load(tiny_model_path, weights=config)
     assert "preparing in memory" in reasons(caplog)
-    assert not isinstance(engine.model.head, np.memmap)
+    assert not isinstance(engine.model.head.w, np.memmap)
     np.testing.assert_array_equal(logits(engine), reference)
 
 
@@ -285,7 +287,7 @@ def test_small_models_and_disabled_cache_write_nothing(
     ):
         engine = Engine.load(tiny_model_path, weights=config)
         np.testing.assert_array_equal(logits(engine), reference)
-        assert not isinstance(engine.model.head, np.memmap)
+        assert not isinstance(engine.model.head.w, np.memmap)
     assert not directory.exists()
 
 

@@ -55,6 +55,8 @@ class TinySpec:
     seed: int = 0
     architecture: str = "llama"
     with_tokenizer: bool = True
+    # "mixed": F32, F16 and Q8_0 matrices; "Q4_1" or "Q8_0": every layer matrix of that type.
+    matrix_type: str = "mixed"
 
 
 def tiny_vocab() -> tuple[list[str], list[int], list[str]]:
@@ -102,8 +104,19 @@ def write_tiny_gguf(path: str | Path, spec: TinySpec | None = None) -> Path:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
     def add_q8(name: str, arr: np.ndarray) -> None:
-        q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
-        w.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        add_as(name, arr, "Q8_0")
+
+    def add_as(name: str, arr: np.ndarray, kind: str) -> None:
+        if kind == "F16":
+            w.add_tensor(name, arr.astype(np.float16))
+        elif kind == "F32":
+            w.add_tensor(name, arr)
+        else:
+            qtype = gguf.GGMLQuantizationType[kind]
+            w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+
+    def kind(mixed: str) -> str:
+        return mixed if spec.matrix_type == "mixed" else spec.matrix_type
 
     add_q8("token_embd.weight", rand(vocab, spec.d_model, scale=1.0))
     w.add_tensor("output_norm.weight", 1.0 + rand(spec.d_model, scale=0.05))
@@ -113,15 +126,13 @@ def write_tiny_gguf(path: str | Path, spec: TinySpec | None = None) -> Path:
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", 1.0 + rand(spec.d_model, scale=0.05))
         w.add_tensor(p + "ffn_norm.weight", 1.0 + rand(spec.d_model, scale=0.05))
-        add_q8(p + "attn_q.weight", rand(spec.n_heads * hd, spec.d_model))
-        add_q8(p + "attn_k.weight", rand(spec.n_kv_heads * hd, spec.d_model))
-        w.add_tensor(
-            p + "attn_v.weight", rand(spec.n_kv_heads * hd, spec.d_model).astype(np.float16)
-        )
-        w.add_tensor(p + "attn_output.weight", rand(spec.d_model, spec.n_heads * hd))
-        add_q8(p + "ffn_gate.weight", rand(spec.d_ff, spec.d_model))
-        add_q8(p + "ffn_up.weight", rand(spec.d_ff, spec.d_model))
-        w.add_tensor(p + "ffn_down.weight", rand(spec.d_model, spec.d_ff))
+        add_as(p + "attn_q.weight", rand(spec.n_heads * hd, spec.d_model), kind("Q8_0"))
+        add_as(p + "attn_k.weight", rand(spec.n_kv_heads * hd, spec.d_model), kind("Q8_0"))
+        add_as(p + "attn_v.weight", rand(spec.n_kv_heads * hd, spec.d_model), kind("F16"))
+        add_as(p + "attn_output.weight", rand(spec.d_model, spec.n_heads * hd), kind("F32"))
+        add_as(p + "ffn_gate.weight", rand(spec.d_ff, spec.d_model), kind("Q8_0"))
+        add_as(p + "ffn_up.weight", rand(spec.d_ff, spec.d_model), kind("Q8_0"))
+        add_as(p + "ffn_down.weight", rand(spec.d_model, spec.d_ff), kind("F32"))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

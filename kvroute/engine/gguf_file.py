@@ -15,6 +15,7 @@ import gguf
 import numpy as np
 
 from .errors import ModelLoadError
+from .quant import BLOCK_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -135,3 +136,16 @@ class GGUFFile:
             ) from exc
         shape = tuple(int(d) for d in reversed(t.shape))
         return np.ascontiguousarray(data, dtype=np.float32).reshape(shape)
+
+    def blocks(self, name: str) -> tuple[str, np.ndarray] | None:
+        """A Q4_1 or Q8_0 tensor's type name and raw blocks, one ``(out_features, bytes)`` row
+        per output; None for any other type (see `quant`)."""
+        _ = self.reader
+        t = self._tensors.get(name)
+        if t is None:
+            raise ModelLoadError(f"{self.path}: missing tensor {name}")
+        kind = t.tensor_type.name
+        if kind not in BLOCK_BYTES:
+            return None
+        data = np.asarray(t.data).view(np.uint8)
+        return kind, data.reshape(int(t.shape[-1]), -1)

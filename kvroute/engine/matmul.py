@@ -17,6 +17,8 @@ Ways:
   at a time, so that only the first row's GEMV reads the block from memory and the others find
   it in the cache.
 - ``pad4`` / ``pad8``: zero rows appended up to a multiple of 4 / 8, then one SGEMM.
+- ``quant``: the numba kernels over the file's own Q4_1 / Q8_0 blocks (see `quant`), which
+  stream 5-6x fewer bytes than float32; a matrix without such blocks uses ``gemm``.
 """
 
 from __future__ import annotations
@@ -33,14 +35,16 @@ from pathlib import Path
 
 import numpy as np
 
+from . import quant
 from .durable import write_atomic
+from .quant import QuantMatrix
 from .weights_cache import locked
 
 logger = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # row counts above this always use gemm
-WAYS = ("gemm", "rows", "pad4", "pad8")
-PLAN_FORMAT = 1
+WAYS = ("gemm", "rows", "pad4", "pad8", "quant")
+PLAN_FORMAT = 2
 MEASURE_BYTES = 64 << 20  # matrices timed per pass: beyond the last-level cache, like a step
 MEASURE_ROUNDS = 5  # interleaved rounds; the fastest of each way counts
 ROWS_BLOCK_BYTES = 4 << 20  # "rows" walks wider matrices in column blocks that stay cached
@@ -51,7 +55,7 @@ def matmul(x: np.ndarray, w: np.ndarray, way: str) -> np.ndarray:
     """``x @ w`` for ``x`` of shape (N, K), computed the given way; returns (N, M)."""
     n = x.shape[0]
     y: np.ndarray  # numpy types ``@`` on untyped arrays as Any
-    if way == "gemm" or n == 1:
+    if way in ("gemm", "quant") or n == 1:  # a bare float32 matrix has no blocks
         y = x @ w
         return y
     if way == "rows":
@@ -66,6 +70,31 @@ def matmul(x: np.ndarray, w: np.ndarray, way: str) -> np.ndarray:
     pad = -n % to
     y = x @ w if not pad else (np.concatenate([x, np.zeros((pad, x.shape[1]), x.dtype)]) @ w)[:n]
     return y
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One weight matrix in the forms a product can use.
+
+    ``w`` is the (K, M) float32 matrix with the model's folds applied: the gain of the norm
+    before it scales its rows, and ``scale`` its first ``scaled`` columns. ``q`` is the same
+    matrix as the file stores it, without the folds (they would not survive requantising), so
+    `quantized` applies them to the activations and the result instead.
+    """
+
+    w: np.ndarray
+    q: QuantMatrix | None = None
+    gain: np.ndarray | None = None  # (K,)
+    scale: float = 1.0
+    scaled: int = 0
+
+    def quantized(self, x: np.ndarray) -> np.ndarray:
+        """``x @ w`` through the quantized kernels (``q`` must be set)."""
+        assert self.q is not None
+        y = self.q.matmul(x if self.gain is None else x * self.gain)
+        if self.scaled:
+            y[:, : self.scaled] *= self.scale
+        return y
 
 
 @dataclass(frozen=True)
@@ -84,9 +113,12 @@ class MatmulPlan:
         """The way to use for ``n`` rows."""
         return self.ways[n - 1] if n <= len(self.ways) else "gemm"
 
-    def __call__(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
-        """``x @ w`` the planned way for ``x``'s row count."""
-        return matmul(x, w, self.way(x.shape[0]))
+    def __call__(self, x: np.ndarray, lin: Linear) -> np.ndarray:
+        """``x @ lin.w`` the planned way for ``x``'s row count."""
+        way = self.way(x.shape[0])
+        if way == "quant" and lin.q is not None:
+            return lin.quantized(x)
+        return matmul(x, lin.w, way)
 
     def describe(self) -> str:
         """One line for the log: per row count, the way and its ms relative to gemm."""
@@ -126,39 +158,54 @@ def _timed(op: Callable[[], object]) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def measure(weights: Sequence[np.ndarray], rounds: int = MEASURE_ROUNDS) -> MatmulPlan:
-    """Time every way for 1..MAX_ROWS rows over ``weights`` (all (K, M) float32 matrices).
-
-    Only as many matrices as make `MEASURE_BYTES` are used. ``rows`` stops being tried once it
-    is clearly beaten: its cost grows linearly with the row count, gemm's far more slowly.
-    """
-    mats: list[np.ndarray] = []
-    for w in weights:
-        if sum(m.nbytes for m in mats) >= MEASURE_BYTES:
+def _sample(mats: Sequence[np.ndarray | QuantMatrix]) -> list[int]:
+    """Indexes of the first matrices that make `MEASURE_BYTES` (or all)."""
+    chosen: list[int] = []
+    total = 0
+    for i, m in enumerate(mats):
+        if total >= MEASURE_BYTES:
             break
-        mats.append(w)
+        chosen.append(i)
+        total += m.nbytes
+    return chosen
+
+
+def measure(weights: Sequence[Linear], rounds: int = MEASURE_ROUNDS) -> MatmulPlan:
+    """Time every way for 1..MAX_ROWS rows over ``weights``.
+
+    The float32 ways run over the first matrices that make `MEASURE_BYTES`; ``quant`` runs over
+    as many matrices as make that many bytes of blocks, and its time is scaled to the float32
+    sample's weight count: both then stream from memory as a decode step does (a sample small
+    enough to stay in the last-level cache would flatter the kernel with fewer bytes). ``rows``
+    and ``quant`` stop being tried once clearly beaten: their cost grows linearly with the row
+    count, gemm's far more slowly.
+    """
+    f32 = [weights[i].w for i in _sample([lin.w for lin in weights])]
+    blocks = [lin.q for lin in weights if lin.q is not None]
+    quants = [blocks[i] for i in _sample(blocks)] if quant.available() else []
+    per_weight = sum(m.size for m in f32) / max(sum(q.shape[0] * q.shape[1] for q in quants), 1)
     rng = np.random.default_rng(0)
-    inputs = {
-        k: rng.standard_normal((MAX_ROWS, k), dtype=np.float32) for k in {m.shape[0] for m in mats}
-    }
+    widths = {m.shape[0] for m in f32} | {q.shape[0] for q in quants}
+    inputs = {k: rng.standard_normal((MAX_ROWS, k), dtype=np.float32) for k in widths}
 
     def one_pass(n: int, way: str) -> float:
-        return _timed(lambda: [matmul(inputs[m.shape[0]][:n], m, way) for m in mats])
+        if way == "quant":
+            ms = _timed(lambda: [q.matmul(inputs[q.shape[0]][:n]) for q in quants])
+            return ms * per_weight
+        return _timed(lambda: [matmul(inputs[m.shape[0]][:n], m, way) for m in f32])
 
     best: list[dict[str, float]] = [{} for _ in range(MAX_ROWS)]
-    try_rows = True
+    trying = {"rows", "quant"} if quants else {"rows"}
     for n in range(1, MAX_ROWS + 1):
         ways = ["gemm"]
-        if n > 1 and try_rows:
-            ways.append("rows")
+        ways += [w for w in ("rows", "quant") if w in trying and (n > 1 or w == "quant")]
         ways += [w for w in ("pad4", "pad8") if n % int(w[3:])]
         for _ in range(rounds):  # interleaved, so a burst of load hits every way alike
             for way in ways:
                 t = one_pass(n, way)
                 best[n - 1][way] = min(best[n - 1].get(way, t), t)
         times = best[n - 1]
-        if "rows" in times and times["rows"] > 1.5 * min(times.values()):
-            try_rows = False
+        trying -= {w for w in ("rows", "quant") if times.get(w, 0) > 1.5 * min(times.values())}
     ways_chosen = tuple(_winner(t) for t in best)
     rounded = tuple({w: round(v, 2) for w, v in t.items()} for t in best)
     return MatmulPlan(ways_chosen, rounded, "measured")
@@ -169,8 +216,9 @@ def _winner(ms: dict[str, float]) -> str:
     return fastest if ms[fastest] < MARGIN * ms["gemm"] else "gemm"
 
 
-def host_key(weights: Sequence[np.ndarray]) -> str:
-    """What a measured plan depends on: CPU, BLAS build and threads, numpy, matrix shapes."""
+def host_key(weights: Sequence[Linear]) -> str:
+    """What a measured plan depends on: CPU, BLAS build and threads, numpy, matrix shapes and
+    block types, and whether the quantized kernels run here."""
     from threadpoolctl import threadpool_info
 
     cpu: dict[str, str] = {}
@@ -182,13 +230,16 @@ def host_key(weights: Sequence[np.ndarray]) -> str:
         {k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
         for i in threadpool_info()
     ]
-    shapes = sorted({tuple(w.shape) for w in weights})
+    shapes = sorted({(*lin.w.shape, lin.q.kind if lin.q else "") for lin in weights})
     cpu_id = [cpu.get("model name"), cpu.get("flags")]
-    ident = json.dumps([platform.machine(), cpu_id, blas, np.__version__, shapes], sort_keys=True)
+    kernels = quant.available()
+    ident = json.dumps(
+        [platform.machine(), cpu_id, blas, np.__version__, shapes, kernels], sort_keys=True
+    )
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
-def load_or_measure(weights: Sequence[np.ndarray], directory: Path | None) -> MatmulPlan:
+def load_or_measure(weights: Sequence[Linear], directory: Path | None) -> MatmulPlan:
     """The cached plan for this host and these shapes, or measure it and cache it.
 
     Measuring takes seconds, so it is done only where the table can be kept: with

@@ -17,21 +17,27 @@ named arrays the engine writes to the host's weights cache and every worker maps
 A forward pass takes a ragged batch of segments (cache, new token ids): all rows share the
 matmuls, attention runs per segment against that segment's own cache. Batched prefill, batched
 decode and a mix of both are the same call. Each product goes through the model's `MatmulPlan`
-(``self.mm``), which picks per row count how to multiply (see `matmul`).
+(``self.mm``), which picks per row count how to multiply (see `matmul`): with few rows, as in
+decode, that is usually the quantized kernels over the file's own Q4_1 / Q8_0 blocks, which
+`prepare` stores next to the float32 arrays (transposed, permuted and fused like them, but with
+no gain or scale folded in: `Linear` applies those outside the kernel).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from .. import quant
 from ..cache import KVCache
 from ..errors import ModelLoadError
 from ..gguf_file import GGUFFile
-from ..matmul import MatmulPlan
+from ..matmul import Linear, MatmulPlan
+from ..quant import QuantMatrix
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +89,15 @@ class ModelArgs:
 
 @dataclass
 class LayerWeights:
-    """One transformer block, laid out (in, out) with norms and scales folded in."""
+    """One transformer block's matrices, laid out (in, out) with norms and scales folded in."""
 
-    wqkv: np.ndarray  # (D, (H + 2 KV) * hd)
-    wo: np.ndarray  # (H * hd, D)
-    w_gate_up: np.ndarray  # (D, 2 F)
-    w_down: np.ndarray  # (F, D)
+    wqkv: Linear  # (D, (H + 2 KV) * hd)
+    wo: Linear  # (H * hd, D)
+    w_gate_up: Linear  # (D, 2 F)
+    w_down: Linear  # (F, D)
+
+    def linears(self) -> tuple[Linear, Linear, Linear, Linear]:
+        return self.wqkv, self.wo, self.w_gate_up, self.w_down
 
 
 def _pairs_to_halves(w: np.ndarray, n_heads: int, hd: int) -> np.ndarray:
@@ -98,19 +107,42 @@ def _pairs_to_halves(w: np.ndarray, n_heads: int, hd: int) -> np.ndarray:
     return w.transpose(0, 2, 1, 3).reshape(out_dim, in_dim)
 
 
+Permutation = Callable[[np.ndarray], np.ndarray]  # of a matrix's output rows
+
+
+def _blocks(
+    gguf: GGUFFile, name: str, parts: Sequence[tuple[str, Permutation | None]]
+) -> Iterator[tuple[str, np.ndarray]]:
+    """The named arrays of the `QuantMatrix` fused from ``parts`` (tensor name, permutation of
+    its output rows), laid out like the float32 matrix ``name``; nothing unless every part is
+    of one block type the kernels read."""
+    kinds: set[str] = set()
+    rows: list[np.ndarray] = []
+    for tensor, permute in parts:
+        found = gguf.blocks(tensor)
+        if found is None:
+            return
+        kinds.add(found[0])
+        rows.append(permute(found[1]) if permute is not None else found[1])
+    if len(kinds) != 1:
+        return
+    (kind,) = kinds
+    yield from QuantMatrix.from_rows(kind, np.concatenate(rows)).arrays(name).items()
+
+
 class LlamaModel:
     """The llama forward pass over float32 weights."""
 
     # Names what `prepare` writes; change it whenever the prepared arrays change, so that weights
     # caches written by older code are rebuilt rather than misread.
-    LAYOUT = "llama-f32-halves-1"
+    LAYOUT = "llama-f32-halves-q-2"
 
     def __init__(
         self,
         args: ModelArgs,
         layers: list[LayerWeights],
         out_norm: np.ndarray,
-        head: np.ndarray,
+        head: Linear,
         embed: np.ndarray | None = None,
     ) -> None:
         self.args = args
@@ -135,7 +167,9 @@ class LlamaModel:
     def prepare(cls, gguf: GGUFFile) -> Iterator[tuple[str, np.ndarray]]:
         """Dequantise and lay out every tensor, one named array at a time (see `from_arrays`).
 
-        A generator, so a weights cache can write each array before the next is made.
+        A generator, so a weights cache can write each array before the next is made. Each
+        matrix whose source tensors are all Q4_1 or all Q8_0 also gets its blocks (see
+        `QuantMatrix.arrays`), and each layer its two norm gains.
         """
         a = ModelArgs.from_gguf(gguf)
         hd = a.head_dim
@@ -146,36 +180,59 @@ class LlamaModel:
                 f"{gguf.path}: token_embd.weight has shape {embed.shape}, "
                 f"expected {(a.vocab_size, a.d_model)}"
             )
+
+        def heads(n_heads: int) -> Permutation:
+            return lambda rows: _pairs_to_halves(rows, n_heads, hd)
+
         for i in range(a.n_layers):
             p = f"blk.{i}."
-            attn_norm = gguf.tensor(p + "attn_norm.weight")[:, None]
-            ffn_norm = gguf.tensor(p + "ffn_norm.weight")[:, None]
-            wq = _pairs_to_halves(gguf.tensor(p + "attn_q.weight"), a.n_heads, hd) * scale
-            wk = _pairs_to_halves(gguf.tensor(p + "attn_k.weight"), a.n_kv_heads, hd)
+            attn_norm = gguf.tensor(p + "attn_norm.weight")
+            ffn_norm = gguf.tensor(p + "ffn_norm.weight")
+            wq = heads(a.n_heads)(gguf.tensor(p + "attn_q.weight")) * scale
+            wk = heads(a.n_kv_heads)(gguf.tensor(p + "attn_k.weight"))
             wv = gguf.tensor(p + "attn_v.weight")
-            wqkv = np.concatenate([wq, wk, wv], axis=0).T * attn_norm
+            wqkv = np.concatenate([wq, wk, wv], axis=0).T * attn_norm[:, None]
             gate_up = (
                 np.concatenate(
                     [gguf.tensor(p + "ffn_gate.weight"), gguf.tensor(p + "ffn_up.weight")], axis=0
                 ).T
-                * ffn_norm
+                * ffn_norm[:, None]
             )
             yield p + "wqkv", np.ascontiguousarray(wqkv, dtype=np.float32)
             yield p + "wo", np.ascontiguousarray(gguf.tensor(p + "attn_output.weight").T)
             yield p + "w_gate_up", np.ascontiguousarray(gate_up, dtype=np.float32)
             yield p + "w_down", np.ascontiguousarray(gguf.tensor(p + "ffn_down.weight").T)
+            yield p + "attn_norm", attn_norm
+            yield p + "ffn_norm", ffn_norm
+            yield from _blocks(
+                gguf,
+                p + "wqkv",
+                [
+                    (p + "attn_q.weight", heads(a.n_heads)),
+                    (p + "attn_k.weight", heads(a.n_kv_heads)),
+                    (p + "attn_v.weight", None),
+                ],
+            )
+            yield from _blocks(gguf, p + "wo", [(p + "attn_output.weight", None)])
+            yield from _blocks(
+                gguf, p + "w_gate_up", [(p + "ffn_gate.weight", None), (p + "ffn_up.weight", None)]
+            )
+            yield from _blocks(gguf, p + "w_down", [(p + "ffn_down.weight", None)])
         yield "out_norm", gguf.tensor("output_norm.weight")
         if gguf.has_tensor("output.weight"):
             yield "head", np.ascontiguousarray(gguf.tensor("output.weight").T)
             yield "embed", embed
+            yield from _blocks(gguf, "head", [("output.weight", None)])
         else:
             yield "head", np.ascontiguousarray(embed.T)  # tied embeddings
+            yield from _blocks(gguf, "head", [("token_embd.weight", None)])
 
     @classmethod
     def from_arrays(cls, gguf: GGUFFile, arrays: Mapping[str, np.ndarray]) -> LlamaModel:
         """Build the model on prepared arrays (from `prepare`, or mapped from a weights cache).
 
-        Only ``gguf``'s metadata is read, so it may come from `GGUFFile.from_meta`.
+        Only ``gguf``'s metadata is read, so it may come from `GGUFFile.from_meta`. The blocks
+        for the quantized kernels are used only where the kernels run (see `quant.available`).
 
         Raises
         ------
@@ -192,6 +249,8 @@ class LlamaModel:
                 p + "wo": (a.n_heads * a.head_dim, a.d_model),
                 p + "w_gate_up": (a.d_model, 2 * a.d_ff),
                 p + "w_down": (a.d_ff, a.d_model),
+                p + "attn_norm": (a.d_model,),
+                p + "ffn_norm": (a.d_model,),
             }
         if "embed" in arrays:
             shapes["embed"] = (a.vocab_size, a.d_model)
@@ -199,31 +258,50 @@ class LlamaModel:
             got = arrays[name].shape if name in arrays else None
             if got != shape:
                 raise ModelLoadError(f"prepared weights: {name} has shape {got}, expected {shape}")
-        layers = [
-            LayerWeights(*(arrays[f"blk.{i}.{n}"] for n in ("wqkv", "wo", "w_gate_up", "w_down")))
-            for i in range(a.n_layers)
-        ]
-        return cls(a, layers, arrays["out_norm"], arrays["head"], arrays.get("embed"))
+        kernels = quant.available()
+
+        def linear(name: str, **folds: Any) -> Linear:
+            blocks = QuantMatrix.from_arrays(name, arrays)
+            if blocks is not None and blocks.shape != arrays[name].shape:
+                raise ModelLoadError(
+                    f"prepared weights: blocks of {name} are {blocks.shape}, "
+                    f"expected {arrays[name].shape}"
+                )
+            return Linear(arrays[name], blocks if kernels else None, **folds)
+
+        scale = float(np.float32(1.0 / np.sqrt(a.head_dim)))
+        layers = []
+        for i in range(a.n_layers):
+            p = f"blk.{i}."
+            layers.append(
+                LayerWeights(
+                    linear(
+                        p + "wqkv",
+                        gain=arrays[p + "attn_norm"],
+                        scale=scale,
+                        scaled=a.n_heads * a.head_dim,
+                    ),
+                    linear(p + "wo"),
+                    linear(p + "w_gate_up", gain=arrays[p + "ffn_norm"]),
+                    linear(p + "w_down"),
+                )
+            )
+        return cls(a, layers, arrays["out_norm"], linear("head"), arrays.get("embed"))
 
     def new_cache(self, max_len: int, dtype: str = "f32") -> KVCache:
         """An empty cache sized for this model, allowed to grow to ``max_len`` positions."""
         a = self.args
         return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, max_len, dtype)
 
-    def matrices(self) -> list[np.ndarray]:
+    def matrices(self) -> list[Linear]:
         """Every matrix a decode step multiplies by, in the order it does."""
-        mats = []
-        for lw in self.layers:
-            mats += [lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down]
-        return [*mats, self.head]
+        return [lin for lw in self.layers for lin in lw.linears()] + [self.head]
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of float32 weights held (what one decode step streams from memory)."""
-        n = self.head.nbytes + (self.embed.nbytes if self.embed is not None else 0)
-        for lw in self.layers:
-            n += lw.wqkv.nbytes + lw.wo.nbytes + lw.w_gate_up.nbytes + lw.w_down.nbytes
-        return n
+        """Bytes of float32 weights held (what one float32 decode step streams from memory)."""
+        n = self.embed.nbytes if self.embed is not None else 0
+        return n + sum(lin.w.nbytes for lin in self.matrices())
 
     def _rms(self, x: np.ndarray) -> np.ndarray:
         # Gain already folded into the next matmul; only the normalisation is left.
@@ -278,7 +356,7 @@ class LlamaModel:
         for cache, _ in segments:
             cache.reserve(len(_))
         cos, sin = self._rope(positions)
-        x = self.embed[ids] if self.embed is not None else self.head[:, ids].T.copy()  # (N, D)
+        x = self.embed[ids] if self.embed is not None else self.head.w[:, ids].T.copy()  # (N, D)
         mm = self.mm
         for li, lw in enumerate(self.layers):
             qkv = mm(self._rms(x), lw.wqkv)  # (N, (H + 2KV) hd)
