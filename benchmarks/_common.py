@@ -1,11 +1,13 @@
 """Helpers shared by the benchmark scripts: BLAS threads, model path, reference figures, medians,
-short follow-up turns."""
+best-of timings, short follow-up turns."""
 
 from __future__ import annotations
 
 import json
 import os
 import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,3 +37,15 @@ def llamacpp_reference() -> dict[str, Any]:
 def p50(xs: list[float]) -> float:
     """The median of ``xs``."""
     return statistics.median(xs)
+
+
+def best_of(n: int, run: Callable[[], float]) -> float:
+    """Smallest of ``n`` timings: the least disturbed run is the closest to the machine's speed."""
+    return min(run() for _ in range(n))
+
+
+def seconds(op: Callable[[], object]) -> float:
+    """Wall time of one call of ``op``."""
+    t0 = time.perf_counter()
+    op()
+    return time.perf_counter() - t0

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,21 +38,25 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import limit_blas_threads
+from _common import best_of, limit_blas_threads, seconds
 
 limit_blas_threads(1)
 
 import numpy as np  # noqa: E402
-import psutil  # noqa: E402
+from engine_bounds import (  # noqa: E402
+    bytes_per_decode_step,
+    flops_per_token,
+    memory_bandwidth,
+    sgemm_gflops,
+)
+from engine_workers import measure_workers, private_cache  # noqa: E402
 from threadpoolctl import threadpool_info  # noqa: E402
 
 from kvroute.engine.cache import KVCache  # noqa: E402
 from kvroute.engine.engine import Engine  # noqa: E402
 from kvroute.engine.matmul import MAX_ROWS, MatmulPlan  # noqa: E402
-from kvroute.engine.model_store import resolve_model, weights_dir  # noqa: E402
-from kvroute.engine.weights_cache import CacheConfig  # noqa: E402
+from kvroute.engine.model_store import resolve_model  # noqa: E402
 
-MIB = 1 << 20
 T = TypeVar("T")
 PREFILL_LENGTHS = (128, 512)
 DECODE_PROMPT = 128
@@ -64,7 +66,6 @@ BATCH_STEPS = 32
 BATCH_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)
 REPEATS = 3
 ROUNDS = 2  # our single-stream figures and llama.cpp's, alternated
-WORKERS = 4
 PROBE = Path(__file__).resolve().parent / "llamacpp_probe.py"
 # ratio >= target, except the two marked "max" (lower is better)
 TARGETS: dict[str, tuple[str, float]] = {
@@ -84,18 +85,6 @@ TEXT = (
     "followed. Today 1,250,000 people live there, and visitors come for the old town, the "
     "museums, the food and the long evenings by the water. "
 )
-
-
-def best_of(n: int, run: Callable[[], float]) -> float:
-    """Smallest of ``n`` timings: the least disturbed run is the closest to the machine's speed."""
-    return min(run() for _ in range(n))
-
-
-def seconds(op: Callable[[], object]) -> float:
-    """Wall time of one call of ``op``."""
-    t0 = time.perf_counter()
-    op()
-    return time.perf_counter() - t0
 
 
 def prompt_ids(engine: Engine, n: int) -> list[int]:
@@ -179,119 +168,6 @@ def step_ms_by_batch(engine: Engine, ids: list[int], plan: MatmulPlan) -> dict[s
     )
 
 
-def bytes_per_decode_step(engine: Engine, context: int) -> int:
-    """DRAM bytes one single-stream decode step reads: all weights once (in the form the plan
-    multiplies one row by), plus the KV cache.
-
-    A separate (untied) embedding table is not streamed: a step gathers one row of it.
-    """
-    model = engine.model
-    quant = model.mm.way(1) == "quant"
-    weights = sum(
-        lin.q.nbytes if quant and lin.q is not None else lin.w.nbytes for lin in model.matrices()
-    )
-    kv = engine.new_cache().bytes_per_token * context
-    return weights + kv
-
-
-def flops_per_token(engine: Engine) -> int:
-    """Multiply-adds x 2 of the matmuls per token (attention over the context excluded)."""
-    return 2 * sum(m.w.size for m in engine.model.matrices())
-
-
-def memory_bandwidth(nbytes: int = 512 * MIB) -> dict[str, float]:
-    """One-core DRAM bandwidth in GB/s, three ways, best of 5 each.
-
-    ``sum`` and ``gemv`` only read (``gemv`` is the kernel a decode step actually runs: a vector
-    times a matrix far larger than the caches); ``copy`` reads and writes, counted as both.
-    """
-    src = np.ones(nbytes // 4, dtype=np.float32)
-    dst = np.empty_like(src)
-    mat = src.reshape(-1, 16384)
-    vec = np.ones((1, mat.shape[0]), dtype=np.float32)
-
-    def gb_s(moved: int, op: Callable[[], object]) -> float:
-        return moved / best_of(5, lambda: seconds(op)) / 1e9
-
-    return {
-        "sum_read": gb_s(nbytes, lambda: np.add.reduce(src)),
-        "gemv_read": gb_s(nbytes, lambda: vec @ mat),
-        "copy_read_write": gb_s(2 * nbytes, lambda: np.copyto(dst, src)),
-    }
-
-
-def sgemm_gflops(n: int = 2048) -> float:
-    """One-core float32 matrix-multiply throughput on an n x n product, best of 3."""
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    b = a.T.copy()
-    return 2 * n**3 / best_of(3, lambda: seconds(lambda: a @ b)) / 1e9
-
-
-# --------------------------------------------------------------------------- worker processes
-
-
-def engine_process(model: Path, weights: CacheConfig, started: float, conn: Any) -> None:
-    """A spawned stand-in for a worker: load, run a few decode steps, report, wait to exit."""
-    t0 = time.perf_counter()
-    engine = Engine.load(model, weights=weights)
-    load_s = time.perf_counter() - t0
-    t_loaded = time.monotonic()
-    cache = engine.new_cache()
-    logits = engine.prefill(cache, prompt_ids(engine, 32))
-    for _ in range(4):  # every weight page touched, as in a serving worker
-        logits = engine.forward([(cache, [int(np.argmax(logits))])])[0]
-    conn.send({"startup_s": t_loaded - started, "load_s": load_s})
-    conn.recv()  # exit when told
-
-
-def pss_mib(pid: int) -> float:
-    """Proportional set size: shared pages divided among the processes that map them."""
-    return psutil.Process(pid).memory_full_info().pss / MIB
-
-
-def measure_workers(model: Path, weights: CacheConfig) -> dict[str, Any]:
-    """PSS of 1 and of ``WORKERS`` engine processes, and the start-up with the cache present.
-
-    Runs before this process loads the model, so no page is shared with the measuring process;
-    ``weights`` is a directory of this run's own, so none is shared with other processes on the
-    host that map the usual cache either.
-    """
-    ctx = mp.get_context("spawn")
-    procs: list[tuple[Any, Any]] = []
-
-    def start() -> dict[str, Any]:
-        parent, child = ctx.Pipe()
-        p = ctx.Process(target=engine_process, args=(model, weights, time.monotonic(), child))
-        p.start()
-        procs.append((p, parent))
-        return parent.recv()
-
-    def stop_all() -> None:
-        for p, conn in procs:
-            conn.send("exit")
-            p.join(30)
-        procs.clear()
-
-    try:
-        first = start()  # builds the weights cache and matmul plan if this host has none
-        stop_all()
-        second = start()  # a worker starting with the cache present
-        one = pss_mib(procs[0][0].pid)
-        for _ in range(WORKERS - 1):
-            start()
-        each = [pss_mib(p.pid) for p, _ in procs]
-    finally:
-        stop_all()
-    return {
-        "first_worker_startup_s": round(first["startup_s"], 2),
-        "second_worker_startup_s": round(second["startup_s"], 2),
-        "second_worker_load_s": round(second["load_s"], 2),
-        "pss_1_worker_mib": round(one, 1),
-        f"pss_{WORKERS}_workers_mib": [round(v, 1) for v in each],
-        "pss_4_vs_1": round(sum(each) / one, 3),
-    }
-
-
 # --------------------------------------------------------------------------- llama.cpp, serve
 
 
@@ -357,14 +233,6 @@ def serve_run(workers: int, model: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def private_cache(directory: Path) -> CacheConfig:
-    """A weights cache in ``directory`` holding only the host's matmul plans (they depend on the
-    host, not on the file), so the first worker builds the weights but measures no plan."""
-    for plan in weights_dir().glob("matmul-*.json"):
-        shutil.copy(plan, directory)
-    return CacheConfig(directory=directory)
 
 
 def run_benchmark(model: str, llama_python: str | None, serve: bool) -> dict[str, Any]:

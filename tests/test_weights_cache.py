@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 from tiny_gguf import TinySpec, write_tiny_gguf
 
-from kvroute.engine import gguf_file, weights_cache
+from kvroute.engine import gguf_file, quant, weights_cache
 from kvroute.engine.engine import Engine
 from kvroute.engine.errors import ModelLoadError
 from kvroute.engine.gguf_file import GGUFFile
 from kvroute.engine.model_store import sha256_of, weights_dir
 from kvroute.engine.models import open_metadata
 from kvroute.engine.models.llama import LlamaModel
+from kvroute.engine.models.llama_weights import form_for
 from kvroute.engine.weights_cache import CacheConfig, CacheInvalid, Recipe
 
 PROMPT = [5, 80, 81, 72, 79, 79, 82, 3, 100]
@@ -33,9 +34,8 @@ def model_arrays(model: LlamaModel) -> list[np.ndarray]:
     """Every weight array the model computes with."""
     arrays = [model.out_norm]
     for lin in model.matrices():
-        arrays += [lin.w] + ([lin.gain] if lin.gain is not None else [])
-        if lin.q is not None:
-            arrays += [lin.q.q, lin.q.d] + ([lin.q.m] if lin.q.m is not None else [])
+        arrays += [a for a in (lin.w, lin.gain) if a is not None]
+        arrays += [lin.q.tiles] if lin.q is not None else []
     return arrays + ([model.embed] if model.embed is not None else [])
 
 
@@ -60,7 +60,9 @@ def reference(tiny_model_path: Path) -> np.ndarray:
 def cache_file(tiny_model_path: Path, config: CacheConfig) -> Path:
     """Where the tiny model's prepared weights go in ``config``'s directory."""
     assert config.directory is not None
-    return weights_cache.cache_file(config.directory, sha256_of(tiny_model_path))
+    return weights_cache.cache_file(
+        config.directory, sha256_of(tiny_model_path), form_for(quant.mode())
+    )
 
 
 def preparations(caplog: pytest.LogCaptureFixture) -> int:
@@ -153,7 +155,7 @@ def foreign(path: Path) -> None:
 
 def old_layout(path: Path) -> None:
     """A valid file for this model, but written with another layout."""
-    sha = path.name.removesuffix(weights_cache.SUFFIX)
+    sha = path.name.split(".")[0]  # <sha256>.<form>.kvw
     prepared = weights_cache.read(path, sha)
     recipe = Recipe("llama-f32-old", prepared.meta, list(prepared.arrays.items()))
     weights_cache.write(path, sha, recipe)
@@ -190,7 +192,7 @@ def test_bad_cache_file_is_rebuilt_never_used(
     logged = " | ".join(r.getMessage() for r in caplog.records)
     assert reason in logged
     np.testing.assert_array_equal(logits(engine), reference)
-    assert isinstance(engine.model.head.w, np.memmap)  # the rebuilt file is mapped
+    assert isinstance(engine.model.out_norm, np.memmap)  # the rebuilt file is mapped
     # The rebuilt file is whole again.
     weights_cache.read(cache_file, sha256_of(tiny_model_path))
     caplog.clear()
@@ -260,7 +262,7 @@ def test_concurrent_first_loads_prepare_once(
     assert len(engines) == 3
     assert preparations(caplog) == 1, "the lock lets one loader prepare, the others map"
     for engine in engines:
-        assert isinstance(engine.model.head.w, np.memmap)
+        assert isinstance(engine.model.out_norm, np.memmap)
         np.testing.assert_array_equal(logits(engine), reference)
 
 
@@ -272,7 +274,7 @@ def test_unwritable_directory_falls_back_to_memory(
     config = CacheConfig(directory=blocker / "weights", min_model_bytes=0)
     engine = Engine.load(tiny_model_path, weights=config)
     assert "preparing in memory" in reasons(caplog)
-    assert not isinstance(engine.model.head.w, np.memmap)
+    assert not isinstance(engine.model.out_norm, np.memmap)
     np.testing.assert_array_equal(logits(engine), reference)
 
 
@@ -287,7 +289,7 @@ def test_small_models_and_disabled_cache_write_nothing(
     ):
         engine = Engine.load(tiny_model_path, weights=config)
         np.testing.assert_array_equal(logits(engine), reference)
-        assert not isinstance(engine.model.head.w, np.memmap)
+        assert not isinstance(engine.model.out_norm, np.memmap)
     assert not directory.exists()
 
 
@@ -326,7 +328,9 @@ def test_model_path_names_the_weights_cache_on_stderr(tmp_path: Path) -> None:
     from kvroute.engine.model_store import DEFAULT_MODEL_SHA256
 
     env = {"KVROUTE_HOME": str(tmp_path)}
-    expected = weights_cache.cache_file(tmp_path / "weights", DEFAULT_MODEL_SHA256)
+    expected = weights_cache.cache_file(
+        tmp_path / "weights", DEFAULT_MODEL_SHA256, form_for(quant.mode())
+    )
     before = CliRunner().invoke(main, ["model", "path"], env=env)
     assert before.exit_code == 0
     assert f"weights cache: {expected} (not built yet" in before.stderr

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from kvroute.engine import model_store
+from kvroute.engine import model_store, quant
+from kvroute.engine.models.llama_weights import form_for
 from kvroute.engine.weights_cache import cache_file
 
 from .app import echo_err, user_errors
@@ -33,7 +34,8 @@ def path() -> None:
     Its prepared weights cache (shared by every worker on the host) is named on stderr.
     """
     click.echo(model_store.default_model_path())
-    cached = cache_file(model_store.weights_dir(), model_store.DEFAULT_MODEL_SHA256)
+    form = form_for(quant.mode())  # what a worker on this host would map
+    cached = cache_file(model_store.weights_dir(), model_store.DEFAULT_MODEL_SHA256, form)
     if cached.is_file():
         echo_err(f"weights cache: {cached} ({cached.stat().st_size / 2**20:.0f} MiB)")
     else:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import quant
 from .cache import KVCache
 from .chat_template import ChatTemplate, validate_messages
 from .errors import ContextOverflowError, EngineError, TemplateError
@@ -85,20 +86,25 @@ class Engine:
 
     @classmethod
     def load(
-        cls, path: str | Path, n_ctx: int | None = None, weights: CacheConfig | None = None
+        cls,
+        path: str | Path,
+        n_ctx: int | None = None,
+        weights: CacheConfig | None = None,
+        kernels: str | None = None,
     ) -> Engine:
         """Load a GGUF file, its weights mapped from the host's weights cache.
 
         ``n_ctx`` defaults to ``DEFAULT_N_CTX`` and is capped by the model's training context.
         ``weights`` says where prepared weights are cached (default: ``$KVROUTE_HOME/weights``;
-        see `weights_cache`).
+        see `weights_cache`). ``kernels`` asks for the quantized kernels: ``auto``, ``exact``,
+        ``int8`` or ``off`` (None: ``$KVROUTE_QUANT``, default ``auto``; see `quant.mode`).
 
         Raises
         ------
         ModelLoadError
             Not GGUF, truncated, unknown architecture, missing tokenizer metadata.
         """
-        gguf, model = open_model(path, weights)
+        gguf, model = open_model(path, weights, quant.mode(kernels))
         tokenizer = Tokenizer.from_gguf(gguf)
         template = ChatTemplate.from_gguf(gguf, tokenizer)
         ctx = min(n_ctx or DEFAULT_N_CTX, model.args.n_ctx_train)

@@ -118,6 +118,14 @@ class GGUFFile:
         _ = self.reader
         return name in self._tensors
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape as `tensor` returns it (rows = output dim), without reading it."""
+        _ = self.reader
+        t = self._tensors.get(name)
+        if t is None:
+            raise ModelLoadError(f"{self.path}: missing tensor {name}")
+        return tuple(int(d) for d in reversed(t.shape))
+
     def tensor(self, name: str) -> np.ndarray:
         """Dequantise one tensor to float32, shaped like numpy/PyTorch (rows = output dim).
 
@@ -134,8 +142,7 @@ class GGUFFile:
             raise ModelLoadError(
                 f"{self.path}: tensor {name} has unsupported type {t.tensor_type.name}"
             ) from exc
-        shape = tuple(int(d) for d in reversed(t.shape))
-        return np.ascontiguousarray(data, dtype=np.float32).reshape(shape)
+        return np.ascontiguousarray(data, dtype=np.float32).reshape(self.shape(name))
 
     def blocks(self, name: str) -> tuple[str, np.ndarray] | None:
         """A Q4_1 or Q8_0 tensor's type name and raw blocks, one ``(out_features, bytes)`` row

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import quant
 from .durable import write_atomic
 from .quant import QuantMatrix
 from .weights_cache import locked
@@ -74,7 +73,7 @@ def matmul(x: np.ndarray, w: np.ndarray, way: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Linear:
-    """One weight matrix in the forms a product can use.
+    """One weight matrix in the forms a product can use (at least one of them).
 
     ``w`` is the (K, M) float32 matrix with the model's folds applied: the gain of the norm
     before it scales its rows, and ``scale`` its first ``scaled`` columns. ``q`` is the same
@@ -82,11 +81,19 @@ class Linear:
     `quantized` applies them to the activations and the result instead.
     """
 
-    w: np.ndarray
+    w: np.ndarray | None
     q: QuantMatrix | None = None
     gain: np.ndarray | None = None  # (K,)
     scale: float = 1.0
     scaled: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(K, M)."""
+        if self.w is not None:
+            return self.w.shape[0], self.w.shape[1]
+        assert self.q is not None, "a Linear holds w, q or both"
+        return self.q.shape
 
     def quantized(self, x: np.ndarray) -> np.ndarray:
         """``x @ w`` through the quantized kernels (``q`` must be set)."""
@@ -95,6 +102,14 @@ class Linear:
         if self.scaled:
             y[:, : self.scaled] *= self.scale
         return y
+
+    def columns(self, ids: np.ndarray) -> np.ndarray:
+        """Columns ``ids`` of the matrix as rows, (len(ids), K) float32: a tied embedding's
+        lookup (it has no folds)."""
+        if self.w is not None:
+            return np.ascontiguousarray(self.w[:, ids].T)
+        assert self.q is not None and self.gain is None and not self.scaled
+        return self.q.columns(ids)
 
 
 @dataclass(frozen=True)
@@ -108,15 +123,17 @@ class MatmulPlan:
     ways: tuple[str, ...] = ("gemm",) * MAX_ROWS
     ms: tuple[dict[str, float], ...] = ()
     source: str = "default"
+    beyond: str = "gemm"  # the way for more than MAX_ROWS rows (not stored with the table)
 
     def way(self, n: int) -> str:
         """The way to use for ``n`` rows."""
-        return self.ways[n - 1] if n <= len(self.ways) else "gemm"
+        return self.ways[n - 1] if n <= len(self.ways) else self.beyond
 
     def __call__(self, x: np.ndarray, lin: Linear) -> np.ndarray:
-        """``x @ lin.w`` the planned way for ``x``'s row count."""
+        """``x @ lin.w`` the planned way for ``x``'s row count (a matrix held only as blocks
+        always takes the kernels; one without blocks always takes float32)."""
         way = self.way(x.shape[0])
-        if way == "quant" and lin.q is not None:
+        if lin.w is None or (way == "quant" and lin.q is not None):
             return lin.quantized(x)
         return matmul(x, lin.w, way)
 
@@ -180,9 +197,10 @@ def measure(weights: Sequence[Linear], rounds: int = MEASURE_ROUNDS) -> MatmulPl
     and ``quant`` stop being tried once clearly beaten: their cost grows linearly with the row
     count, gemm's far more slowly.
     """
-    f32 = [weights[i].w for i in _sample([lin.w for lin in weights])]
+    dense = [lin.w for lin in weights if lin.w is not None]
+    f32 = [dense[i] for i in _sample(dense)]
     blocks = [lin.q for lin in weights if lin.q is not None]
-    quants = [blocks[i] for i in _sample(blocks)] if quant.available() else []
+    quants = [blocks[i] for i in _sample(blocks)]
     per_weight = sum(m.size for m in f32) / max(sum(q.shape[0] * q.shape[1] for q in quants), 1)
     rng = np.random.default_rng(0)
     widths = {m.shape[0] for m in f32} | {q.shape[0] for q in quants}
@@ -218,7 +236,7 @@ def _winner(ms: dict[str, float]) -> str:
 
 def host_key(weights: Sequence[Linear]) -> str:
     """What a measured plan depends on: CPU, BLAS build and threads, numpy, matrix shapes and
-    block types, and whether the quantized kernels run here."""
+    block types (a model has blocks only where the kernels run)."""
     from threadpoolctl import threadpool_info
 
     cpu: dict[str, str] = {}
@@ -230,13 +248,29 @@ def host_key(weights: Sequence[Linear]) -> str:
         {k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
         for i in threadpool_info()
     ]
-    shapes = sorted({(*lin.w.shape, lin.q.kind if lin.q else "") for lin in weights})
+    shapes = sorted({(*lin.shape, lin.q.kind if lin.q else "") for lin in weights})
     cpu_id = [cpu.get("model name"), cpu.get("flags")]
-    kernels = quant.available()
-    ident = json.dumps(
-        [platform.machine(), cpu_id, blas, np.__version__, shapes, kernels], sort_keys=True
-    )
+    ident = json.dumps([platform.machine(), cpu_id, blas, np.__version__, shapes], sort_keys=True)
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+INT8_PLAN = MatmulPlan(
+    ("quant",) * MAX_ROWS, source="int8 kernels for every row count", beyond="quant"
+)
+
+
+def plan_for(weights: Sequence[Linear], directory: Path | None, mode: str | None) -> MatmulPlan:
+    """The plan for a model's matrices on this host, under the kernels ``mode``.
+
+    With the int8 kernels (see `quant.mode`), every product of a matrix that has blocks takes them,
+    whatever the row count: they are the fastest way at every count, and a prefill and a decode
+    step must compute a position alike (a session's cached KV is reused as if prefilled), while
+    int8 activations round differently from float32. Otherwise the ways compute the same
+    float32 product, so the fastest measured one is taken (`load_or_measure`).
+    """
+    if mode == "int8" and any(lin.q is not None for lin in weights):
+        return INT8_PLAN
+    return load_or_measure(weights, directory)
 
 
 def load_or_measure(weights: Sequence[Linear], directory: Path | None) -> MatmulPlan:

@@ -108,9 +108,10 @@ def _checksum(padded: np.ndarray) -> int:
     return int(np.add.reduce(padded.view(np.uint64), dtype=np.uint64))
 
 
-def cache_file(directory: Path, model_sha256: str) -> Path:
-    """Where the prepared weights of the model with this sha256 live."""
-    return directory / f"{model_sha256}{SUFFIX}"
+def cache_file(directory: Path, model_sha256: str, form: str) -> Path:
+    """Where the prepared weights of the model with this sha256 live, in this form (the model
+    says what its forms hold; a process uses one of them, see `quant.mode`)."""
+    return directory / f"{model_sha256}.{form}{SUFFIX}"
 
 
 def write(path: Path, model_sha256: str, recipe: Recipe) -> None:
@@ -220,13 +221,10 @@ class WeightsCache:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
 
-    def path_for(self, model_sha256: str) -> Path:
-        """The file for the model with this sha256 (which may not exist yet)."""
-        return cache_file(self.directory, model_sha256)
-
     def load(
         self,
         model_sha256: str,
+        form: str,
         accept: Callable[[Prepared], bool],
         recipe: Callable[[], Recipe],
     ) -> Prepared:
@@ -236,7 +234,7 @@ class WeightsCache:
         file cannot be written (read-only directory, full disk) the model is prepared in memory
         and a warning logged: the caller still gets a working model, only not a shared one.
         """
-        path = self.path_for(model_sha256)
+        path = cache_file(self.directory, model_sha256, form)
         if path.exists():
             found = self._try_read(path, model_sha256, accept, logger.debug)
             if found is not None:

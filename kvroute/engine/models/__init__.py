@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import ModelLoadError
 from ..gguf_file import GGUFFile
-from ..matmul import load_or_measure
+from ..matmul import plan_for
 from ..model_store import sha256_of
 from ..weights_cache import (
     CacheConfig,
@@ -19,6 +19,7 @@ from ..weights_cache import (
     read,
 )
 from .llama import LlamaModel
+from .llama_weights import FORMS, form_for
 
 logger = logging.getLogger(__name__)
 
@@ -38,19 +39,24 @@ def model_class(gguf: GGUFFile) -> type[LlamaModel]:
     return cls
 
 
-def load_model(gguf: GGUFFile) -> LlamaModel:
-    """Build the model registered for the file's architecture, weights dequantised in memory."""
-    return model_class(gguf).from_gguf(gguf)
+def load_model(gguf: GGUFFile, mode: str | None = None) -> LlamaModel:
+    """Build the model registered for the file's architecture, weights prepared in memory for
+    the kernels ``mode`` (see `quant.mode`)."""
+    return model_class(gguf).from_gguf(gguf, mode)
 
 
-def open_model(path: str | Path, config: CacheConfig | None = None) -> tuple[GGUFFile, LlamaModel]:
+def open_model(
+    path: str | Path, config: CacheConfig | None = None, mode: str | None = None
+) -> tuple[GGUFFile, LlamaModel]:
     """Open a GGUF and its model, weights mapped from the host's weights cache.
 
     The first process to open a model prepares its weights and writes them to the cache (see
     `weights_cache`); later ones map that file and read the metadata from it instead of parsing
     the GGUF. Models smaller than ``config.min_model_bytes``, or all with caching disabled, are
-    prepared in memory. For models above that size the matmul plan is measured on the host, or
-    read from the cache directory (see `matmul`), and logged.
+    prepared in memory. The weights are prepared in the form the kernels ``mode`` use (see
+    `quant.mode`; None: float32 only), and
+    the matmul plan chosen for them (see `matmul.plan_for`: for a float32 model above that size
+    it is measured on the host, or read from the cache directory); it is logged.
 
     Raises
     ------
@@ -62,39 +68,41 @@ def open_model(path: str | Path, config: CacheConfig | None = None) -> tuple[GGU
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such model file")
     directory = config.resolved_directory()
-    if path.stat().st_size < config.min_model_bytes:
+    small = path.stat().st_size < config.min_model_bytes
+    if small or directory is None:
         gguf = GGUFFile(path)
-        return gguf, load_model(gguf)  # default matmul plan: too small to be worth timing
-    if directory is None:
-        gguf = GGUFFile(path)
-        model = load_model(gguf)
+        model = load_model(gguf, mode)
     else:
-        gguf, model = _open_cached(path, directory)
-    model.mm = load_or_measure(model.matrices(), directory)
-    logger.info("%s", model.mm.describe())
+        gguf, model = _open_cached(path, directory, mode)
+    # A small model's products take microseconds: not worth timing (no directory: no measuring).
+    model.mm = plan_for(model.matrices(), None if small else directory, mode)
+    if not small:
+        logger.info("%s", model.mm.describe())
     return gguf, model
 
 
-def _open_cached(path: Path, directory: Path) -> tuple[GGUFFile, LlamaModel]:
+def _open_cached(path: Path, directory: Path, mode: str | None) -> tuple[GGUFFile, LlamaModel]:
+    form = form_for(mode)
+
     def recipe() -> Recipe:
         gguf = GGUFFile(path)
         cls = model_class(gguf)
-        return Recipe(cls.LAYOUT, gguf.meta, cls.prepare(gguf))
+        return Recipe(cls.LAYOUT, gguf.meta, cls.prepare(gguf, form))
 
     def accept(prepared: Prepared) -> bool:
         cls = ARCHITECTURES.get(str(prepared.meta.get("general.architecture")))
         return cls is not None and prepared.layout == cls.LAYOUT
 
-    prepared = WeightsCache(directory).load(sha256_of(path), accept, recipe)
+    prepared = WeightsCache(directory).load(sha256_of(path), form, accept, recipe)
     gguf = GGUFFile.from_meta(path, prepared.meta)
-    return gguf, model_class(gguf).from_arrays(gguf, prepared.arrays)
+    return gguf, model_class(gguf).from_arrays(gguf, prepared.arrays, mode)
 
 
 def open_metadata(path: str | Path, config: CacheConfig | None = None) -> GGUFFile:
     """The GGUF with its metadata only: read from the weights cache if it holds this model.
 
-    The cache's copy skips the GGUF parser, the slow part of opening a model; the arrays are
-    neither checked nor read.
+    The cache's copy (of any form) skips the GGUF parser, the slow part of opening a model; the
+    arrays are neither checked nor read.
 
     Raises
     ------
@@ -105,10 +113,10 @@ def open_metadata(path: str | Path, config: CacheConfig | None = None) -> GGUFFi
     directory = (config or CacheConfig()).resolved_directory()
     if directory is not None and path.is_file():
         sha = sha256_of(path)
-        try:
-            prepared = read(cache_file(directory, sha), sha, verify_data=False)
-        except CacheInvalid:
-            pass
-        else:
+        for form in FORMS:
+            try:
+                prepared = read(cache_file(directory, sha, form), sha, verify_data=False)
+            except CacheInvalid:
+                continue
             return GGUFFile.from_meta(path, prepared.meta)
     return GGUFFile(path)

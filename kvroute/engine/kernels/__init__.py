@@ -1,0 +1,1 @@
+"""Compiled kernels the engine calls from numpy (numba; imported only when used)."""
