@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from kvroute.cli import generate_cmd, main
+from kvroute.engine import quant
 from kvroute.engine.engine import Engine
 from kvroute.engine.model_store import DEFAULT_MODEL_NAME
 
@@ -51,7 +52,7 @@ def test_generate_json_fields_and_top_logits(tiny_model_path: Path, tiny_engine:
     out = generate_json(
         tiny_model_path, "--prompt", "hi", "--max-tokens", "6", "--ignore-eos", "--top-logits", "5"
     )
-    assert set(out) == {"prompt_ids", "token_ids", "text", "finish_reason", "top_logits"}
+    assert set(out) == {"prompt_ids", "kernels", "token_ids", "text", "finish_reason", "top_logits"}
     # Without --raw the prompt is one user message rendered with the model's template.
     expected_prompt = tiny_engine.encode(tiny_engine.render([{"role": "user", "content": "hi"}]))
     assert out["prompt_ids"] == expected_prompt
@@ -216,3 +217,16 @@ def test_real_model_chat_template_prompt_matches_llamacpp(
     out = generate_json(Path(__file__), "--prompt", case["question"], "--max-tokens", "4")
     assert out["prompt_ids"] == case["prompt_ids"]
     assert out["token_ids"] == case["greedy_ids"][:4]
+
+
+def test_kernels_option_picks_the_products_and_keeps_greedy_output(tiny_model_path: Path) -> None:
+    """``--kernels`` reaches the engine (what runs where the CPU lacks an instruction set is
+    `quant.mode`'s choice); off and exact give the same greedy tokens."""
+    args = ("--prompt", "hi", "--max-tokens", "8", "--ignore-eos")
+    outs = {k: generate_json(tiny_model_path, *args, "--kernels", k) for k in quant.ASKS}
+    for k, out in outs.items():
+        assert out["kernels"] == (quant.mode(k) or "off")
+    assert outs["exact"]["token_ids"] == outs["off"]["token_ids"] == outs["auto"]["token_ids"]
+    assert len(outs["int8"]["token_ids"]) == 8
+    bad = invoke("generate", "--model", str(tiny_model_path), "--kernels", "fast", *args)
+    assert bad.exit_code == 2 and "fast" in bad.output

@@ -129,6 +129,7 @@ def test_broker_config_refuses_settings_that_cannot_work(kw: dict[str, float]) -
         {"liveness": 0},
         {"capacity": 0},
         {"n_ctx": 8},
+        {"kernels": "fast"},
         {"kv_budget_mb": -1.0},
         {"kv_budget_mb": math.nan},
         {"prefill_chunk": 0},

@@ -72,7 +72,9 @@ def generate(
     """Generate a completion of PROMPT in-process (no broker or worker needed)."""
     text = _one_text(text, prompt, "prompt", prompt_file)
     with user_errors():
-        engine = Engine.load(resolve_model(model_kw["model"]), n_ctx=model_kw["n_ctx"])
+        engine = Engine.load(
+            resolve_model(model_kw["model"]), n_ctx=model_kw["n_ctx"], kernels=model_kw["kernels"]
+        )
         if raw:  # the user's own prompt text: control-token texts are control tokens
             ids = engine.encode(text)
         else:  # a message: its text is content, only the template's markers are control
@@ -88,6 +90,7 @@ def generate(
         return
     out: dict[str, object] = {
         "prompt_ids": ids,
+        "kernels": engine.kernels,
         "token_ids": result.token_ids,
         "text": result.text,
         "finish_reason": result.finish_reason,

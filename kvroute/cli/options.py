@@ -30,6 +30,7 @@ from typing import Any
 import click
 
 from kvroute.client import DEFAULT_MAX_TOKENS, DEFAULT_TIMEOUT
+from kvroute.engine import quant
 from kvroute.engine.engine import MIN_N_CTX
 from kvroute.proto import TurnRequest
 from kvroute.proto.endpoint import EndpointError, parse_endpoint
@@ -260,6 +261,18 @@ model_options = option_group(
                 help="Context positions per session (prompt + reply), at most the model's own.",
             ),
         ),
+        (
+            "kernels",
+            click.option(
+                "--kernels",
+                "kernels",
+                type=click.Choice(quant.ASKS),
+                default=None,
+                help="Quantized matmul kernels: auto (exact where this CPU runs them), exact "
+                "(float32 results), int8 (llama.cpp's arithmetic, fastest; needs AVX-512 "
+                "VNNI) or off (float32 BLAS only). Default: $KVROUTE_QUANT, else auto.",
+            ),
+        ),
     ),
 )
-"""``--model --ctx``, handed over as ``model_kw`` (``model``, ``n_ctx``: WorkerConfig keywords)."""
+"""``--model --ctx --kernels``, handed over as ``model_kw`` (WorkerConfig keywords)."""

@@ -108,7 +108,13 @@ class Engine:
         tokenizer = Tokenizer.from_gguf(gguf)
         template = ChatTemplate.from_gguf(gguf, tokenizer)
         ctx = min(n_ctx or DEFAULT_N_CTX, model.args.n_ctx_train)
-        logger.info("loaded %s: %d layers, n_ctx %d", gguf.path, model.args.n_layers, ctx)
+        logger.info(
+            "loaded %s: %d layers, n_ctx %d, kernels %s",
+            gguf.path,
+            model.args.n_layers,
+            ctx,
+            model.kernels or "off",
+        )
         return cls(model, tokenizer, template, ctx, gguf.path)
 
     @staticmethod
@@ -125,6 +131,11 @@ class Engine:
         gguf = open_metadata(path)
         model_class(gguf)
         Tokenizer.from_gguf(gguf)
+
+    @property
+    def kernels(self) -> str:
+        """The quantized kernels this engine's products may take: exact, int8, or off."""
+        return self.model.kernels or "off"
 
     @property
     def model_name(self) -> str:

@@ -50,6 +50,7 @@ LANES = 16  # output columns per tile
 TILE_BYTES = {"Q4_1": 320, "Q8_0": 544}  # per (tile, block)
 ENV = "KVROUTE_QUANT"
 MODES = ("int8", "exact")
+ASKS = ("auto", "exact", "int8", "off")  # what may be asked for (see `mode`)
 
 _resolved: dict[str, str | None] = {}
 
@@ -68,7 +69,7 @@ def mode(asked: str | None = None) -> str | None:
 def _choose(asked: str) -> str | None:
     if asked == "off":
         return None
-    if asked not in ("auto", *MODES):
+    if asked not in ASKS:
         logger.warning("%s=%r is not auto, int8, exact or off: using auto", ENV, asked)
         asked = "auto"
     try:

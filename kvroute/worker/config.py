@@ -8,6 +8,7 @@ from pathlib import Path
 
 import psutil
 
+from kvroute.engine import quant
 from kvroute.engine.cache import LIVE_DTYPES
 from kvroute.engine.engine import DEFAULT_N_CTX, MIN_N_CTX
 from kvroute.engine.kv_codec import RestDtype
@@ -73,6 +74,7 @@ class WorkerConfig:
     worker_id: str = ""  # stable id shown by serve and reported in END; "" = w<pid>
     model: str = "default"  # GGUF path or "default"
     n_ctx: int = DEFAULT_N_CTX  # positions per session (prompt + reply)
+    kernels: str | None = None  # quantized kernels asked for (quant.ASKS); None: $KVROUTE_QUANT
     kv_budget_mb: float | None = None  # KV cache for all sessions; None: KV_DEFAULT_RULE
     kv_dtype: str = "f32"  # live KV: f32, or f16 (half the bytes, slower attention in numpy)
     kv_rest: str = RestDtype.Q8_0.value  # idle sessions compressed to this when RAM is short
@@ -102,6 +104,10 @@ class WorkerConfig:
         check_heartbeat(self.heartbeat_interval, self.liveness)
         if not MIN_N_CTX <= self.n_ctx <= MAX_N_CTX:
             raise ValueError(f"n_ctx must be in {MIN_N_CTX}..{MAX_N_CTX}, not {self.n_ctx}")
+        if self.kernels is not None and self.kernels not in quant.ASKS:
+            raise ValueError(
+                f"kernels must be one of {', '.join(quant.ASKS)}, not {self.kernels!r}"
+            )
         if not 1 <= self.capacity <= MAX_CAPACITY:
             raise ValueError(f"capacity must be in 1..{MAX_CAPACITY}, not {self.capacity}")
         mb = self.kv_budget_mb

@@ -380,7 +380,7 @@ def serve_worker(
 
     CurveClient.load(config.server_key, config.key)  # bad keys: fail before the slow load
     threadpool_limits(config.threads)
-    engine = Engine.load(resolve_model(config.model), n_ctx=config.n_ctx)
+    engine = Engine.load(resolve_model(config.model), n_ctx=config.n_ctx, kernels=config.kernels)
     service = WorkerService(engine, config, stop)
     if on_loaded is not None:
         on_loaded(service)

@@ -40,8 +40,10 @@ class LlamaModel:
         out_norm: np.ndarray,
         head: Linear,
         embed: np.ndarray | None = None,
+        kernels: str | None = None,
     ) -> None:
         self.args = args
+        self.kernels = kernels  # the quantized kernels its blocks are for (see `quant.mode`)
         self.layers = layers
         self.out_norm = out_norm  # (D,) gain of the final RMSNorm
         self.head = head  # (D, V) LM head, (in, out)
@@ -73,7 +75,7 @@ class LlamaModel:
         """The model on prepared arrays, from `prepare` or mapped from a weights cache, for the
         kernels ``mode`` (see `llama_weights.build`; ModelLoadError if they do not fit)."""
         p = llama_weights.build(gguf, arrays, mode)
-        return cls(p.args, p.layers, p.out_norm, p.head, p.embed)
+        return cls(p.args, p.layers, p.out_norm, p.head, p.embed, mode)
 
     def new_cache(self, max_len: int, dtype: str = "f32") -> KVCache:
         """An empty cache sized for this model, allowed to grow to ``max_len`` positions."""
