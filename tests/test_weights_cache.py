@@ -339,3 +339,14 @@ def test_model_path_names_the_weights_cache_on_stderr(tmp_path: Path) -> None:
     after = CliRunner().invoke(main, ["model", "path"], env=env)
     assert f"weights cache: {expected} (3 MiB)" in after.stderr
     assert after.stdout.strip() == before.stdout.strip()  # stdout stays the model path alone
+
+
+def test_building_a_form_removes_the_file_of_earlier_versions(
+    tiny_model_path: Path, config: CacheConfig, cache_file: Path
+) -> None:
+    assert config.directory is not None
+    legacy = config.directory / f"{sha256_of(tiny_model_path)}{weights_cache.SUFFIX}"
+    legacy.parent.mkdir(parents=True)
+    legacy.write_bytes(b"an old single-form cache file")
+    Engine.load(tiny_model_path, weights=config)
+    assert cache_file.is_file() and not legacy.exists()

@@ -250,6 +250,9 @@ class WeightsCache:
                         return found
                 logger.info("preparing weights into %s", path)
                 write(path, model_sha256, recipe())
+                # The one file of earlier versions, named without a form: now never read. A
+                # process may still map it; unlinking leaves its pages to that process.
+                (self.directory / f"{model_sha256}{SUFFIX}").unlink(missing_ok=True)
             return read(path, model_sha256)
         except (OSError, CacheInvalid, TypeError, ValueError) as exc:
             # TypeError/ValueError: metadata that JSON cannot hold.
