@@ -3,25 +3,25 @@
     python benchmarks/engine.py [--model default] [--llama-python /tmp/llama-venv/bin/python]
                                 [--serve] [--json OUT]
 
-BLAS is pinned to one thread, as in a worker (one worker per core). Prints one JSON object:
+BLAS is pinned to one thread, as in a worker (one worker per core). Three engines are measured
+side by side: the default kernels (``auto``), the int8 kernels (if this CPU runs them) and
+float32 BLAS (``off``). Prints one JSON object:
 
-- weights: summed PSS of 4 engine processes against 1 (every process maps the one weights cache
-  file, so the weights are counted once), and the start-up of a worker when the cache is
-  present (spawn to model loaded; imports included);
-- prefill tok/s for 128- and 512-token prompts (one forward pass each, best of 3);
-- single-stream decode tok/s (64 greedy steps after a 128-token prompt, best of 3); these and
-  llama.cpp's are measured in alternating rounds, each side keeping its best;
-- aggregate decode tok/s with 8 sequences of different lengths advanced in one batched step;
-- decode step time by batch size (1..16 rows) with the host's matmul plan, with that plan
-  kept to float32 (its ``quant`` rows replaced by the fastest float32 way it measured), and
-  with plain SGEMM, and the plan itself; single-stream decode is also timed on the float32
-  plan in the same rounds, which gives the quantized kernels' own gain;
+- weights: summed PSS of 4 engine processes (default kernels) against 1 (every process maps the
+  one weights cache file, so the weights are counted once), and the start-up of a worker when
+  the cache is present (spawn to model loaded; imports included);
+- per engine: prefill tok/s for 128- and 512-token prompts (one forward pass each, best of 3);
+  single-stream decode tok/s (64 greedy steps after a 128-token prompt, best of 3), measured in
+  rounds that alternate the engines and llama.cpp, each keeping its best; aggregate decode tok/s
+  of 8 sequences of different lengths advanced in one batched step; decode step time by batch
+  size; and each engine's speed over float32 BLAS;
 - llama.cpp's prefill and decode on the same file and token ids, 1 thread, measured now by
   `llamacpp_probe.py` under ``--llama-python`` (or ``$KVROUTE_LLAMA_PYTHON``): an interpreter
   with llama-cpp-python, which kvroute never depends on. Without it those ratios are skipped;
 - with ``--serve``: ``kvroute bench --serve 2`` against ``--serve 1`` (16 users, 4 turns,
-  max_tokens 32), output tok/s;
-- the issue's targets and whether each is met, and the bounds (DRAM bandwidth, sgemm FLOP/s).
+  max_tokens 32, default kernels), output tok/s;
+- the issue's targets for each kernel engine and whether each is met, and the bounds (DRAM
+  bandwidth, sgemm FLOP/s).
 """
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import best_of, limit_blas_threads, seconds
@@ -52,12 +51,11 @@ from engine_bounds import (  # noqa: E402
 from engine_workers import measure_workers, private_cache  # noqa: E402
 from threadpoolctl import threadpool_info  # noqa: E402
 
+from kvroute.engine import quant  # noqa: E402
 from kvroute.engine.cache import KVCache  # noqa: E402
 from kvroute.engine.engine import Engine  # noqa: E402
-from kvroute.engine.matmul import MAX_ROWS, MatmulPlan  # noqa: E402
 from kvroute.engine.model_store import resolve_model  # noqa: E402
 
-T = TypeVar("T")
 PREFILL_LENGTHS = (128, 512)
 DECODE_PROMPT = 128
 DECODE_STEPS = 64
@@ -66,6 +64,7 @@ BATCH_STEPS = 32
 BATCH_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)
 REPEATS = 3
 ROUNDS = 2  # our single-stream figures and llama.cpp's, alternated
+KERNELS = ("auto", "int8", "off")  # the default, llama.cpp's arithmetic, float32 BLAS
 PROBE = Path(__file__).resolve().parent / "llamacpp_probe.py"
 # ratio >= target, except the two marked "max" (lower is better)
 TARGETS: dict[str, tuple[str, float]] = {
@@ -123,26 +122,6 @@ def decode_tok_s(engine: Engine, prompts: list[list[int]], steps: int) -> float:
     return len(prompts) * steps / best_of(REPEATS, run)
 
 
-def float32_plan(plan: MatmulPlan) -> MatmulPlan:
-    """``plan`` without the quantized kernels: each ``quant`` row takes the fastest float32 way
-    the plan measured for it (gemm if it has no timings)."""
-    ways = []
-    for n, way in enumerate(plan.ways, 1):
-        timed = plan.ms[n - 1] if n <= len(plan.ms) else {}
-        ms = {w: t for w, t in timed.items() if w != "quant"}
-        ways.append(way if way != "quant" else min(ms, key=lambda w: ms[w], default="gemm"))
-    return MatmulPlan(tuple(ways), plan.ms, plan.source + ", float32 only")
-
-
-def with_plan(engine: Engine, plan: MatmulPlan, run: Callable[[], T]) -> T:
-    """``run()`` with ``plan`` as the model's matmul plan for its duration."""
-    saved, engine.model.mm = engine.model.mm, plan
-    try:
-        return run()
-    finally:
-        engine.model.mm = saved
-
-
 def single_stream(engine: Engine, ids: list[int]) -> dict[str, float]:
     """Prefill tok/s per prompt length and single-stream decode tok/s, each best of REPEATS."""
     out = {
@@ -150,22 +129,13 @@ def single_stream(engine: Engine, ids: list[int]) -> dict[str, float]:
         for n in PREFILL_LENGTHS
     }
     out["decode"] = decode_tok_s(engine, [ids[:DECODE_PROMPT]], DECODE_STEPS)
-    out["decode_float32"] = with_plan(
-        engine,
-        float32_plan(engine.model.mm),
-        lambda: decode_tok_s(engine, [ids[:DECODE_PROMPT]], DECODE_STEPS),
-    )
     return out
 
 
-def step_ms_by_batch(engine: Engine, ids: list[int], plan: MatmulPlan) -> dict[str, float]:
-    """Milliseconds per decode step for each batch size in ``BATCH_SIZES`` under ``plan``."""
+def step_ms_by_batch(engine: Engine, ids: list[int]) -> dict[str, float]:
+    """Milliseconds per decode step for each batch size in ``BATCH_SIZES``."""
     prompts = {b: [ids[3 * i : 3 * i + 24] for i in range(b)] for b in BATCH_SIZES}
-    return with_plan(
-        engine,
-        plan,
-        lambda: {str(b): 1e3 * b / decode_tok_s(engine, p, 8) for b, p in prompts.items()},
-    )
+    return {str(b): 1e3 * b / decode_tok_s(engine, p, 8) for b, p in prompts.items()}
 
 
 # --------------------------------------------------------------------------- llama.cpp, serve
@@ -210,7 +180,7 @@ def best_reference(refs: list[dict[str, Any]]) -> dict[str, Any]:
     return best
 
 
-def serve_run(workers: int, model: str) -> dict[str, Any]:
+def serve_run(workers: int, model: str, kernels: str) -> dict[str, Any]:
     """``kvroute bench --serve N`` (16 users, 4 turns, max_tokens 32): output tok/s, error rate.
 
     Failed turns are counted, not fatal (``--max-error-rate 1``): a ratio over runs that lost
@@ -221,7 +191,7 @@ def serve_run(workers: int, model: str) -> dict[str, Any]:
         kvroute = Path(sys.executable).parent / "kvroute"  # the console script of this venv
         cmd = [str(kvroute), "bench", "--serve", str(workers), "--max-error-rate", "1"]
         cmd += ["--sessions", "16", "--concurrency", "16", "--turns", "4", "--max-tokens", "32"]
-        cmd += ["--model", model, "--json", str(out)]
+        cmd += ["--model", model, "--kernels", kernels, "--json", str(out)]
         subprocess.run(cmd, check=True, capture_output=True)
         doc = json.loads(out.read_text())
         return {
@@ -241,108 +211,149 @@ def run_benchmark(model: str, llama_python: str | None, serve: bool) -> dict[str
     with tempfile.TemporaryDirectory(prefix="kvroute-bench-weights-") as tmp:
         weights = private_cache(Path(tmp))
         workers = measure_workers(path, weights)
-        t0 = time.perf_counter()
-        engine = Engine.load(path, weights=weights)
-        load_s = time.perf_counter() - t0
-        return measure_engine(engine, path, model, workers, load_s, llama_python, serve)
+        engines, load_s = {}, {}
+        for kernels in KERNELS:
+            if quant.mode(kernels) != (None if kernels == "off" else kernels):
+                continue  # this CPU cannot run them
+            t0 = time.perf_counter()
+            engines[kernels] = Engine.load(path, weights=weights, kernels=kernels)
+            load_s[kernels] = round(time.perf_counter() - t0, 2)
+        return measure_engines(engines, path, model, workers, load_s, llama_python, serve)
 
 
-def measure_engine(
-    engine: Engine,
+def measure_engines(
+    engines: dict[str, Engine],
     path: Path,
     model: str,
     workers: dict[str, Any],
-    load_s: float,
+    load_s: dict[str, float],
     llama_python: str | None,
     serve: bool,
 ) -> dict[str, Any]:
-    """Speed of ``engine`` (loaded in this process), llama.cpp's, the serve ratio; the report."""
-    ids = prompt_ids(engine, max(*PREFILL_LENGTHS, *BATCH_LENGTHS))
-    engine.prefill(engine.new_cache(), ids[:32])  # warm-up: first-touch of buffers, BLAS init
-    # Ours and llama.cpp's alternate, and each side keeps its best: on a shared machine a burst
-    # of load then spoils one round of both rather than all of one side.
-    ours: list[dict[str, float]] = []
+    """Speed of each engine (kernels), llama.cpp's, the serve ratio; the report."""
+    first = next(iter(engines.values()))
+    ids = prompt_ids(first, max(*PREFILL_LENGTHS, *BATCH_LENGTHS))
+    for engine in engines.values():  # warm-up: first-touch of buffers, BLAS init, kernels
+        engine.prefill(engine.new_cache(), ids[:32])
+    # Every engine and llama.cpp alternate, and each keeps its best: on a shared machine a burst
+    # of load then spoils one round of each rather than all of one.
+    rounds: dict[str, list[dict[str, float]]] = {k: [] for k in engines}
     refs: list[dict[str, Any]] = []
     for _ in range(ROUNDS):
-        ours.append(single_stream(engine, ids))
+        for kernels, engine in engines.items():
+            rounds[kernels].append(single_stream(engine, ids))
         refs.append(llamacpp(llama_python, path, ids))
-    prefill = {str(n): max(o[f"prefill_{n}"] for o in ours) for n in PREFILL_LENGTHS}
-    decode = max(o["decode"] for o in ours)
-    decode_f32 = max(o["decode_float32"] for o in ours)
     ref = best_reference(refs)
     batch_prompts = [ids[i : i + n] for i, n in enumerate(BATCH_LENGTHS)]  # distinct contents
-    batch8 = decode_tok_s(engine, batch_prompts, BATCH_STEPS)
-    planned = step_ms_by_batch(engine, ids, engine.model.mm)
-    gemm_only = step_ms_by_batch(engine, ids, MatmulPlan(("gemm",) * MAX_ROWS))
-    f32_only = step_ms_by_batch(engine, ids, float32_plan(engine.model.mm))
-
-    ratios: dict[str, float | None] = dict.fromkeys(TARGETS)
-    ratios["pss_4_vs_1"] = workers["pss_4_vs_1"]
-    ratios["second_worker_startup_s"] = workers["second_worker_startup_s"]
-    if "skipped" not in ref:
-        ref_decode = ref["decode_tok_s_single_stream"]
-        ratios["decode_vs_llamacpp"] = decode / ref_decode
-        # The issue compares batched aggregate throughput with llama.cpp's single stream.
-        ratios["batch8_aggregate_vs_llamacpp_single"] = batch8 / ref_decode
-        for n in PREFILL_LENGTHS:
-            ratios[f"prefill_{n}_vs_llamacpp"] = prefill[str(n)] / ref["prefill_tok_s"][str(n)]
+    figures = {}
+    for kernels, engine in engines.items():
+        ours = rounds[kernels]
+        figures[kernels] = {
+            "kernels": engine.kernels,
+            "load_s": load_s[kernels],
+            "weight_bytes": engine.model.weight_bytes,
+            "prefill_tok_s": {
+                str(n): round(max(o[f"prefill_{n}"] for o in ours), 1) for n in PREFILL_LENGTHS
+            },
+            "decode_tok_s_single_stream": round(max(o["decode"] for o in ours), 1),
+            "decode_tok_s_batch8_aggregate": round(
+                decode_tok_s(engine, batch_prompts, BATCH_STEPS), 1
+            ),
+            "decode_step_ms_by_batch": {
+                k: round(v, 1) for k, v in step_ms_by_batch(engine, ids).items()
+            },
+            "matmul_plan": engine.model.mm.describe(),
+        }
+    default = figures["auto"]
     serve_figures: dict[str, Any] = {"skipped": "no --serve"}
     if serve:
-        one, two = serve_run(1, model), serve_run(2, model)
+        one, two = serve_run(1, model, "auto"), serve_run(2, model, "auto")
         serve_figures = {"serve_1": one, "serve_2": two}
-        ratios["serve2_vs_serve1_output_tok_s"] = two["output_tok_s"] / one["output_tok_s"]
-    targets = {}
-    for k, (kind, t) in TARGETS.items():
-        r = ratios[k]
-        met = None if r is None else (r <= t if kind == "max" else r >= t)
-        targets[k] = {"target": f"{'<=' if kind == 'max' else '>='} {t}", "value": r, "met": met}
-        if r is not None:
-            targets[k]["value"] = round(r, 3)
-
+    base = figures["off"]
+    vs_float32 = {
+        k: {
+            "decode": round(
+                f["decode_tok_s_single_stream"] / base["decode_tok_s_single_stream"], 2
+            ),
+            "batch8": round(
+                f["decode_tok_s_batch8_aggregate"] / base["decode_tok_s_batch8_aggregate"], 2
+            ),
+            "prefill_512": round(f["prefill_tok_s"]["512"] / base["prefill_tok_s"]["512"], 2),
+        }
+        for k, f in figures.items()
+        if k != "off"
+    }
     bandwidth = memory_bandwidth()
     read_bw = max(bandwidth["sum_read"], bandwidth["gemv_read"])
+    engine = engines["auto"]
     step_bytes = bytes_per_decode_step(engine, DECODE_PROMPT + DECODE_STEPS // 2)
     roofline = read_bw * 1e9 / step_bytes
     flops = flops_per_token(engine)
-    gemm = sgemm_gflops()
+    decode = default["decode_tok_s_single_stream"]
     return {
         "model": engine.model_name,
         "blas": [
             {k: i.get(k) for k in ("internal_api", "num_threads", "architecture")}
             for i in threadpool_info()
         ],
-        "load_s_this_process": round(load_s, 2),
         "workers": workers,
-        "prefill_tok_s": {k: round(v, 1) for k, v in prefill.items()},
-        "decode_tok_s_single_stream": round(decode, 1),
-        "decode_tok_s_single_stream_float32_plan": round(decode_f32, 1),
-        "decode_planned_over_float32_plan": round(decode / decode_f32, 2),
-        "decode_tok_s_batch8_aggregate": round(batch8, 1),
+        "engines": figures,
         "batch8_prompt_lengths": list(BATCH_LENGTHS),
-        "decode_step_ms_by_batch": {
-            "planned": {k: round(v, 1) for k, v in planned.items()},
-            "float32_plan": {k: round(v, 1) for k, v in f32_only.items()},
-            "gemm_only": {k: round(v, 1) for k, v in gemm_only.items()},
-            "float32_over_planned": {k: round(f32_only[k] / planned[k], 2) for k in planned},
-            "gemm_over_planned": {k: round(gemm_only[k] / planned[k], 2) for k in planned},
-        },
-        "matmul_plan": engine.model.mm.describe(),
+        "speed_vs_float32_blas": vs_float32,
         "llamacpp": ref,
         "serve": serve_figures,
         "kv_bytes_per_token": engine.new_cache().bytes_per_token,
-        "weight_bytes": engine.model.weight_bytes,
-        "targets": targets,
+        "targets": {
+            k: targets(f, ref, workers, serve_figures if k == "auto" else None)
+            for k, f in figures.items()
+            if k != "off"
+        },
         "bounds": {
             "bytes_per_decode_step": step_bytes,
             "bandwidth_gb_s": {k: round(v, 2) for k, v in bandwidth.items()},
             "decode_roofline_tok_s": round(roofline, 1),
             "decode_fraction_of_roofline": round(decode / roofline, 3),
             "flops_per_token": flops,
-            "sgemm_gflop_s": round(gemm, 1),
-            "prefill_512_gflop_s": round(prefill["512"] * flops / 1e9, 1),
-            "batch8_gflop_s": round(batch8 * flops / 1e9, 1),
+            "sgemm_gflop_s": round(sgemm_gflops(), 1),
+            "prefill_512_gflop_s": round(default["prefill_tok_s"]["512"] * flops / 1e9, 1),
+            "batch8_gflop_s": round(default["decode_tok_s_batch8_aggregate"] * flops / 1e9, 1),
         },
     }
+
+
+def targets(
+    figures: dict[str, Any],
+    ref: dict[str, Any],
+    workers: dict[str, Any],
+    serve: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The issue's targets for one engine: value, target, met (None: not measured)."""
+    ratios: dict[str, float | None] = dict.fromkeys(TARGETS)
+    ratios["pss_4_vs_1"] = workers["pss_4_vs_1"]
+    ratios["second_worker_startup_s"] = workers["second_worker_startup_s"]
+    if "skipped" not in ref:
+        ref_decode = ref["decode_tok_s_single_stream"]
+        ratios["decode_vs_llamacpp"] = figures["decode_tok_s_single_stream"] / ref_decode
+        # The issue compares batched aggregate throughput with llama.cpp's single stream.
+        ratios["batch8_aggregate_vs_llamacpp_single"] = (
+            figures["decode_tok_s_batch8_aggregate"] / ref_decode
+        )
+        for n in PREFILL_LENGTHS:
+            ours = figures["prefill_tok_s"][str(n)]
+            ratios[f"prefill_{n}_vs_llamacpp"] = ours / ref["prefill_tok_s"][str(n)]
+    if serve is not None and "serve_1" in serve:
+        one, two = serve["serve_1"]["output_tok_s"], serve["serve_2"]["output_tok_s"]
+        ratios["serve2_vs_serve1_output_tok_s"] = two / one
+    out = {}
+    for k, (kind, t) in TARGETS.items():
+        r = ratios[k]
+        met = None if r is None else (r <= t if kind == "max" else r >= t)
+        out[k] = {
+            "target": f"{'<=' if kind == 'max' else '>='} {t}",
+            "value": None if r is None else round(r, 3),
+            "met": met,
+        }
+    return out
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from tiny_gguf import TinySpec, write_tiny_gguf
 
 from kvroute.engine import quant
 from kvroute.engine.engine import Engine
-from kvroute.engine.matmul import INT8_PLAN, MAX_ROWS, Linear, MatmulPlan
+from kvroute.engine.matmul import Linear, MatmulPlan
 from kvroute.engine.quant import QuantMatrix
 from kvroute.engine.sampling import SamplingParams
 from kvroute.engine.weights_cache import CacheConfig, cache_file
@@ -136,13 +136,11 @@ def test_linear_applies_the_folds_the_float32_matrix_has() -> None:
     lin = Linear(w, q, gain=gain, scale=0.125, scaled=16)
     x = rng.standard_normal((3, 96), dtype=np.float32)
     np.testing.assert_allclose(lin.quantized(x), x @ w, rtol=2e-4, atol=2e-4)
-    plan = MatmulPlan(("quant",) * MAX_ROWS)
-    np.testing.assert_allclose(plan(x, lin), x @ w, rtol=2e-4, atol=2e-4)
-    # A matrix with no blocks takes float32 whatever the plan says; one with no float32 the
-    # kernels whatever the plan says.
+    # A plan multiplies a matrix that has blocks by the kernels, one without by BLAS.
+    plan = MatmulPlan()
+    assert np.array_equal(plan(x, lin), lin.quantized(x))
+    np.testing.assert_allclose(plan(x, Linear(None, q)), x @ ref, rtol=2e-4, atol=2e-4)
     assert np.array_equal(plan(x, Linear(w)), x @ w)
-    gemm = MatmulPlan()
-    np.testing.assert_allclose(gemm(x, Linear(None, q)), x @ ref, rtol=2e-4, atol=2e-4)
 
 
 def tiny_engine_in(kernels: str, path: Path) -> Engine:
@@ -169,10 +167,9 @@ def greedy(e: Engine) -> list[int | None]:
 def test_model_on_blocks_matches_float32(tmp_path: Path, kind: str) -> None:
     path = write_tiny_gguf(tmp_path / "tiny.gguf", TinySpec(matrix_type=kind))
     dense = tiny_engine_in("off", path)
-    assert all(lin.q is None for lin in dense.model.matrices())
+    assert all(lin.q is None and lin.w is not None for lin in dense.model.matrices())
     e = tiny_engine_in("exact", path)
-    assert all(lin.q is not None and lin.w is not None for lin in e.model.matrices())
-    e.model.mm = MatmulPlan(("quant",) * MAX_ROWS, beyond="quant")
+    assert all(lin.q is not None and lin.w is None for lin in e.model.matrices())
     for x, y in zip(prefill_then_steps(dense), prefill_then_steps(e), strict=True):
         assert float(np.max(np.abs(x - y))) < 1e-4
     assert greedy(e) == greedy(dense)
@@ -186,7 +183,6 @@ def test_int8_model_computes_every_row_alike_and_close_to_float32(tmp_path: Path
     path = write_tiny_gguf(tmp_path / "tiny.gguf", TinySpec(matrix_type="Q4_1"))
     e = tiny_engine_in("int8", path)
     assert all(lin.w is None and lin.q is not None for lin in e.model.matrices())
-    assert e.model.mm is INT8_PLAN and e.model.mm.way(MAX_ROWS + 5) == "quant"
     rng = np.random.default_rng(7)
     for lin in e.model.matrices():
         x = rng.standard_normal((11, lin.shape[0]), dtype=np.float32)
@@ -219,15 +215,13 @@ def test_cached_model_maps_its_blocks(tmp_path: Path, kernels: str) -> None:
     config = CacheConfig(directory=tmp_path / "weights", min_model_bytes=0)
     first = Engine.load(path, weights=config, kernels=kernels)
     second = Engine.load(path, weights=config, kernels=kernels)
-    form = "tiles" if kernels == "int8" else "full"
-    assert [p.name.split(".")[1] for p in config.directory.glob("*.kvw")] == [form]
-    assert cache_file(config.directory, "x", form).name == f"x.{form}.kvw"
+    assert [p.name.split(".")[1] for p in config.directory.glob("*.kvw")] == ["tiles"]
+    assert cache_file(config.directory, "x", "tiles").name == "x.tiles.kvw"
     q1, q2 = first.model.layers[1].wqkv.q, second.model.layers[1].wqkv.q
     assert q1 is not None and q2 is not None and q1.kind == "Q4_1"
     assert q2.exact == (kernels == "exact")
     assert isinstance(q2.tiles, np.memmap) and np.array_equal(q1.tiles, q2.tiles)
-    assert (second.model.layers[1].wqkv.w is None) == (kernels == "int8")
-    assert (second.model.mm is INT8_PLAN) == (kernels == "int8")
+    assert second.model.layers[1].wqkv.w is None
     for x, y in zip(prefill_then_steps(first), prefill_then_steps(second), strict=True):
         assert np.array_equal(x, y)
 

@@ -17,8 +17,10 @@ Ways:
   at a time, so that only the first row's GEMV reads the block from memory and the others find
   it in the cache.
 - ``pad4`` / ``pad8``: zero rows appended up to a multiple of 4 / 8, then one SGEMM.
-- ``quant``: the numba kernels over the file's own Q4_1 / Q8_0 blocks (see `quant`), which
-  stream 5-6x fewer bytes than float32; a matrix without such blocks uses ``gemm``.
+
+All of this is for float32 matrices. A matrix kept as the file's Q4_1 / Q8_0 blocks (`Linear.q`,
+where the quantized kernels run: see `quant`) always takes the kernels, at every row count:
+they beat BLAS at each one measured here, from 1 row to a 512-token prefill chunk.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ from .weights_cache import locked
 logger = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # row counts above this always use gemm
-WAYS = ("gemm", "rows", "pad4", "pad8", "quant")
-PLAN_FORMAT = 2
+WAYS = ("gemm", "rows", "pad4", "pad8")
+PLAN_FORMAT = 1
 MEASURE_BYTES = 64 << 20  # matrices timed per pass: beyond the last-level cache, like a step
 MEASURE_ROUNDS = 5  # interleaved rounds; the fastest of each way counts
 ROWS_BLOCK_BYTES = 4 << 20  # "rows" walks wider matrices in column blocks that stay cached
@@ -54,7 +56,7 @@ def matmul(x: np.ndarray, w: np.ndarray, way: str) -> np.ndarray:
     """``x @ w`` for ``x`` of shape (N, K), computed the given way; returns (N, M)."""
     n = x.shape[0]
     y: np.ndarray  # numpy types ``@`` on untyped arrays as Any
-    if way in ("gemm", "quant") or n == 1:  # a bare float32 matrix has no blocks
+    if way == "gemm" or n == 1:
         y = x @ w
         return y
     if way == "rows":
@@ -73,7 +75,7 @@ def matmul(x: np.ndarray, w: np.ndarray, way: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Linear:
-    """One weight matrix in the forms a product can use (at least one of them).
+    """One weight matrix, as float32 ``w`` or as the file's blocks ``q`` (for the kernels).
 
     ``w`` is the (K, M) float32 matrix with the model's folds applied: the gain of the norm
     before it scales its rows, and ``scale`` its first ``scaled`` columns. ``q`` is the same
@@ -92,7 +94,7 @@ class Linear:
         """(K, M)."""
         if self.w is not None:
             return self.w.shape[0], self.w.shape[1]
-        assert self.q is not None, "a Linear holds w, q or both"
+        assert self.q is not None, "a Linear holds w or q"
         return self.q.shape
 
     def quantized(self, x: np.ndarray) -> np.ndarray:
@@ -106,10 +108,11 @@ class Linear:
     def columns(self, ids: np.ndarray) -> np.ndarray:
         """Columns ``ids`` of the matrix as rows, (len(ids), K) float32: a tied embedding's
         lookup (it has no folds)."""
-        if self.w is not None:
-            return np.ascontiguousarray(self.w[:, ids].T)
-        assert self.q is not None and self.gain is None and not self.scaled
-        return self.q.columns(ids)
+        if self.q is not None:
+            assert self.gain is None and not self.scaled
+            return self.q.columns(ids)
+        assert self.w is not None
+        return np.ascontiguousarray(self.w[:, ids].T)
 
 
 @dataclass(frozen=True)
@@ -123,19 +126,17 @@ class MatmulPlan:
     ways: tuple[str, ...] = ("gemm",) * MAX_ROWS
     ms: tuple[dict[str, float], ...] = ()
     source: str = "default"
-    beyond: str = "gemm"  # the way for more than MAX_ROWS rows (not stored with the table)
 
     def way(self, n: int) -> str:
         """The way to use for ``n`` rows."""
-        return self.ways[n - 1] if n <= len(self.ways) else self.beyond
+        return self.ways[n - 1] if n <= len(self.ways) else "gemm"
 
     def __call__(self, x: np.ndarray, lin: Linear) -> np.ndarray:
-        """``x @ lin.w`` the planned way for ``x``'s row count (a matrix held only as blocks
-        always takes the kernels; one without blocks always takes float32)."""
-        way = self.way(x.shape[0])
-        if lin.w is None or (way == "quant" and lin.q is not None):
+        """``x @ lin``: by the kernels if it has blocks, else the planned way for the rows."""
+        if lin.q is not None:
             return lin.quantized(x)
-        return matmul(x, lin.w, way)
+        assert lin.w is not None
+        return matmul(x, lin.w, self.way(x.shape[0]))
 
     def describe(self) -> str:
         """One line for the log: per row count, the way and its ms relative to gemm."""
@@ -175,55 +176,39 @@ def _timed(op: Callable[[], object]) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def _sample(mats: Sequence[np.ndarray | QuantMatrix]) -> list[int]:
-    """Indexes of the first matrices that make `MEASURE_BYTES` (or all)."""
-    chosen: list[int] = []
-    total = 0
-    for i, m in enumerate(mats):
-        if total >= MEASURE_BYTES:
-            break
-        chosen.append(i)
-        total += m.nbytes
-    return chosen
+def measure(weights: Sequence[np.ndarray], rounds: int = MEASURE_ROUNDS) -> MatmulPlan:
+    """Time every way for 1..MAX_ROWS rows over ``weights`` (all (K, M) float32 matrices).
 
-
-def measure(weights: Sequence[Linear], rounds: int = MEASURE_ROUNDS) -> MatmulPlan:
-    """Time every way for 1..MAX_ROWS rows over ``weights``.
-
-    The float32 ways run over the first matrices that make `MEASURE_BYTES`; ``quant`` runs over
-    as many matrices as make that many bytes of blocks, and its time is scaled to the float32
-    sample's weight count: both then stream from memory as a decode step does (a sample small
-    enough to stay in the last-level cache would flatter the kernel with fewer bytes). ``rows``
-    and ``quant`` stop being tried once clearly beaten: their cost grows linearly with the row
-    count, gemm's far more slowly.
+    Only as many matrices as make `MEASURE_BYTES` are used. ``rows`` stops being tried once it
+    is clearly beaten: its cost grows linearly with the row count, gemm's far more slowly.
     """
-    dense = [lin.w for lin in weights if lin.w is not None]
-    f32 = [dense[i] for i in _sample(dense)]
-    blocks = [lin.q for lin in weights if lin.q is not None]
-    quants = [blocks[i] for i in _sample(blocks)]
-    per_weight = sum(m.size for m in f32) / max(sum(q.shape[0] * q.shape[1] for q in quants), 1)
+    mats: list[np.ndarray] = []
+    for w in weights:
+        if sum(m.nbytes for m in mats) >= MEASURE_BYTES:
+            break
+        mats.append(w)
     rng = np.random.default_rng(0)
-    widths = {m.shape[0] for m in f32} | {q.shape[0] for q in quants}
-    inputs = {k: rng.standard_normal((MAX_ROWS, k), dtype=np.float32) for k in widths}
+    inputs = {
+        k: rng.standard_normal((MAX_ROWS, k), dtype=np.float32) for k in {m.shape[0] for m in mats}
+    }
 
     def one_pass(n: int, way: str) -> float:
-        if way == "quant":
-            ms = _timed(lambda: [q.matmul(inputs[q.shape[0]][:n]) for q in quants])
-            return ms * per_weight
-        return _timed(lambda: [matmul(inputs[m.shape[0]][:n], m, way) for m in f32])
+        return _timed(lambda: [matmul(inputs[m.shape[0]][:n], m, way) for m in mats])
 
     best: list[dict[str, float]] = [{} for _ in range(MAX_ROWS)]
-    trying = {"rows", "quant"} if quants else {"rows"}
+    try_rows = True
     for n in range(1, MAX_ROWS + 1):
         ways = ["gemm"]
-        ways += [w for w in ("rows", "quant") if w in trying and (n > 1 or w == "quant")]
+        if n > 1 and try_rows:
+            ways.append("rows")
         ways += [w for w in ("pad4", "pad8") if n % int(w[3:])]
         for _ in range(rounds):  # interleaved, so a burst of load hits every way alike
             for way in ways:
                 t = one_pass(n, way)
                 best[n - 1][way] = min(best[n - 1].get(way, t), t)
         times = best[n - 1]
-        trying -= {w for w in ("rows", "quant") if times.get(w, 0) > 1.5 * min(times.values())}
+        if "rows" in times and times["rows"] > 1.5 * min(times.values()):
+            try_rows = False
     ways_chosen = tuple(_winner(t) for t in best)
     rounded = tuple({w: round(v, 2) for w, v in t.items()} for t in best)
     return MatmulPlan(ways_chosen, rounded, "measured")
@@ -234,9 +219,8 @@ def _winner(ms: dict[str, float]) -> str:
     return fastest if ms[fastest] < MARGIN * ms["gemm"] else "gemm"
 
 
-def host_key(weights: Sequence[Linear]) -> str:
-    """What a measured plan depends on: CPU, BLAS build and threads, numpy, matrix shapes and
-    block types (a model has blocks only where the kernels run)."""
+def host_key(weights: Sequence[np.ndarray]) -> str:
+    """What a measured plan depends on: CPU, BLAS build and threads, numpy, matrix shapes."""
     from threadpoolctl import threadpool_info
 
     cpu: dict[str, str] = {}
@@ -248,32 +232,22 @@ def host_key(weights: Sequence[Linear]) -> str:
         {k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
         for i in threadpool_info()
     ]
-    shapes = sorted({(*lin.shape, lin.q.kind if lin.q else "") for lin in weights})
+    shapes = sorted({tuple(w.shape) for w in weights})
     cpu_id = [cpu.get("model name"), cpu.get("flags")]
     ident = json.dumps([platform.machine(), cpu_id, blas, np.__version__, shapes], sort_keys=True)
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
-INT8_PLAN = MatmulPlan(
-    ("quant",) * MAX_ROWS, source="int8 kernels for every row count", beyond="quant"
-)
+def plan_for(weights: Sequence[Linear], directory: Path | None) -> MatmulPlan:
+    """The plan for the float32 products among a model's matrices (`load_or_measure` on them);
+    the default plan if every matrix has blocks (there is nothing to measure)."""
+    dense = [lin.w for lin in weights if lin.q is None and lin.w is not None]
+    if not dense:
+        return MatmulPlan(source="quantized kernels for every matrix")
+    return load_or_measure(dense, directory)
 
 
-def plan_for(weights: Sequence[Linear], directory: Path | None, mode: str | None) -> MatmulPlan:
-    """The plan for a model's matrices on this host, under the kernels ``mode``.
-
-    With the int8 kernels (see `quant.mode`), every product of a matrix that has blocks takes them,
-    whatever the row count: they are the fastest way at every count, and a prefill and a decode
-    step must compute a position alike (a session's cached KV is reused as if prefilled), while
-    int8 activations round differently from float32. Otherwise the ways compute the same
-    float32 product, so the fastest measured one is taken (`load_or_measure`).
-    """
-    if mode == "int8" and any(lin.q is not None for lin in weights):
-        return INT8_PLAN
-    return load_or_measure(weights, directory)
-
-
-def load_or_measure(weights: Sequence[Linear], directory: Path | None) -> MatmulPlan:
+def load_or_measure(weights: Sequence[np.ndarray], directory: Path | None) -> MatmulPlan:
     """The cached plan for this host and these shapes, or measure it and cache it.
 
     Measuring takes seconds, so it is done only where the table can be kept: with

@@ -54,9 +54,9 @@ def open_model(
     `weights_cache`); later ones map that file and read the metadata from it instead of parsing
     the GGUF. Models smaller than ``config.min_model_bytes``, or all with caching disabled, are
     prepared in memory. The weights are prepared in the form the kernels ``mode`` use (see
-    `quant.mode`; None: float32 only), and
-    the matmul plan chosen for them (see `matmul.plan_for`: for a float32 model above that size
-    it is measured on the host, or read from the cache directory); it is logged.
+    `quant.mode`; None: float32 only), and the matmul plan of the float32 matrices among them
+    measured on the host or read from the cache directory (`matmul.plan_for`; not for a small
+    model), and logged.
 
     Raises
     ------
@@ -75,7 +75,7 @@ def open_model(
     else:
         gguf, model = _open_cached(path, directory, mode)
     # A small model's products take microseconds: not worth timing (no directory: no measuring).
-    model.mm = plan_for(model.matrices(), None if small else directory, mode)
+    model.mm = plan_for(model.matrices(), None if small else directory)
     if not small:
         logger.info("%s", model.mm.describe())
     return gguf, model

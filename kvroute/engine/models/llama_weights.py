@@ -17,12 +17,12 @@ weights cache and every worker maps read-only (`build` makes the model's parts f
   unchanged by applying the same permutation to both, and V is untouched. The blocks' output
   rows are permuted the same way.
 
-Two forms (`FORMS`), one cache file each: ``full`` holds the float32 copy of every matrix and
-the blocks of those whose tensors are all Q4_1 or all Q8_0 (for hosts where BLAS or the exact
-kernels do the products); ``tiles`` holds only the blocks where a matrix has them, and float32
-only where it has none (for the int8 kernels, which do every product: see `quant.mode`). The
-``tiles`` form of the default model is a fifth of the ``full`` one, and it is built without
-dequantising anything.
+Two forms (`FORMS`), one cache file each. ``tiles``, where the quantized kernels run (see
+`quant.mode`): the blocks of every matrix whose tensors are all Q4_1 or all Q8_0, and float32
+only for a matrix that has none; the kernels then do every product of a matrix with blocks, at
+any row count. For the default model that is a sixth of the float32 bytes, and it is built
+without dequantising anything. ``float32``, where no kernel runs: the float32 copy of every
+matrix, for BLAS.
 """
 
 from __future__ import annotations
@@ -38,14 +38,13 @@ from ..gguf_file import GGUFFile
 from ..matmul import Linear
 from ..quant import QuantMatrix
 
-FORMS = ("full", "tiles")
+FORMS = ("tiles", "float32")
 LAYOUT = "llama-halves-3"  # change whenever `prepare`'s arrays change: older caches are rebuilt
 
 
 def form_for(mode: str | None) -> str:
-    """The form a model computes with under the kernels ``mode`` (see `quant.mode`): ``tiles``
-    with the int8 kernels, which do every product, else ``full``."""
-    return "tiles" if mode == "int8" else "full"
+    """The form a model computes with under the kernels ``mode`` (see `quant.mode`)."""
+    return "float32" if mode is None else "tiles"
 
 
 @dataclass(frozen=True)
@@ -158,9 +157,9 @@ def prepare(gguf: GGUFFile, form: str) -> Iterator[tuple[str, np.ndarray]]:
     def matrix(
         name: str, parts: Sequence[tuple[str, Permutation | None]], f32: Callable[[], np.ndarray]
     ) -> Iterator[tuple[str, np.ndarray]]:
-        blocks = _blocks(gguf, name, parts)
+        blocks = _blocks(gguf, name, parts) if form == "tiles" else []
         yield from blocks
-        if form == "full" or not blocks:
+        if not blocks:
             yield name, np.ascontiguousarray(f32(), dtype=np.float32)
 
     def t(name: str) -> np.ndarray:
@@ -215,9 +214,8 @@ def build(gguf: GGUFFile, arrays: Mapping[str, np.ndarray], mode: str | None) ->
     """The model's parts on prepared arrays (from `prepare`, or mapped from a weights cache),
     for the kernels ``mode`` (see `quant.mode`).
 
-    Only ``gguf``'s metadata is read, so it may come from `GGUFFile.from_meta`. The blocks are
-    used only if a kernel runs (``mode`` is not None); a matrix held only as blocks is then an
-    error.
+    Only ``gguf``'s metadata is read, so it may come from `GGUFFile.from_meta`. A matrix held
+    only as blocks needs a kernel (``mode`` not None).
 
     Raises
     ------
@@ -250,7 +248,7 @@ def build(gguf: GGUFFile, arrays: Mapping[str, np.ndarray], mode: str | None) ->
             )
         if w is None and (blocks is None or mode is None):
             raise ModelLoadError(f"prepared weights: no float32 {name}, and no kernel for blocks")
-        return Linear(w, blocks if mode is not None else None, **folds)
+        return Linear(w, blocks, **folds)
 
     qkv = (a.n_heads + 2 * a.n_kv_heads) * hd
     scale = float(np.float32(1.0 / np.sqrt(hd)))
