@@ -1,5 +1,5 @@
-"""Engine processes for `engine.py`: summed PSS of several against one, and the start-up of a
-worker when the weights cache is present."""
+"""Engine processes for `engine.py`: summed PSS of several against one (whole processes, and the
+weights file's pages alone), and the start-up of a worker when the weights cache is present."""
 
 from __future__ import annotations
 
@@ -39,6 +39,12 @@ def pss_mib(pid: int) -> float:
     return psutil.Process(pid).memory_full_info().pss / MIB
 
 
+def weights_pss_mib(pid: int, directory: Path) -> float:
+    """The part of ``pid``'s PSS that maps the weights cache files in ``directory``."""
+    where = str(directory)
+    return sum(m.pss for m in psutil.Process(pid).memory_maps() if m.path.startswith(where)) / MIB
+
+
 def measure_workers(model: Path, weights: CacheConfig) -> dict[str, Any]:
     """PSS of 1 and of ``WORKERS`` engine processes, and the start-up with the cache present.
 
@@ -66,10 +72,13 @@ def measure_workers(model: Path, weights: CacheConfig) -> dict[str, Any]:
         first = start()  # builds the weights cache and matmul plan if this host has none
         stop_all()
         second = start()  # a worker starting with the cache present
+        assert weights.directory is not None
         one = pss_mib(procs[0][0].pid)
+        one_weights = weights_pss_mib(procs[0][0].pid, weights.directory)
         for _ in range(WORKERS - 1):
             start()
         each = [pss_mib(p.pid) for p, _ in procs]
+        each_weights = [weights_pss_mib(p.pid, weights.directory) for p, _ in procs]
     finally:
         stop_all()
     return {
@@ -79,6 +88,10 @@ def measure_workers(model: Path, weights: CacheConfig) -> dict[str, Any]:
         "pss_1_worker_mib": round(one, 1),
         f"pss_{WORKERS}_workers_mib": [round(v, 1) for v in each],
         "pss_4_vs_1": round(sum(each) / one, 3),
+        # The weights file alone: one copy however many map it, so about 1.0.
+        "weights_pss_1_worker_mib": round(one_weights, 1),
+        f"weights_pss_{WORKERS}_workers_mib": round(sum(each_weights), 1),
+        "weights_pss_4_vs_1": round(sum(each_weights) / one_weights, 3),
     }
 
 
