@@ -10,6 +10,8 @@ cached KV is reused as if it had been prefilled.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -231,3 +233,22 @@ def test_kernels_asked_for_resolve_to_what_runs_here() -> None:
     assert quant.mode("auto") == ("exact" if EXACT else None)
     assert quant.mode("int8") == ("int8" if INT8 else quant.mode("auto"))
     assert quant.mode("bogus") == quant.mode("auto")
+
+
+@needs_exact
+@pytest.mark.parametrize("kernels", ["exact", pytest.param("int8", marks=needs_int8)])
+def test_loading_an_engine_compiles_its_kernels(tmp_path: Path, kernels: str) -> None:
+    """The kernels are compiled (or loaded from numba's cache) by `Engine.load`, in a fresh
+    process, so a worker's first turn never stalls on it."""
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", TinySpec(matrix_type="Q4_1"))
+    product = "product_exact" if kernels == "exact" else "product"
+    code = (
+        "from kvroute.engine.engine import Engine\n"
+        "from kvroute.engine.weights_cache import CacheConfig\n"
+        "from kvroute.engine.kernels import tiles\n"
+        f"Engine.load({str(path)!r}, weights=CacheConfig(enabled=False), kernels={kernels!r})\n"
+        f"print(len(tiles.{product}.signatures))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) >= 1

@@ -115,7 +115,13 @@ class Engine:
             ctx,
             model.kernels or "off",
         )
-        return cls(model, tokenizer, template, ctx, gguf.path)
+        engine = cls(model, tokenizer, template, ctx, gguf.path)
+        if model.kernels is not None:
+            # Compile the kernels now, not in the first turn: the first time on a host that
+            # takes seconds (later, numba's disk cache makes it milliseconds), and inside a
+            # worker's first step it would stall its loop long enough to be declared lost.
+            engine.forward([(engine.new_cache(), [0])])
+        return engine
 
     @staticmethod
     def check(path: str | Path) -> None:
