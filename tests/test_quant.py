@@ -66,15 +66,25 @@ def test_tiles_hold_exactly_the_files_weights(kind: str) -> None:
         QuantMatrix.from_arrays("m", stored, 64)
 
 
+ROWS = (1, 2, 3, 5, 8, 9, 17)  # the kernels run up to 8 rows a pass: more take several
+
+
+def random_blocks(
+    kind: str, rng: np.random.Generator
+) -> tuple[np.ndarray, QuantMatrix, np.ndarray]:
+    """A random (160, 72) matrix's blocks: raw, as tiles, and gguf-py's dequantisation."""
+    raw = quantized(rng.standard_normal((72, 160), dtype=np.float32), kind)
+    return raw, QuantMatrix.from_rows(kind, raw), dequantized(raw, kind)
+
+
 @needs_exact
 @pytest.mark.parametrize("kind", quant.KINDS)
 def test_exact_kernels_compute_the_dequantised_product(kind: str) -> None:
     from kvroute.engine.kernels import tiles
 
     rng = np.random.default_rng(4)
-    raw = quantized(rng.standard_normal((72, 160), dtype=np.float32), kind)
-    q, ref = QuantMatrix.from_rows(kind, raw), dequantized(raw, kind)
-    for n in (1, 2, 3, 5, 8, 9, 17):  # more than 8 rows take several passes
+    _, q, ref = random_blocks(kind, rng)
+    for n in ROWS:
         x = rng.standard_normal((n, 160), dtype=np.float32)
         got = tiles.matmul(x, q.tiles, q.cols, exact=True)
         assert got.shape == (n, 72) and got.dtype == np.float32
@@ -112,9 +122,8 @@ def test_int8_kernels_compute_llamacpps_product(kind: str) -> None:
     from kvroute.engine.kernels import tiles
 
     rng = np.random.default_rng(5)
-    raw = quantized(rng.standard_normal((72, 160), dtype=np.float32), kind)
-    q, ref = QuantMatrix.from_rows(kind, raw), dequantized(raw, kind)
-    for n in (1, 2, 3, 5, 8, 9, 17):
+    raw, q, ref = random_blocks(kind, rng)
+    for n in ROWS:
         x = rng.standard_normal((n, 160), dtype=np.float32)
         x[0, :32] = 0.0  # an all-zero block has scale 0
         got = tiles.matmul(x, q.tiles, q.cols)
