@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 class SchedulerConfig:
     """Knobs of the worker core."""
 
-    prefill_chunk: int = 256  # max prompt tokens fed per step, over all prefilling turns
+    prefill_chunk: int = 128  # max prompt tokens fed per step, over all prefilling turns
     kv_budget_bytes: int | None = None  # KV bytes for all sessions; idle ones evicted beyond it
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # capacity, queue
     kv_rest: RestDtype = RestDtype.NONE  # idle sessions compressed to this before eviction
