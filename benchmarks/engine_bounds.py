@@ -15,19 +15,14 @@ MIB = 1 << 20
 
 
 def bytes_per_decode_step(engine: Engine, context: int) -> int:
-    """DRAM bytes one single-stream decode step reads: all weights once (in the form the plan
-    multiplies one row by), plus the KV cache.
+    """DRAM bytes one single-stream decode step reads: all weights once (in the form they are
+    multiplied in), plus the KV cache.
 
     A separate (untied) embedding table is not streamed: a step gathers one row of it.
     """
-    model = engine.model
-    quant = model.mm.way(1) == "quant"
     weights = 0
-    for lin in model.matrices():
-        if lin.q is not None and (quant or lin.w is None):
-            weights += lin.q.nbytes
-        else:
-            weights += 4 * lin.shape[0] * lin.shape[1]
+    for lin in engine.model.matrices():  # the blocks where the kernels multiply them
+        weights += lin.q.nbytes if lin.q is not None else 4 * lin.shape[0] * lin.shape[1]
     kv = engine.new_cache().bytes_per_token * context
     return weights + kv
 
