@@ -232,11 +232,13 @@ def keyless_vs_keyed(url: str, url2: str, rounds: int) -> dict[str, Any]:
         httpx.Client(base_url=url2, timeout=120) as http2,
     ):
         for r in range(rounds):
-            # Within a round the conversations differ by one word of the system prompt (same
-            # prompt lengths: a fair comparison; keyless ones must not meet in the transcript
-            # index). Rounds differ, or a later round would continue an earlier one's session.
+            # Within a round the conversations differ by one word of the system prompt (keyless
+            # ones must not meet in the transcript index), and so do their greedy replies and
+            # prompt lengths: each kind takes each word in turn over the rounds, so that no kind
+            # keeps the conversation that happens to be longest. Rounds differ, or a later
+            # round would continue an earlier one's session.
             convs = {
-                k: [{"role": "system", "content": SYSTEM.format(f"{r}{'abc'[i]}")}]
+                k: [{"role": "system", "content": SYSTEM.format(f"{r}{'abc'[(i + r) % 3]}")}]
                 for i, k in enumerate(kinds)
             }
             headers: dict[str, dict[str, str]] = {k: {} for k in kinds}
@@ -358,7 +360,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--pairs", type=int, default=30, help="warm turn pairs for measurement 1")
-    ap.add_argument("--rounds", type=int, default=4, help="conversation pairs for measurement 3")
+    ap.add_argument("--rounds", type=int, default=6, help="conversation pairs for measurement 3")
     ap.add_argument("--seconds", type=float, default=5.0, help="SSE load duration")
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=256)
