@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,3 +50,12 @@ def seconds(op: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     op()
     return time.perf_counter() - t0
+
+
+def emit(report: dict[str, Any], path: Path | None) -> None:
+    """Print the report as one JSON object, and write it to ``path`` too if given."""
+    text = json.dumps(report, indent=1)
+    print(text)
+    sys.stdout.flush()
+    if path is not None:
+        path.write_text(text + "\n")

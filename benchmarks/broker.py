@@ -26,7 +26,6 @@ same run say how much of that the machine itself allows.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import threading
@@ -37,6 +36,7 @@ from typing import Any
 
 import psutil
 import zmq
+from _common import emit
 
 from kvroute.broker import Broker, BrokerConfig, wire
 from kvroute.proto import (
@@ -339,10 +339,7 @@ def main() -> None:
         "frames_per_s>=50000": frames >= 50_000,
         "added_p50_ms<=0.2": added <= 0.2,
     }
-    text = json.dumps(results, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    emit(results, args.json)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,12 @@ recorded once on another machine, so context for the ratios rather than a same-r
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import limit_blas_threads, llamacpp_reference
+from _common import emit, limit_blas_threads, llamacpp_reference
 
 limit_blas_threads(1)
 
@@ -140,10 +139,7 @@ def main() -> None:
             "decode_8_over_1": ">= 2.5",
         },
     }
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import best_of, limit_blas_threads, seconds
+from _common import best_of, emit, limit_blas_threads, seconds
 
 limit_blas_threads(1)
 
@@ -371,10 +371,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the JSON object to this file")
     args = parser.parse_args()
     report = run_benchmark(args.model, args.llama_python, args.serve)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

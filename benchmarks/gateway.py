@@ -59,7 +59,7 @@ from typing import Any
 
 import httpx
 import psutil
-from _common import SHORT_TURNS, p50
+from _common import SHORT_TURNS, emit, p50
 from fake_fleet import run_broker, run_fake_worker
 from gateway_fleet import fleet_view_cpu, fleet_view_frames, fleet_view_ttft
 
@@ -411,10 +411,7 @@ def main() -> None:
         for p in reversed(procs):
             p.stop()
     out["meta"] = {"cpus": os.cpu_count(), **{k: str(v) for k, v in vars(args).items()}}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

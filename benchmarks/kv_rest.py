@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import limit_blas_threads
+from _common import emit, limit_blas_threads
 
 limit_blas_threads(1)
 
@@ -137,15 +137,6 @@ def checkpoint_figures(engine: Engine, n: int, directory: Path) -> dict[str, Any
     }
 
 
-def copy_cache(engine: Engine, src: KVCache) -> KVCache:
-    dst = engine.new_cache()
-    dst.reserve(src.length)
-    dst.k[:, :, : src.length] = src.k[:, :, : src.length]
-    dst.v[:, :, : src.length] = src.v[:, :, : src.length]
-    dst.advance(src.length)
-    return dst
-
-
 def restore_figures(engine: Engine, ids: list[int], spill_dir: Path) -> dict[str, Any]:
     base = engine.new_cache()
     t0 = time.perf_counter()
@@ -157,12 +148,12 @@ def restore_figures(engine: Engine, ids: list[int], spill_dir: Path) -> dict[str
     f32_per_token = base.bytes_per_token
     out["bytes_per_token"] = {"f32": f32_per_token}
     for dtype in RestDtype:
-        parked = copy_cache(engine, base)
+        parked = base.copy()
         parked.park(dtype)
         out["bytes_per_token"][dtype.value] = round(parked.nbytes / len(ids) / f32_per_token, 4)
 
         def from_ram(dtype: RestDtype = dtype) -> float:
-            c = copy_cache(engine, base)
+            c = base.copy()
             c.park(dtype)
             t = time.perf_counter()
             c.unpark(16)
@@ -172,7 +163,7 @@ def restore_figures(engine: Engine, ids: list[int], spill_dir: Path) -> dict[str
         spill = SpillDir(spill_dir / dtype.value, 1 << 40, ident)
 
         def from_disk(dtype: RestDtype = dtype, spill: SpillDir = spill) -> float:
-            c = copy_cache(engine, base)
+            c = base.copy()
             c.park(dtype)
             assert c.rest is not None
             spill.write(b"s", "", ids, c.rest)
@@ -273,10 +264,7 @@ def main() -> None:
         "checkpoint_write<=5%": report["checkpoint"]["append_vs_warm_ttft"]
         <= TARGETS["checkpoint_write"],
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import limit_blas_threads
+from _common import emit, limit_blas_threads
 
 limit_blas_threads(1)
 
@@ -142,10 +141,7 @@ def main() -> None:
     parser.add_argument("--model", default="default", help="GGUF path or 'default'")
     parser.add_argument("--json", type=Path, help="also write the JSON object to this file")
     args = parser.parse_args()
-    text = json.dumps(run(args.model), indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(run(args.model), args.json)
 
 
 if __name__ == "__main__":

@@ -192,3 +192,16 @@ def test_compact_never_drops_committed_positions(length: int) -> None:
     cache.compact()
     assert cache.capacity == cache.length == length
     np.testing.assert_array_equal(committed_keys(cache), np.arange(length))
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_copy_is_an_independent_cache_with_the_same_positions(dtype: str) -> None:
+    cache = KVCache(N_LAYERS, N_KV, HD, 64, dtype)
+    fill(cache, 20)
+    twin = cache.copy()
+    assert (twin.length, twin.capacity, twin.dtype, twin.max_len) == (20, 20, cache.dtype, 64)
+    for layer in range(N_LAYERS):
+        np.testing.assert_array_equal(committed_keys(twin, layer), np.arange(20))
+    fill(twin, 5, start=100)  # growing the copy leaves the original as it was
+    assert cache.length == 20
+    np.testing.assert_array_equal(committed_keys(cache), np.arange(20))

@@ -42,15 +42,6 @@ def history_prompt(engine: Engine, i: int) -> tuple[list[int], int]:
     return ids, cached
 
 
-def copy_cache(engine: Engine, src: KVCache) -> KVCache:
-    dst = engine.new_cache()
-    dst.reserve(src.length)
-    dst.k[:, :, : src.length] = src.k[:, :, : src.length]
-    dst.v[:, :, : src.length] = src.v[:, :, : src.length]
-    dst.advance(src.length)
-    return dst
-
-
 def greedy(engine: Engine, cache: KVCache, ids: list[int]) -> list[int]:
     return [
         p.token_id
@@ -68,9 +59,9 @@ def agreement(engine: Engine) -> dict[RestDtype, list[bool]]:
         assert cached > 200, "the history is long enough for the cache to matter"
         base = engine.new_cache()
         engine.prefill(base, ids[:cached])
-        want = greedy(engine, copy_cache(engine, base), ids[cached:])
+        want = greedy(engine, base.copy(), ids[cached:])
         for dtype in RestDtype:
-            cache = copy_cache(engine, base)
+            cache = base.copy()
             cache.park(dtype)
             cache.unpark(len(ids) - cached + N_GEN)
             out[dtype].append(greedy(engine, cache, ids[cached:]) == want)

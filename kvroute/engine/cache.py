@@ -193,6 +193,17 @@ class KVCache:
         """Keep only the first ``length`` positions."""
         self.trim(self.length - length)
 
+    def copy(self) -> KVCache:
+        """A new cache with this one's committed positions, sized to them (not parked)."""
+        assert self.rest is None, "unpark() before copy()"
+        name = next(n for n, t in LIVE_DTYPES.items() if np.dtype(t) == self.dtype)
+        out = KVCache(self.n_layers, self.n_kv_heads, self.head_dim, self.max_len, name)
+        out.reserve(self.length)
+        out.k[:, :, : self.length] = self.k[:, :, : self.length]
+        out.v[:, :, : self.length] = self.v[:, :, : self.length]
+        out.advance(self.length)
+        return out
+
     def compact(self) -> None:
         """Release all capacity beyond the length (after a large trim, or to park a sequence)."""
         if self.rest is None and self.length < self.capacity:
