@@ -49,7 +49,6 @@ KINDS = tuple(BLOCK_BYTES)
 LANES = 16  # output columns per tile
 TILE_BYTES = {"Q4_1": 320, "Q8_0": 544}  # per (tile, block)
 ENV = "KVROUTE_QUANT"
-MODES = ("int8", "exact")
 ASKS = ("auto", "exact", "int8", "off")  # what may be asked for (see `mode`)
 
 _resolved: dict[str, str | None] = {}
@@ -70,7 +69,7 @@ def _choose(asked: str) -> str | None:
     if asked == "off":
         return None
     if asked not in ASKS:
-        logger.warning("%s=%r is not auto, int8, exact or off: using auto", ENV, asked)
+        logger.warning("kernels %r are not auto, int8, exact or off: using auto", asked)
         asked = "auto"
     try:
         from .kernels import ir
@@ -80,7 +79,7 @@ def _choose(asked: str) -> str | None:
     runs = {"int8": ir.int8_supported(), "exact": ir.exact_supported()}
     if asked != "auto" and not runs[asked]:
         # Compiling a kernel for a CPU that lacks its instructions would abort the process.
-        logger.warning("%s=%s: this CPU lacks the instructions; using auto", ENV, asked)
+        logger.warning("kernels %s: this CPU lacks their instructions; using auto", asked)
         asked = "auto"
     if asked == "auto":
         return "exact" if runs["exact"] else None
