@@ -10,7 +10,8 @@ from __future__ import annotations
 import threading
 
 import zmq
-from fake_peers import INTERVAL, TIMEOUT, FakeWorker, wait_until
+from broker_service import add_worker
+from fake_peers import INTERVAL, TIMEOUT, FakeWorker
 
 from kvroute.broker.config import BrokerConfig
 from kvroute.broker.service import Broker
@@ -30,11 +31,7 @@ class FakeService:
         self.workers: list[FakeWorker] = []
 
     def add(self, name: str, token_delay: float = 0.0) -> FakeWorker:
-        w = FakeWorker(self.backend, name, token_delay)
-        w.start()
-        self.workers.append(w)
-        wait_until(lambda: self.broker.table.worker_key(name) is not None)
-        return w
+        return add_worker(self.broker, self.backend, self.workers, name, token_delay)
 
     def turns(self) -> list[TurnRequest]:
         """Every TURN the workers received, in order per worker, workers in order."""

@@ -17,6 +17,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
+from broker_service import Ctx, add_worker, run_broker, zmq_context
 from fake_peers import INTERVAL, TIMEOUT, Client, FakeWorker, error_code, turn_body, wait_until
 
 from kvroute.broker import Broker, BrokerConfig, BrokerError
@@ -50,7 +51,6 @@ from kvroute.proto import (
 from kvroute.proto.control import Resident
 from kvroute.proto.kinds import HEADERS
 
-Ctx = zmq.Context[zmq.Socket[bytes]]
 StartBroker = Callable[..., Broker]
 StartWorker = Callable[..., FakeWorker]
 MakeClient = Callable[[Broker], Client]
@@ -60,21 +60,13 @@ MakeClient = Callable[[Broker], Client]
 
 @pytest.fixture
 def ctx() -> Iterator[Ctx]:
-    c: Ctx = zmq.Context()
-    yield c
-    c.destroy(linger=0)
+    yield from zmq_context()
 
 
 @pytest.fixture
 def start_broker() -> Iterator[StartBroker]:
     started: list[tuple[Broker, threading.Thread]] = []
     crashes: list[BaseException] = []
-
-    def run(b: Broker) -> None:
-        try:
-            b.run()
-        except BaseException as exc:  # checked at teardown: the broker must never die
-            crashes.append(exc)
 
     def start(
         sentinels: dict[int, str] | None = None,
@@ -85,8 +77,7 @@ def start_broker() -> Iterator[StartBroker]:
         config = {"max_msg_size": 2 << 20, **config}
         cfg = BrokerConfig("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", INTERVAL, **config)
         b = Broker(cfg, sentinels=sentinels, on_worker_exit=on_worker_exit)
-        t = threading.Thread(target=run, args=(b,), name="broker", daemon=True)
-        t.start()
+        t = run_broker(b, crashes)
         b.wait_bound(TIMEOUT)
         started.append((b, t))
         return b
@@ -105,11 +96,7 @@ def start_worker() -> Iterator[StartWorker]:
 
     def start(b: Broker, name: str, token_delay: float = 0.0) -> FakeWorker:
         assert b.endpoints is not None
-        w = FakeWorker(b.endpoints[1], name, token_delay)
-        w.start()
-        workers.append(w)
-        wait_until(lambda: b.table.worker_key(name) is not None)
-        return w
+        return add_worker(b, b.endpoints[1], workers, name, token_delay)
 
     yield start
     for w in workers:

@@ -8,65 +8,27 @@ that a refused request reaches no worker, and that honest streams alongside are 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import zmq
-from fake_peers import INTERVAL, TIMEOUT, Client, FakeWorker, error_code, turn_body, wait_until
+from broker_service import Ctx, Service, broker_service, connect, zmq_context
+from fake_peers import Client, error_code, turn_body, wait_until
 
-from kvroute.broker import Broker, BrokerConfig
 from kvroute.proto import EMPTY_BODY, ColdReason, ErrorCode, ErrorReply, Kind, TurnEnd
 from kvroute.proto.kinds import HEADERS
-
-Ctx = zmq.Context[zmq.Socket[bytes]]
 
 
 @pytest.fixture
 def ctx() -> Iterator[Ctx]:
-    c: Ctx = zmq.Context()
-    yield c
-    c.destroy(linger=0)
+    yield from zmq_context()
 
 
 @pytest.fixture
-def service(ctx: Ctx) -> Iterator[Callable[..., tuple[Broker, FakeWorker]]]:
+def service(ctx: Ctx) -> Iterator[Service]:
     """``service(**BrokerConfig overrides)`` -> a running broker and one fake worker w0."""
-    started: list[tuple[Broker, threading.Thread, FakeWorker]] = []
-    crashes: list[BaseException] = []
-
-    def run(b: Broker) -> None:
-        try:
-            b.run()
-        except BaseException as exc:  # checked at teardown: the broker must never die
-            crashes.append(exc)
-
-    def start(**config: Any) -> tuple[Broker, FakeWorker]:
-        cfg = BrokerConfig("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", INTERVAL, **config)
-        b = Broker(cfg)
-        t = threading.Thread(target=run, args=(b,), name="broker", daemon=True)
-        t.start()
-        _, backend = b.wait_bound(TIMEOUT)
-        w = FakeWorker(backend, "w0", token_delay=0.01)
-        w.start()
-        started.append((b, t, w))
-        wait_until(lambda: b.table.worker_key("w0") is not None)
-        return b, w
-
-    yield start
-    for b, t, w in started:
-        w.join()
-        b.close()
-        t.join(TIMEOUT)
-        assert not t.is_alive(), "broker did not stop"
-        assert w.exc is None, f"fake worker failed: {w.exc!r}"
-    assert not crashes, f"broker died: {crashes!r}"
-
-
-def connect(ctx: Ctx, b: Broker) -> Client:
-    assert b.endpoints is not None
-    return Client(ctx, b.endpoints[0])
+    with broker_service(token_delay=0.01) as start:
+        yield start
 
 
 def end_of(c: Client, request: bytes, read: int = 0) -> TurnEnd:

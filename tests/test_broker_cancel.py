@@ -11,67 +11,29 @@ The unit-level rules (and that a stranger learns nothing) are in test_routing.py
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import zmq
-from fake_peers import INTERVAL, TIMEOUT, Client, FakeWorker, error_code, turn_body, wait_until
+from broker_service import Ctx, Service, broker_service, connect, zmq_context
+from fake_peers import TIMEOUT, Client, error_code, turn_body, wait_until
 
 from kvroute import Client as LibClient
 from kvroute import Timeout
-from kvroute.broker import Broker, BrokerConfig
 from kvroute.proto import EMPTY_BODY, ErrorCode, FinishReason, Kind, Token, TurnEnd
 from kvroute.proto.frames import client_frames
-
-Ctx = zmq.Context[zmq.Socket[bytes]]
-Service = Callable[..., tuple[Broker, FakeWorker]]
 
 
 @pytest.fixture
 def ctx() -> Iterator[Ctx]:
-    c: Ctx = zmq.Context()
-    yield c
-    c.destroy(linger=0)
+    yield from zmq_context()
 
 
 @pytest.fixture
 def service() -> Iterator[Service]:
     """``service(frontend=..., token_delay=...)`` -> a running broker and one fake worker w0."""
-    started: list[tuple[Broker, threading.Thread, FakeWorker]] = []
-    crashes: list[BaseException] = []
-
-    def run(b: Broker) -> None:
-        try:
-            b.run()
-        except BaseException as exc:  # checked at teardown: the broker must never die
-            crashes.append(exc)
-
-    def start(
-        frontend: str = "tcp://127.0.0.1:*", token_delay: float = 0.0
-    ) -> tuple[Broker, FakeWorker]:
-        b = Broker(BrokerConfig(frontend, "tcp://127.0.0.1:*", INTERVAL))
-        t = threading.Thread(target=run, args=(b,), name="broker", daemon=True)
-        t.start()
-        _, backend = b.wait_bound(TIMEOUT)
-        w = FakeWorker(backend, "w0", token_delay)
-        w.start()
-        started.append((b, t, w))
-        wait_until(lambda: b.table.worker_key("w0") is not None)
-        return b, w
-
-    yield start
-    for b, t, w in started:
-        w.join()
-        b.close()
-        t.join(TIMEOUT)
-        assert not t.is_alive(), "broker did not stop"
-        assert w.exc is None, f"fake worker failed: {w.exc!r}"
-    assert not crashes, f"broker died: {crashes!r}"
-
-
-def connect(ctx: Ctx, b: Broker) -> Client:
-    assert b.endpoints is not None
-    return Client(ctx, b.endpoints[0])
+    with broker_service() as start:
+        yield start
 
 
 def not_in_flight(c: Client, session: bytes, request: bytes) -> None:

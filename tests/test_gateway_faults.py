@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from broker_service import add_worker
 from fake_peers import INTERVAL, TIMEOUT, FakeWorker, wait_until
 from procs import free_port
 
@@ -40,11 +41,7 @@ class Fleet:
     workers: list[FakeWorker] = field(default_factory=list)
 
     def add(self, name: str, token_delay: float = 0.0) -> FakeWorker:
-        w = FakeWorker(self.backend, name, token_delay)
-        w.start()
-        self.workers.append(w)
-        wait_until(lambda: self.broker.table.worker_key(name) is not None)
-        return w
+        return add_worker(self.broker, self.backend, self.workers, name, token_delay)
 
 
 @contextmanager
