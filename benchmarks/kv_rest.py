@@ -1,6 +1,7 @@
 """KV at rest: bytes held, restore time against a cold prefill, idle sessions per budget.
 
     python benchmarks/kv_rest.py [--model default] [--tokens 1500] [--json OUT]
+                                 [--only checkpoint|decode]
 
 BLAS is pinned to one thread, as in a worker. Every figure is a ratio against a baseline
 measured in the same run. Prints one JSON object:
@@ -232,13 +233,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1500)
     ap.add_argument("--budget-mib", type=int, default=256)
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--only", choices=["checkpoint"], help="run one part alone")
+    ap.add_argument("--only", choices=["checkpoint", "decode"], help="run one part alone")
     args = ap.parse_args()
     engine = Engine.load(resolve_model(args.model))
     ids = long_prompt(engine, args.tokens)
     if args.only == "checkpoint":
         with tempfile.TemporaryDirectory(prefix="kv_ckpt_") as tmp:
             print(json.dumps(checkpoint_figures(engine, args.tokens, Path(tmp)), indent=1))
+        return
+    if args.only == "decode":
+        print(json.dumps(decode_figures(engine, ids), indent=1))
         return
     with tempfile.TemporaryDirectory(prefix="kv_rest_") as tmp:
         report = restore_figures(engine, ids, Path(tmp))

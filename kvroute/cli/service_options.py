@@ -206,8 +206,9 @@ worker_options = option_group(
                 type=click.Choice(sorted(LIVE_DTYPES)),
                 default=_W.kv_dtype,
                 show_default=True,
-                help="How live KV caches hold keys and values: f16 halves their bytes but "
-                "slows decoding on long contexts (numpy widens it to f32 for attention).",
+                help="How live KV caches hold keys and values: f16 halves their bytes; the "
+                "attention kernels read it as stored, but with --kernels off numpy widens it "
+                "to f32, which slows decoding on long contexts.",
             ),
         ),
         (

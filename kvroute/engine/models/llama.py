@@ -171,29 +171,43 @@ class LlamaModel:
         last = mm(self._rms(x[bounds[1:] - 1]) * self.out_norm, self.head)  # (B, V)
         return list(last)
 
-    @staticmethod
     def _attend(
-        cache: KVCache, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, G: int
+        self, cache: KVCache, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, G: int
     ) -> np.ndarray:
         """Grouped-query causal attention of one segment's T queries over its cache."""
         T, H, hd = q.shape
         KV = H // G
         K, V = cache.update_and_fetch(layer, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
+        # (T, H, hd) -> (KV, G*T, hd): the G query heads of a group share one K/V head.
+        qg = q.reshape(T, KV, G, hd).transpose(1, 2, 0, 3).reshape(KV, G * T, hd)
+        out: np.ndarray | None = None
+        if self.kernels is not None:
+            from ..kernels import attention  # numba: imported only where the kernels run
+
+            if T <= attention.MAX_T and attention.supports(K):
+                # Reads a float16 cache as stored, where numpy would widen it first.
+                out = attention.attend(qg, K, V, T)
+        if out is None:
+            out = self._attend_numpy(qg, K, V, T)
+        return out.reshape(KV, G, T, hd).transpose(2, 0, 1, 3).reshape(T, H * hd)
+
+    @staticmethod
+    def _attend_numpy(qg: np.ndarray, K: np.ndarray, V: np.ndarray, T: int) -> np.ndarray:
+        """`_attend` with BLAS: queries (KV, G*T, hd), the cache's K, V (KV, L, hd)."""
+        KV, GT, _ = qg.shape
         if K.dtype != np.float32:
             # numpy has no half-precision BLAS: a float16 cache is widened per layer here.
             K, V = K.astype(np.float32), V.astype(np.float32)
-        L = K.shape[1]  # (KV, L, hd): past + the T new positions
-        # (T, H, hd) -> (KV, G*T, hd): the G query heads of a group share one K/V head.
-        qg = q.reshape(T, KV, G, hd).transpose(1, 2, 0, 3).reshape(KV, G * T, hd)
+        L = K.shape[1]  # past + the T new positions
         scores = qg @ K.transpose(0, 2, 1)  # (KV, G*T, L); 1/sqrt(hd) is folded into Wq
         if T > 1:
             # Query t sits at position L - T + t and may see keys 0..L - T + t.
             mask = np.arange(L)[None, :] > (np.arange(T) + (L - T))[:, None]  # (T, L)
-            scores = scores.reshape(KV, G, T, L)
+            scores = scores.reshape(KV, GT // T, T, L)
             scores[:, :, mask] = -np.inf
-            scores = scores.reshape(KV, G * T, L)
+            scores = scores.reshape(KV, GT, L)
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
         out: np.ndarray = scores @ V  # (KV, G*T, hd)
-        return out.reshape(KV, G, T, hd).transpose(2, 0, 1, 3).reshape(T, H * hd)
+        return out
