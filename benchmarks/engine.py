@@ -7,9 +7,11 @@ BLAS is pinned to one thread, as in a worker (one worker per core). Three engine
 side by side: the default kernels (``auto``), the int8 kernels (if this CPU runs them) and
 float32 BLAS (``off``). Prints one JSON object:
 
-- weights: summed PSS of 4 engine processes (default kernels) against 1 (every process maps the
-  one weights cache file, so the weights are counted once), and the start-up of a worker when
-  the cache is present (spawn to model loaded; imports included);
+- weights: summed PSS of 4 engine processes against 1 (every process maps the one weights cache
+  file, so the weights are counted once), for the default kernels (the quantized ``tiles`` form,
+  94 MiB) and for ``off`` (the dequantized ``float32`` form); and the start-up of a worker when
+  the cache is present (spawn to model loaded; imports included). The ratio counts each
+  process's own memory too: with the small quantized form that, not the weights, dominates;
 - per engine: prefill tok/s for 128- and 512-token prompts (one forward pass each, best of 3);
   single-stream decode tok/s (64 greedy steps after a 128-token prompt, best of 3), measured in
   rounds that alternate the engines and llama.cpp, each keeping its best; aggregate decode tok/s
@@ -69,6 +71,7 @@ PROBE = Path(__file__).resolve().parent / "llamacpp_probe.py"
 # ratio >= target, except the two marked "max" (lower is better)
 TARGETS: dict[str, tuple[str, float]] = {
     "pss_4_vs_1": ("max", 1.3),
+    "pss_4_vs_1_float32_form": ("max", 1.3),
     "second_worker_startup_s": ("max", 2.0),
     "decode_vs_llamacpp": ("min", 0.8),
     "batch8_aggregate_vs_llamacpp_single": ("min", 2.5),
@@ -210,7 +213,8 @@ def run_benchmark(model: str, llama_python: str | None, serve: bool) -> dict[str
     path = resolve_model(model)
     with tempfile.TemporaryDirectory(prefix="kvroute-bench-weights-") as tmp:
         weights = private_cache(Path(tmp))
-        workers = measure_workers(path, weights)
+        # The default kernels map the quantized form; "off" maps the dequantized float32 one.
+        workers = {k: measure_workers(path, weights, k) for k in ("auto", "off")}
         engines, load_s = {}, {}
         for kernels in KERNELS:
             if kernels == "int8" and quant.mode("int8") != "int8":
@@ -329,8 +333,9 @@ def targets(
 ) -> dict[str, Any]:
     """The issue's targets for one engine: value, target, met (None: not measured)."""
     ratios: dict[str, float | None] = dict.fromkeys(TARGETS)
-    ratios["pss_4_vs_1"] = workers["pss_4_vs_1"]
-    ratios["second_worker_startup_s"] = workers["second_worker_startup_s"]
+    ratios["pss_4_vs_1"] = workers["auto"]["pss_4_vs_1"]
+    ratios["pss_4_vs_1_float32_form"] = workers["off"]["pss_4_vs_1"]
+    ratios["second_worker_startup_s"] = workers["auto"]["second_worker_startup_s"]
     if "skipped" not in ref:
         ref_decode = ref["decode_tok_s_single_stream"]
         ratios["decode_vs_llamacpp"] = figures["decode_tok_s_single_stream"] / ref_decode

@@ -1,5 +1,8 @@
 """Engine processes for `engine.py`: summed PSS of several against one (whole processes, and the
-weights file's pages alone), and the start-up of a worker when the weights cache is present."""
+weights file's pages alone), and the start-up of a worker when the weights cache is present.
+
+Each process imports what a worker imports, so its own memory (interpreter, numpy, ZeroMQ,
+tokenizer, and numba when the kernels run) is counted as a worker's is."""
 
 from __future__ import annotations
 
@@ -20,10 +23,14 @@ MIB = 1 << 20
 WORKERS = 4
 
 
-def engine_process(model: Path, weights: CacheConfig, started: float, conn: Any) -> None:
+def engine_process(
+    model: Path, weights: CacheConfig, kernels: str, started: float, conn: Any
+) -> None:
     """A spawned stand-in for a worker: load, run a few decode steps, report, wait to exit."""
+    import kvroute.worker.service  # noqa: F401  (a worker's imports, counted in its PSS)
+
     t0 = time.perf_counter()
-    engine = Engine.load(model, weights=weights)
+    engine = Engine.load(model, weights=weights, kernels=kernels)
     load_s = time.perf_counter() - t0
     t_loaded = time.monotonic()
     cache = engine.new_cache()
@@ -45,8 +52,9 @@ def weights_pss_mib(pid: int, directory: Path) -> float:
     return sum(m.pss for m in psutil.Process(pid).memory_maps() if m.path.startswith(where)) / MIB
 
 
-def measure_workers(model: Path, weights: CacheConfig) -> dict[str, Any]:
-    """PSS of 1 and of ``WORKERS`` engine processes, and the start-up with the cache present.
+def measure_workers(model: Path, weights: CacheConfig, kernels: str) -> dict[str, Any]:
+    """PSS of 1 and of ``WORKERS`` engine processes running ``kernels`` (which picks the form of
+    the weights they map, see `llama_weights.form_for`), and the start-up with the cache present.
 
     Runs before this process loads the model, so no page is shared with the measuring process;
     ``weights`` is a directory of this run's own, so none is shared with other processes on the
@@ -57,7 +65,9 @@ def measure_workers(model: Path, weights: CacheConfig) -> dict[str, Any]:
 
     def start() -> dict[str, Any]:
         parent, child = ctx.Pipe()
-        p = ctx.Process(target=engine_process, args=(model, weights, time.monotonic(), child))
+        p = ctx.Process(
+            target=engine_process, args=(model, weights, kernels, time.monotonic(), child)
+        )
         p.start()
         procs.append((p, parent))
         return parent.recv()
@@ -82,6 +92,7 @@ def measure_workers(model: Path, weights: CacheConfig) -> dict[str, Any]:
     finally:
         stop_all()
     return {
+        "kernels": kernels,
         "first_worker_startup_s": round(first["startup_s"], 2),
         "second_worker_startup_s": round(second["startup_s"], 2),
         "second_worker_load_s": round(second["load_s"], 2),

@@ -19,6 +19,7 @@ from . import quant
 from .cache import KVCache
 from .chat_template import ChatTemplate, validate_messages
 from .errors import ContextOverflowError, EngineError, TemplateError
+from .memory import release_freed
 from .models import model_class, open_metadata, open_model
 from .models.llama import LlamaModel
 from .prompt import Prompt, PromptCodec
@@ -121,6 +122,7 @@ class Engine:
             # takes seconds (later, numba's disk cache makes it milliseconds), and inside a
             # worker's first step it would stall its loop long enough to be declared lost.
             engine.forward([(engine.new_cache(), [0])])
+        release_freed()  # what parsing, building and compiling left behind
         return engine
 
     @staticmethod

@@ -27,6 +27,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import ModelLoadError
 from .gguf_file import GGUFFile
+from .packed import PackedBytes
 
 logger = logging.getLogger(__name__)
 
@@ -163,8 +164,8 @@ class Tokenizer:
         self.add_bos: bool = spec.add_bos if add_bos is None else add_bos
 
         # llama.cpp renames empty tokens so that every text maps to exactly one id.
-        self._texts = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
-        vocab = {t: i for i, t in enumerate(self._texts)}
+        texts = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+        vocab = {t: i for i, t in enumerate(texts)}
         if len(vocab) != n:
             raise ValueError(f"vocabulary has {n - len(vocab)} duplicate tokens")
 
@@ -172,22 +173,26 @@ class Tokenizer:
         for i in eog_named:
             if types[i] != TOKEN_CONTROL:
                 # llama.cpp warns and overrides the type too, so it must also parse atomically.
-                logger.warning("token %d %r ends a turn but is not control-type", i, self._texts[i])
+                logger.warning("token %d %r ends a turn but is not control-type", i, texts[i])
                 types[i] = TOKEN_CONTROL
         self._control = frozenset(i for i, t in enumerate(types) if t == TOKEN_CONTROL)
         self.eot_ids: frozenset[int] = frozenset({eos_id, *extra_eot_ids, *eog_named})
         # Text -> id of the tokens special parsing switches on and off (control and unknown:
         # those `tokenizers` holds as special).
         self.special_ids: dict[str, int] = {
-            self._texts[i]: i for i, t in enumerate(types) if t in (TOKEN_CONTROL, TOKEN_UNKNOWN)
+            texts[i]: i for i, t in enumerate(types) if t in (TOKEN_CONTROL, TOKEN_UNKNOWN)
         }
 
-        self._hf = self._build_hf(vocab, merges, types, spec)
+        self._hf = self._build_hf(vocab, merges, texts, types, spec)
         # The same BPE model and pre-tokenizer (shared, not copied) behind a second front end
         # that tokenizes special-token texts as plain text; user-defined tokens stay atomic in
         # both, as in llama.cpp.
-        self._hf_plain = self._wrap(self._hf.model, self._hf.pre_tokenizer, types, special=False)
-        self._pieces = self._build_pieces(types)
+        self._hf_plain = self._wrap(
+            self._hf.model, self._hf.pre_tokenizer, texts, types, special=False
+        )
+        # Packed: as lists of str and bytes these two cost each worker several MiB.
+        self._texts = PackedBytes(t.encode("utf-8", "surrogatepass") for t in texts)
+        self._pieces = PackedBytes(self._build_pieces(texts, types))
         logger.debug(
             "tokenizer: %d tokens, %d merges, pre %r, built in %.3f s",
             n,
@@ -200,6 +205,7 @@ class Tokenizer:
         self,
         vocab: dict[str, int],
         merges: Sequence[str],
+        texts: Sequence[str],
         types: Sequence[int],
         spec: PreTokenizerSpec,
     ) -> HFTokenizer:
@@ -222,12 +228,13 @@ class Tokenizer:
             [pre_tokenizers.Split(Regex(r), "isolated") for r in spec.regexes]
             + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
-        return self._wrap(model, pre, types, special=True)
+        return self._wrap(model, pre, texts, types, special=True)
 
     def _wrap(
         self,
         model: models.Model,
         pre: pre_tokenizers.PreTokenizer,
+        texts: Sequence[str],
         types: Sequence[int],
         *,
         special: bool,
@@ -239,18 +246,19 @@ class Tokenizer:
         specials, user = [], []
         for i, t in enumerate(types):
             if t in (TOKEN_CONTROL, TOKEN_UNKNOWN):
-                specials.append(AddedToken(self._texts[i], special=True, normalized=False))
+                specials.append(AddedToken(texts[i], special=True, normalized=False))
             elif t == TOKEN_USER_DEFINED:
-                user.append(AddedToken(self._texts[i], special=False, normalized=False))
+                user.append(AddedToken(texts[i], special=False, normalized=False))
         hf.add_special_tokens(specials)
         hf.add_tokens(user)
         return hf
 
-    def _build_pieces(self, types: Sequence[int]) -> list[bytes]:
+    @staticmethod
+    def _build_pieces(texts: Sequence[str], types: Sequence[int]) -> list[bytes]:
         # str.translate + latin-1 does the byte-table lookup in C, not a Python loop per byte.
         to_bytes = {ord(ch): chr(b) for ch, b in gpt2_byte_table().items()}
         pieces: list[bytes] = []
-        for text, kind in zip(self._texts, types, strict=True):
+        for text, kind in zip(texts, types, strict=True):
             if kind in (TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_UNUSED):
                 pieces.append(b"")
             elif kind == TOKEN_USER_DEFINED:
@@ -331,9 +339,7 @@ class Tokenizer:
         Control tokens render as nothing unless ``special`` is true, then as their text.
         """
         if special:
-            parts = [
-                self._texts[i].encode() if i in self._control else self.token_bytes(i) for i in ids
-            ]
+            parts = [self._texts[i] if i in self._control else self.token_bytes(i) for i in ids]
         else:
             parts = [self.token_bytes(i) for i in ids]
         return b"".join(parts).decode("utf-8", errors="replace")
@@ -356,7 +362,7 @@ class Tokenizer:
         """The vocabulary entry of ``token_id`` as stored in the GGUF (e.g. ``"<|im_end|>"``)."""
         if not 0 <= token_id < self.vocab_size:
             raise ValueError(f"token id {token_id} outside the vocabulary of {self.vocab_size}")
-        return self._texts[token_id]
+        return self._texts[token_id].decode("utf-8", "surrogatepass")
 
     def is_control(self, token_id: int) -> bool:
         """Whether ``token_id`` is a control token (rendered as nothing when decoding)."""
