@@ -24,7 +24,9 @@ One run measures:
    1.1x), and of all warm turns. A third conversation per round has no key either and
    alternates between two gateways sharing an owner token (``--owner-token-file``): its ratio
    to the keyed one says what finding the session through the broker's index costs when the
-   previous turn went through another gateway.
+   previous turn went through another gateway. Each kind's turn-10 TTFT is also split into the
+   worker's own (END's ``ttft_ms``) and the rest (gateway, broker, lookup, HTTP): a gap between
+   kinds in the first is the engine's step varying, in the second what the kind costs.
 4. **The cost of the fleet view** (heartbeat gauges, STATUS, ``GET /metrics``), in one run:
    (a) frames/s through the broker from the fake worker (64 TOKENs and an END per turn, 8
    sessions of a raw DEALER client), in alternating rounds with the view off (plain
@@ -226,6 +228,7 @@ def keyless_vs_keyed(url: str, url2: str, rounds: int) -> dict[str, Any]:
     ``two_gateways`` one has no key and alternates between ``url`` and ``url2``."""
     kinds = ("keyless", "keyed", "two_gateways")
     t10: dict[str, list[float]] = {k: [] for k in kinds}
+    t10_worker: dict[str, list[float]] = {k: [] for k in kinds}  # END's ttft_ms
     warm: dict[str, list[float]] = {k: [] for k in kinds}
     with (
         httpx.Client(base_url=url, timeout=120) as http,
@@ -256,9 +259,14 @@ def keyless_vs_keyed(url: str, url2: str, rounds: int) -> dict[str, Any]:
                         warm[kind].append(ttft)
                     if turn == len(USER_TURNS):
                         t10[kind].append(ttft)
+                        t10_worker[kind].append(info["ttft_ms"])
     return {
         "rounds": rounds,
         "turn10_ttft_ms_p50": {k: p50(v) for k, v in t10.items()},
+        "turn10_worker_ttft_ms_p50": {k: p50(v) for k, v in t10_worker.items()},
+        "turn10_outside_worker_ms_p50": {
+            k: p50([c - w for c, w in zip(t10[k], t10_worker[k], strict=True)]) for k in kinds
+        },
         "turn10_keyless_vs_keyed": p50(t10["keyless"]) / p50(t10["keyed"]),
         "turn10_two_gateways_vs_keyed": p50(t10["two_gateways"]) / p50(t10["keyed"]),
         "warm_turns_keyless_vs_keyed": p50(warm["keyless"]) / p50(warm["keyed"]),

@@ -205,3 +205,79 @@ def test_copy_is_an_independent_cache_with_the_same_positions(dtype: str) -> Non
     fill(twin, 5, start=100)  # growing the copy leaves the original as it was
     assert cache.length == 20
     np.testing.assert_array_equal(committed_keys(cache), np.arange(20))
+
+
+def random_keys(cache: KVCache, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` positions of distinct random keys, (layers, KV heads, n, head dim), as the cache's
+    dtype holds them."""
+    k = rng.standard_normal((cache.n_layers, cache.n_kv_heads, n, cache.head_dim))
+    return k.astype(cache.dtype).astype(np.float32)
+
+
+def append(cache: KVCache, k: np.ndarray) -> None:
+    """Append keys ``k`` (values: their negation) to every layer, as a forward pass does."""
+    cache.reserve(k.shape[2])
+    for layer in range(cache.n_layers):
+        cache.update_and_fetch(layer, k[layer], -k[layer])
+    cache.advance(k.shape[2])
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_growth_at_every_turn_is_in_place_and_keeps_every_head_and_dim(
+    dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A chat session whose growth is capped at each turn's horizon grows at every turn.
+    rng = np.random.default_rng(7)
+    cache = KVCache(N_LAYERS, N_KV, HD, 4096, dtype)
+    want = np.zeros((N_LAYERS, N_KV, 0, HD), dtype=np.float32)
+
+    def no_new_arrays(*args: object, **kwargs: object) -> np.ndarray:
+        raise AssertionError("growth allocated new arrays instead of resizing")
+
+    for _ in range(6):
+        cache.growth_limit = cache.length + 30 + 8  # prompt of 30 new tokens, max_tokens 8
+        capacity = cache.capacity
+        turn = [random_keys(cache, 30, rng)]  # the prompt, then the reply one token at a time
+        turn += [random_keys(cache, 1, rng) for _ in range(int(rng.integers(1, 9)))]
+        with monkeypatch.context() as m:
+            m.setattr(np, "empty", no_new_arrays)
+            for k in turn:
+                append(cache, k)
+        assert capacity < cache.capacity <= cache.growth_limit
+        want = np.concatenate([want, *turn], axis=2)
+        np.testing.assert_array_equal(cache.k[:, :, : cache.length], want)
+        np.testing.assert_array_equal(cache.v[:, :, : cache.length], -want)
+
+
+def test_growth_while_a_view_is_alive_copies_and_leaves_the_view_intact() -> None:
+    cache = make_cache()
+    fill(cache, 10)
+    view = cache.k[2, 1]  # keys someone still holds: resizing under it would free its memory
+    before = view[:10].copy()
+    fill(cache, 30, start=10)  # grows
+    np.testing.assert_array_equal(view[:10], before)
+    assert not np.shares_memory(view, cache.k)
+    for layer in range(N_LAYERS):
+        np.testing.assert_array_equal(committed_keys(cache, layer), np.arange(40))
+
+
+def test_a_failed_growth_leaves_the_cache_usable(monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = make_cache()
+    fill(cache, 20)
+    capacity = cache.capacity
+    grown = KVCache._grown
+
+    def values_out_of_memory(self: KVCache, name: str, capacity: int) -> np.ndarray:
+        if name == "v":
+            raise MemoryError
+        return grown(self, name, capacity)
+
+    with monkeypatch.context() as m:
+        m.setattr(KVCache, "_grown", values_out_of_memory)
+        with pytest.raises(MemoryError):
+            cache.reserve(50)
+    assert cache.k.shape == cache.v.shape and cache.capacity == capacity
+    assert cache.length == 20
+    fill(cache, 50, start=20)  # and it grows on the next pass
+    np.testing.assert_array_equal(committed_keys(cache, 1), np.arange(70))
+    np.testing.assert_array_equal(cache.v[:, :, : cache.length], -cache.k[:, :, : cache.length])

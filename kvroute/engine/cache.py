@@ -9,7 +9,11 @@ positions.
 
 ``growth_limit`` lets the caller cap growth at what a sequence can still reach (a turn knows its
 prompt length and ``max_tokens``), so a turn that reserves its worst case in a memory budget
-never allocates more than it reserved.
+never allocates more than it reserved. A chat session capped that way grows at the start of
+almost every turn, so growth extends the arrays in place where it can (``realloc``, then each
+layer's and head's positions move up within the memory already touched): a fresh allocation
+would pay the first touch of every page again, which costs far more than the copy and varies
+with the host's memory state.
 """
 
 from __future__ import annotations
@@ -156,12 +160,48 @@ class KVCache:
         assert need <= self.max_len, f"cache overflow: {need} > {self.max_len}"
         if need <= self.capacity:
             return
-        shape = (self.n_layers, self.n_kv_heads, self.grown_capacity(need), self.head_dim)
-        k = np.empty(shape, dtype=self.dtype)
-        v = np.empty(shape, dtype=self.dtype)
-        k[:, :, : self.length] = self.k[:, :, : self.length]
-        v[:, :, : self.length] = self.v[:, :, : self.length]
+        capacity = self.grown_capacity(need)
+        k = self._grown("k", capacity)
+        try:
+            v = self._grown("v", capacity)
+        except BaseException:
+            # v is as it was: cut k back to its capacity (the positions are the same).
+            self.k = k[:, :, : self.v.shape[2]]
+            raise
         self.k, self.v = k, v
+
+    def _grown(self, name: str, capacity: int) -> np.ndarray:
+        """Array ``name`` (``k`` or ``v``) with room for ``capacity`` positions, its committed
+        ones kept; grown in place when numpy can resize it, else copied.
+
+        The attribute is taken off the cache meanwhile (the caller sets it again), so that the
+        array's only reference is ours: numpy resizes an array only when nothing else refers to
+        it. On an error the attribute is put back, unchanged.
+        """
+        a: np.ndarray = vars(self).pop(name)
+        n = self.length
+        shape = (self.n_layers, self.n_kv_heads, capacity, self.head_dim)
+        old = a.shape[2]
+        try:
+            a.resize(shape, refcheck=True)  # realloc: the touched pages stay, the tail is zeroed
+        except (ValueError, MemoryError):
+            # A view of it is alive (or it is a view itself), or realloc failed; it is unchanged.
+            try:
+                out = np.empty(shape, dtype=self.dtype)
+                out[:, :, :n] = a[:, :, :n]
+            except BaseException:
+                setattr(self, name, a)
+                raise
+            return out
+        # The old layout's blocks (one per layer and head, `old` positions apart) now lie at the
+        # start of the flat buffer: move each to its place, `capacity` apart, the last one first
+        # so that no block is overwritten before it moves (numpy copies overlapping slices safely).
+        flat = a.reshape(-1)
+        hd = self.head_dim
+        for i in range(self.n_layers * self.n_kv_heads - 1, 0, -1):
+            src, dst = i * old * hd, i * capacity * hd
+            flat[dst : dst + n * hd] = flat[src : src + n * hd]
+        return a
 
     def update_and_fetch(
         self, layer: int, k: np.ndarray, v: np.ndarray
