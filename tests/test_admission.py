@@ -73,6 +73,7 @@ def test_config_spare_slots_and_validation() -> None:
         {"max_wait_s": 0.0},
         {"capacity": 2, "spare_slots": 2},
         {"max_waiting": -1},
+        {"shared_window_s": -1.0},
     ):
         with pytest.raises(ValueError):
             AdmissionConfig(**bad)  # type: ignore[arg-type]
@@ -362,3 +363,111 @@ def test_steps_feed_fewer_prompt_tokens_while_clients_share_the_worker(
     fed = [sched.store.get(sid).cache.length for sid in (b"b", b"c")]  # type: ignore[union-attr]
     assert sum(fed) == 16  # one shared step's worth, not 200
     assert set(Run(sched).to_idle().ends()) == {b"b", b"c"}
+
+
+def decoding_flood(engine: Engine, n: int = 3, **admission: object) -> Scheduler:
+    """A scheduler (hand-moved clock) whose ``n`` flood turns are all past their prompts."""
+    cfg = AdmissionConfig(capacity=8, **admission)  # type: ignore[arg-type]
+    sched = Scheduler(engine, SchedulerConfig(prefill_chunk=128, admission=cfg))
+    sched.admission.clock = Clock()
+    for i in range(n):
+        submit(sched, b"f%d" % i, client=b"flood", max_tokens=40)
+    run = Run(sched)
+    while any(t.prefilling for t in sched.turns.values()):
+        run.step()
+    return sched
+
+
+def cache_lengths(sched: Scheduler, sids: Sequence[bytes]) -> list[int]:
+    return [sched.store.get(sid).cache.length for sid in sids]  # type: ignore[union-attr]
+
+
+def test_a_light_clients_first_token_comes_from_a_step_of_its_own(tiny_engine: Engine) -> None:
+    sched = decoding_flood(tiny_engine, shared_prefill_chunk=128)
+    flood = [b"f0", b"f1", b"f2"]
+    before = cache_lengths(sched, flood)
+    submit(sched, b"q", client=b"quiet")
+    first = Run(sched).step()
+    # Its whole prompt, and no decode row of the flood: the step costs the quiet prompt alone.
+    assert [e.session_id for e in first if isinstance(e, TokenEvent)] == [b"q"]
+    assert cache_lengths(sched, flood) == before
+    second = Run(sched).step()  # everyone decodes again, the quiet turn too
+    assert {e.session_id for e in second if isinstance(e, TokenEvent)} == {b"q", *flood}
+    assert cache_lengths(sched, flood) == [n + 1 for n in before]
+
+
+def test_steps_of_their_own_never_follow_each_other(tiny_engine: Engine) -> None:
+    sched = decoding_flood(tiny_engine, shared_prefill_chunk=128)
+    flood = [b"f0", b"f1", b"f2"]
+    before = cache_lengths(sched, flood)
+    submit(sched, b"q1", client=b"quiet1", max_tokens=1)  # ends with its first token
+    submit(sched, b"q2", client=b"quiet2")
+    run = Run(sched)
+    first = {e.session_id for e in run.step() if isinstance(e, TokenEvent)}
+    assert first == {b"q1"} and cache_lengths(sched, flood) == before
+    assert b"q1" in run.ends()
+    # The flood decodes before the second light client's prompt gets its step.
+    second = {e.session_id for e in run.step() if isinstance(e, TokenEvent)}
+    assert second == set(flood) and sched.turns[b"q2"].prefilling
+    assert cache_lengths(sched, flood) == [n + 1 for n in before]
+    third = {e.session_id for e in run.step() if isinstance(e, TokenEvent)}
+    assert third == {b"q2"} and cache_lengths(sched, flood) == [n + 1 for n in before]
+    assert set(run.to_idle().ends()) == {b"q1", b"q2", *flood}
+
+
+def test_a_light_client_streaming_already_waits_its_turn(tiny_engine: Engine) -> None:
+    sched = decoding_flood(tiny_engine, shared_prefill_chunk=128)
+    flood = [b"f0", b"f1", b"f2"]
+    submit(sched, b"q1", client=b"quiet", max_tokens=20)
+    run = Run(sched)
+    run.step()  # q1's step of its own
+    run.step()  # everyone decodes
+    submit(sched, b"f3", client=b"flood", max_tokens=20)
+    run.step()  # the flood's new prompt
+    assert not sched.turns[b"f3"].prefilling
+    before = cache_lengths(sched, flood)
+    submit(sched, b"q2", client=b"quiet")  # q1 streams: the quiet client had its first token
+    run.step()  # so the decode rows come first, as for anyone
+    assert cache_lengths(sched, flood) == [n + 1 for n in before]
+    assert sched.turns[b"q2"].prefilling and cache_lengths(sched, [b"q2"]) == [0]
+    run.step()
+    assert not sched.turns[b"q2"].prefilling
+
+
+def test_shared_steps_feed_prompts_or_decode_rows_in_turn(tiny_engine: Engine) -> None:
+    admission = AdmissionConfig(capacity=8, shared_prefill_chunk=16)
+    sched = Scheduler(tiny_engine, SchedulerConfig(prefill_chunk=200, admission=admission))
+    submit(sched, b"a", client=b"one", max_tokens=20)
+    run = Run(sched)
+    run.step()  # alone: the whole prompt in one step
+    assert not sched.turns[b"a"].prefilling
+    submit(sched, b"b", client=b"two")  # a prompt of several shared steps
+    seen = []
+    for _ in range(4):
+        a, b = cache_lengths(sched, [b"a", b"b"])
+        run.step()
+        a2, b2 = cache_lengths(sched, [b"a", b"b"])
+        seen.append((a2 - a, b2 - b))
+    assert seen == [(1, 0), (0, 16), (1, 0), (0, 16)]
+    assert set(run.to_idle().ends()) == {b"a", b"b"}
+
+
+def test_a_client_that_ended_a_turn_recently_still_shares_the_worker(
+    tiny_engine: Engine,
+) -> None:
+    admission = AdmissionConfig(capacity=8, shared_prefill_chunk=16, shared_window_s=5.0)
+    sched = Scheduler(tiny_engine, SchedulerConfig(prefill_chunk=200, admission=admission))
+    clock = Clock()
+    sched.admission.clock = clock
+    submit(sched, b"q", client=b"quiet")
+    Run(sched).to_idle()
+    clock.t += 4.0  # the quiet client thinks: its next turn is likely on its way
+    submit(sched, b"a", client=b"flood")
+    Run(sched).step()
+    assert cache_lengths(sched, [b"a"]) == [16]  # a shared step's worth, not 200
+    Run(sched).to_idle()
+    clock.t += 2.0  # the quiet client's last turn ended 6 s ago: the flood is alone
+    submit(sched, b"b", client=b"flood")
+    Run(sched).step()
+    assert cache_lengths(sched, [b"b"]) == [prompt_len(tiny_engine)]
+    assert set(Run(sched).to_idle().ends()) == {b"b"}

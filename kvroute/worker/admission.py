@@ -8,9 +8,11 @@ turns delays another client's turn by at most one of its own per free slot. And 
 already has a turn running may not take the last ``spare`` free slots: they are kept for a client
 with nothing running, whose turn then starts at once instead of waiting for a flood's turns to end.
 Once running, the step's prefill budget goes first to the clients running the fewest turns
-(`Admission.step_plan`), so that turn's prompt is fed in the next step; and while several
-clients run turns, steps feed fewer prompt tokens, the light client's alone, so that next step
-is short and comes soon.
+(`Admission.step_plan`), so that turn's prompt is fed in the next step. While several clients
+share the worker (run turns now, or ended one within ``shared_window_s``), steps are kept short
+so that the step a new turn arrives in ends soon: each feeds either a few prompt tokens or the
+decode rows; and the step that gives a light client with nothing streaming yet its first token
+comes next and feeds that prompt alone.
 
 Memory is admitted by reservation. A running turn may grow its session's cache up to its
 *horizon*, the prompt plus ``max_tokens`` (the cache never allocates past it, see
@@ -29,7 +31,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 from .sessions import SessionStore
 from .turn import Turn
@@ -37,6 +39,7 @@ from .turn import Turn
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+StepKind = Literal["all", "prompts", "decode", "solo"]  # what a step feeds (`step_plan`)
 
 
 @dataclass
@@ -48,7 +51,10 @@ class AdmissionConfig:
     max_waiting_per_client: int = 64  # of which one client may hold this many
     max_wait_s: float = 10.0  # a turn waiting longer is answered overloaded (clients retry)
     spare_slots: int | None = None  # None: capacity // 8, at least 1 (0 when capacity is 1)
-    shared_prefill_chunk: int = 64  # prompt tokens per step while several clients run turns
+    shared_prefill_chunk: int = 32  # prompt tokens per step while several clients are active
+    # A client whose last turn ended this recently still shares the worker: its next turn is
+    # likely on its way, and should not arrive in the middle of a long step.
+    shared_window_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.capacity < 1 or self.max_waiting < 0 or self.max_waiting_per_client < 0:
@@ -59,6 +65,8 @@ class AdmissionConfig:
             raise ValueError("spare_slots must be in 0..capacity-1")
         if self.shared_prefill_chunk < 1:
             raise ValueError("shared_prefill_chunk must be >= 1")
+        if not self.shared_window_s >= 0:
+            raise ValueError("shared_window_s must be >= 0")
 
     @property
     def spare(self) -> int:
@@ -185,6 +193,9 @@ class Admission:
         self.clock = clock
         self.queue: FairQueue[Turn] = FairQueue(config.max_waiting, config.max_waiting_per_client)
         self._client_of: dict[bytes, bytes] = {}  # session id -> client, for turns started here
+        # Clients whose last running turn ended within shared_window_s, oldest first.
+        self._ended_at: dict[bytes, float] = {}
+        self._last_kind: StepKind = "all"  # what the last step fed
         self.expired = 0  # turns that waited too long
 
     def __len__(self) -> int:
@@ -239,7 +250,7 @@ class Admission:
         reserve. Returns the started turns.
         """
         for sid in [s for s in self._client_of if s not in running]:
-            del self._client_of[sid]  # those turns ended
+            self.release(sid)  # ended without being released (a failed turn)
         per_client = Counter(self._client_of.values())
         capacity, spare = self.config.capacity, self.config.spare
         started: list[Turn] = []
@@ -261,39 +272,85 @@ class Admission:
             self.store.evict_to_fit(self._outstanding(running))
         return started
 
+    def release(self, session_id: bytes) -> None:
+        """A running turn ended (the caller took it out of ``running``); its client still
+        shares the worker for ``shared_window_s``."""
+        client = self._client_of.pop(session_id, None)
+        if client is not None:
+            now = self.clock()
+            self._ended_at.pop(client, None)  # re-inserted: the dict stays in time order
+            self._ended_at[client] = now
+            self._forget_ended(now)
+
     def step_plan(self, running: Mapping[bytes, Turn], chunk: int) -> tuple[list[Turn], int]:
-        """The running turns in fair order, and the prompt tokens the next step may feed.
+        """The running turns the next step feeds, in fair order, and its prompt token budget.
 
         Fair order groups the turns by client, the clients running fewest turns first. A step
         hands its prefill budget out in this order, so a client with one short prompt gets it
-        fed in the next step even while another client's many prompts are prefilling (turns
-        that decode take one token each whatever the order).
+        fed in the next step even while another client's many prompts are prefilling.
 
-        The budget is ``chunk`` while one client runs turns. With several, a step's length is
-        what one client's first token waits for behind the others' work, so steps feed at most
-        ``shared_prefill_chunk`` tokens (prefill tok/s drops a little), and a step that feeds
-        the prompt of a client running fewer turns than another (first in fair order) feeds
-        that prompt only.
+        While one client has the worker to itself, a step feeds every running turn: one token
+        for each that decodes, prompts within ``chunk``. While several clients share it (they
+        run turns, or one ended a turn within ``shared_window_s``), a turn that arrives waits
+        out the step in progress and then its first step, so both are kept short:
+
+        - a step feeds either prompts (at most ``shared_prefill_chunk`` tokens) or the decode
+          rows, in turn: a pass costs about the sum of its rows, so one long step gains little
+          over two short ones;
+        - a step that feeds the prompt of a client running fewer turns than another (first in
+          fair order) feeds that prompt only;
+        - when that client has nothing streaming yet and its prompts end in this step, the
+          step comes next whatever came before, unless the last step was such a step too: its
+          first token then waits out one step and costs its own prompt alone.
         """
-        groups = self._groups(running)  # once per step: both answers derive from it
-        return [turn for group in groups for turn in group], self._prefill_budget(groups, chunk)
+        groups = self._groups(running)  # once per step: every answer derives from it
+        order = [turn for _, group in groups for turn in group]
+        kind, turns, budget = self._plan(groups, order, chunk)
+        self._last_kind = kind
+        return turns, budget
 
-    def _groups(self, running: Mapping[bytes, Turn]) -> list[list[Turn]]:
+    def _groups(self, running: Mapping[bytes, Turn]) -> list[tuple[bytes, list[Turn]]]:
         """Running turns per client, fewest first (stable: ties keep start order)."""
         by_client: dict[bytes, list[Turn]] = {}
         for sid, turn in running.items():
             by_client.setdefault(self._client_of.get(sid, sid), []).append(turn)
-        return sorted(by_client.values(), key=len)
+        return sorted(by_client.items(), key=lambda cg: len(cg[1]))
 
-    def _prefill_budget(self, groups: list[list[Turn]], chunk: int) -> int:
-        if len(groups) < 2:
-            return chunk
+    def _plan(
+        self, groups: list[tuple[bytes, list[Turn]]], order: list[Turn], chunk: int
+    ) -> tuple[StepKind, list[Turn], int]:
+        if not groups or not self._shared(groups):
+            return "all", order, chunk
         budget = min(chunk, self.config.shared_prefill_chunk)
-        if len(groups[0]) < len(groups[-1]):
-            light = sum(len(t.pending) for t in groups[0] if t.prefilling)
-            if light:
-                return min(budget, light)
-        return budget
+        light = groups[0][1]
+        if len(light) < len(groups[-1][1]):
+            pending = sum(len(t.pending) for t in light if t.prefilling)
+            solo = all(t.prefilling for t in light) and self._last_kind != "solo"
+            if pending and pending <= budget and solo:
+                return "solo", light, pending
+            if pending:
+                budget = min(budget, pending)
+        prompts = [t for t in order if t.prefilling]
+        decode = [t for t in order if not t.prefilling]
+        if prompts and (not decode or self._last_kind == "decode"):
+            return "prompts", prompts, budget
+        return "decode", decode, 0
+
+    def _shared(self, groups: list[tuple[bytes, list[Turn]]]) -> bool:
+        """Whether several clients use the worker: run turns now, or ended one recently."""
+        if len(groups) >= 2:
+            return True
+        self._forget_ended(self.clock())
+        running = {client for client, _ in groups}
+        return any(client not in running for client in self._ended_at)
+
+    def _forget_ended(self, now: float) -> None:
+        horizon = now - self.config.shared_window_s
+        while self._ended_at:
+            client, when = next(iter(self._ended_at.items()))
+            if when >= horizon:
+                return
+            del self._ended_at[client]
 
     def _fits(self, turn: Turn, running: MutableMapping[bytes, Turn]) -> bool:
         budget = self.store.kv_budget_bytes

@@ -2,8 +2,10 @@
 
 Each `Scheduler.step` is one forward pass over a ragged batch: one token for every turn that is
 generating (batched decode) plus prompt chunks of turns still prefilling, within a token budget
-(``prefill_chunk``), so a long prompt never blocks the worker for more than one chunk. A cancel
-takes effect at the next step. Overflow and busy are decided before any session state changes.
+(``prefill_chunk``), so a long prompt never blocks the worker for more than one chunk. While
+several clients share the worker, steps are shorter: each feeds either prompts or the decode rows
+(`Admission.step_plan`). A cancel takes effect at the next step. Overflow and busy are decided
+before any session state changes.
 
 No exception leaves `submit`, `step`, `cancel`, `reset` or `close`: a failure inside one turn (our
 own bug, an exhausted machine) ends that turn with ERROR ``internal`` and resets its session, and
@@ -346,6 +348,7 @@ class Scheduler:
         sid = turn.session.session_id
         if self.turns.get(sid) is turn:
             del self.turns[sid]
+            self.admission.release(sid)
         try:
             if cancel:
                 turn.cancel()
@@ -367,7 +370,8 @@ class Scheduler:
         """
         turn = self.turns.get(session_id) or self.admission.get(session_id)
         if turn is None or turn.request_id == request_id:
-            self.turns.pop(session_id, None)
+            if self.turns.pop(session_id, None) is not None:
+                self.admission.release(session_id)
             self.admission.remove(session_id)
             self.store.reset(session_id)
             if self.config.checkpoints is not None:
