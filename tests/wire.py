@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import zmq
 
 from kvroute.proto import (
     ChatMessage,
+    ErrorCode,
+    ErrorReply,
     Kind,
     Reply,
     Role,
@@ -63,13 +66,22 @@ class WireClient:
             return None
         return parse_reply(self.sock.recv_multipart())
 
-    def collect(self, rid: bytes, timeout: float = 30.0) -> Result:
-        """Read replies of request ``rid`` until its terminal frame (others are an error)."""
+    def collect(
+        self, rid: bytes, timeout: float = 30.0, cancelled: Collection[bytes] = ()
+    ) -> Result:
+        """Read replies of request ``rid`` until its terminal frame (others are an error).
+
+        ``cancelled``: earlier requests this client cancelled. One that had ended before the
+        broker read its CANCEL gets a late ERROR ``not_in_flight``; those are skipped.
+        """
         res = Result()
         while True:
             r = self.recv(timeout)
             if r is None:
                 return res
+            if r.request_id in cancelled and r.kind == Kind.ERROR:
+                assert ErrorReply.decode(r.body).code is ErrorCode.NOT_IN_FLIGHT, r.body[:200]
+                continue
             assert r.request_id == rid, (r.request_id, rid)
             if r.kind == Kind.TOKEN:
                 res.tokens.append(Token.decode(r.body))
@@ -77,6 +89,13 @@ class WireClient:
             res.kind, res.body = r.kind, r.body
             return res
 
-    def turn(self, sid: bytes, rid: bytes, texts: list[str], max_tokens: int = 8) -> Result:
+    def turn(
+        self,
+        sid: bytes,
+        rid: bytes,
+        texts: list[str],
+        max_tokens: int = 8,
+        cancelled: Collection[bytes] = (),
+    ) -> Result:
         self.send_turn(sid, rid, texts, max_tokens)
-        return self.collect(rid)
+        return self.collect(rid, cancelled=cancelled)
