@@ -1,7 +1,7 @@
 """The HTTP gateway's cost: TTFT it adds, SSE chunks/s it sustains, keyless vs keyed affinity.
 
-    python benchmarks/gateway.py [--model default] [--pairs 30] [--rounds 2] [--seconds 5]
-                                 [--json OUT]
+    python benchmarks/gateway.py [--model default] [--pairs 30] [--rounds 6] [--seconds 5]
+                                 [--only {added,fleet-view}] [--json OUT]
 
 Everything runs as separate processes on loopback, as deployed: ``kvroute broker``,
 ``kvroute worker`` (real model, 1 BLAS thread) and ``kvroute gateway``; the clients run here.
@@ -35,7 +35,10 @@ One run measures:
    on, so this is the view's cost on top of them. (b) warm TTFT of the real model through the
    library, two conversations advancing turn by turn, each turn of one with ``GET /metrics``
    scraped ``--status-hz`` times a second (every scrape a STATUS), of the other without.
-   ``--only-fleet-view`` runs this alone.
+   ``--only fleet-view`` runs this alone.
+
+``--only added`` runs measurement 1 alone (one gateway, no fleet view): the quick check of the
+gateway's per-request cost.
 
 Prints one JSON object (also written to ``--json``). Measurement 4 lives in ``gateway_fleet.py``,
 the fake broker and worker (2 and 4a) in ``fake_fleet.py``.
@@ -51,6 +54,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -215,6 +219,7 @@ def added_ttft(frontend: str, url: str, pairs: int) -> dict[str, Any]:
     return {
         "pairs": len(added),
         "added_ms_p50": p50(added),
+        "added_ms_p90": statistics.quantiles(added, n=10)[-1],
         "lib_ttft_ms_p50": p50(lib_ttft),
         "http_ttft_ms_p50": p50(http_ttft),
         "http_vs_lib_ttft": p50(http_ttft) / p50(lib_ttft),
@@ -375,17 +380,22 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--status-hz", type=float, default=10.0, help="fleet view polls a second (4)")
     ap.add_argument(
-        "--only-fleet-view", action="store_true", help="run measurement 4 alone (quicker)"
+        "--only",
+        choices=("added", "fleet-view"),
+        help="run one measurement alone (quicker): 1 (added TTFT) or 4 (the fleet view)",
     )
+    ap.add_argument("--only-fleet-view", action="store_true", help="the same as --only fleet-view")
     args = ap.parse_args()
+    only = "fleet-view" if args.only_fleet_view else args.only
 
     out: dict[str, Any] = {}
-    if not args.only_fleet_view:
+    if only is None:
         out["sse"] = sse_rate(args.tokens, args.streams, args.seconds)
-    out["fleet_view"] = {
-        "broker_cpu": fleet_view_cpu(hz=args.status_hz),
-        "frames": fleet_view_frames(1.0, 10 * args.rounds, args.status_hz),
-    }
+    if only != "added":
+        out["fleet_view"] = {
+            "broker_cpu": fleet_view_cpu(hz=args.status_hz),
+            "frames": fleet_view_frames(1.0, 10 * args.rounds, args.status_hz),
+        }
     front, back = free_port(), free_port()
     frontend = f"tcp://127.0.0.1:{front}"
     procs = [Proc(["broker", "--frontend", frontend, "--backend", f"tcp://127.0.0.1:{back}"])]
@@ -409,12 +419,16 @@ def main() -> None:
             token = f"{tmp}/owner.token"  # the first gateway creates it, the second reads it
             gw, url = start_gateway(frontend, "--owner-token-file", token)
             procs.append(gw)
-            gw2, url2 = start_gateway(frontend, "--owner-token-file", token)
-            procs.append(gw2)
-            out["fleet_view"]["ttft"] = fleet_view_ttft(frontend, url, args.pairs, args.status_hz)
-            if not args.only_fleet_view:
+            if only == "added":
                 out["added_ttft"] = added_ttft(frontend, url, args.pairs)
-                out["keyless_vs_keyed"] = keyless_vs_keyed(url, url2, args.rounds)
+            else:
+                gw2, url2 = start_gateway(frontend, "--owner-token-file", token)
+                procs.append(gw2)
+                ttft = fleet_view_ttft(frontend, url, args.pairs, args.status_hz)
+                out["fleet_view"]["ttft"] = ttft
+                if only is None:
+                    out["added_ttft"] = added_ttft(frontend, url, args.pairs)
+                    out["keyless_vs_keyed"] = keyless_vs_keyed(url, url2, args.rounds)
     finally:
         for p in reversed(procs):
             p.stop()

@@ -73,6 +73,9 @@ def test_chunks(include_usage: bool) -> None:
     assert chunk["choices"][0]["delta"] == {"content": 'i "\n\u00e9'}
     # the pre-encoded content chunk is the same object the generic encoder would build
     assert chunk == json.loads(events(enc._event({"content": 'i "\n\u00e9'}, None))[0])
+    # so is the pre-encoded first chunk (the role included)
+    delta = {"role": "assistant", "content": 'H "\u00e9'}
+    assert enc.first('H "\u00e9') == enc._event(delta, None)
     assert ("usage" in chunk) == include_usage and chunk.get("usage") is None
     tail = events(enc.end(finished()))
     assert tail[-1] == "[DONE]"

@@ -216,24 +216,31 @@ class TurnResponse(Response):
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        produce = self._stream(send) if self.req.stream else self._whole(send)
-        producer = asyncio.ensure_future(produce)
-        gone = asyncio.ensure_future(_disconnected(receive))
-        try:
-            await asyncio.wait({producer, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not producer.done():
-                # The client went away (or the server is stopping): cancelling the task makes
-                # the library send CANCEL for the turn at once.
+        # The turn runs in this task (a task of its own would cost a trip through the event
+        # loop before the TURN is sent); a watcher cancels it when the client goes away.
+        task = asyncio.current_task()
+        assert task is not None, "an ASGI app runs in a task"
+        state = {"running": True, "cancelled": False}
+
+        def client_gone(watch: asyncio.Future[None]) -> None:
+            if state["running"] and not watch.cancelled():
+                # The client went away (or the server is stopping): cancelling the turn makes
+                # the library send CANCEL for it at once.
                 logger.info("client disconnected; cancelling its turn")
-                producer.cancel()
-            try:
-                await producer
-            except asyncio.CancelledError:
-                pass  # ours; a cancellation of this task itself still propagates from wait()
-            finally:
-                self.gateway.in_flight -= 1
+                state["cancelled"] = True
+                task.cancel()
+
+        gone = asyncio.ensure_future(_disconnected(receive))
+        gone.add_done_callback(client_gone)
+        try:
+            await (self._stream(send) if self.req.stream else self._whole(send))
+        except asyncio.CancelledError:
+            if not state["cancelled"] or task.uncancel() > 0:
+                raise  # not (only) ours: a cancellation of this task itself propagates
+        finally:
+            state["running"] = False
+            gone.cancel()
+            self.gateway.in_flight -= 1
 
     def _events(self) -> AsyncGenerator[str | Finished, None]:
         return self.gateway.metrics.watch(self.gateway.runner.run(self.req, self.header_key))

@@ -115,7 +115,9 @@ class ChunkEncoder:
             "system_fingerprint": None,
         }
         head = _dumps(self._base)[:-1]  # the object without its closing brace
-        self._head = (f'data: {head},"choices":[{{"index":0,"delta":{{"content":').encode()
+        choice = f'data: {head},"choices":[{{"index":0,"delta":{{'
+        self._head = f'{choice}"content":'.encode()
+        self._first_head = f'{choice}"role":"assistant","content":'.encode()
         usage_null = ',"usage":null' if include_usage else ""
         self._tail = f'}},"logprobs":null,"finish_reason":null}}]{usage_null}}}\n\n'.encode()
 
@@ -125,7 +127,7 @@ class ChunkEncoder:
 
     def first(self, text: str) -> bytes:
         """The first chunk: OpenAI's opens with the role (and the first text here)."""
-        return self._event({"role": "assistant", "content": text}, None)
+        return self._first_head + json.dumps(text).encode() + self._tail
 
     def end(self, fin: Finished) -> bytes:
         """The finish chunk, the usage chunk if asked for, and ``[DONE]``."""

@@ -185,7 +185,10 @@ class TurnRunner:
         """The text of one attempt (also collected in ``parts``); its result is appended to
         ``ended`` at the end."""
         cfg = self.config
-        session = self.client.session(route.session_id, history=req.history)
+        session = self.client.session(route.session_id)
+        # Set, not passed to session(): the library checks the history as each send starts, so
+        # checking it when the session is made too would only repeat the work.
+        session.history = req.history
         stream = session.send(
             req.user_text,
             max_tokens=req.max_tokens or cfg.default_max_tokens,
