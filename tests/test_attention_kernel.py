@@ -28,6 +28,8 @@ needs_kernels = pytest.mark.skipif(
     ir is None or not ir.exact_supported(), reason="this CPU lacks AVX2/FMA/F16C"
 )
 DTYPES = (np.float16, np.float32)
+# A segment longer than the kernels take for either dtype (always on the numpy path).
+LONG = (max(attention.MAX_T.values()) if attention is not None else 0) + 4
 RTOL, ATOL = 1e-5, 2e-5  # float32 rounding of scores, exponentials and sums
 
 
@@ -153,10 +155,11 @@ def test_kernel_rejects_what_it_cannot_read() -> None:
 
 
 def prefill_and_decode(e: Engine, dtype: str) -> list[np.ndarray]:
-    """Logits of every position of a 20-token prefill (longer than the kernels take), a
-    ragged batch of short segments, then decode steps."""
+    """Logits of every position of a prefill longer than the kernels take, a ragged batch of
+    short segments, then decode steps."""
     caches = [e.new_cache(dtype) for _ in range(3)]
-    out = e.forward([(caches[0], list(range(40, 60)))], all_logits=True)
+    long = [40 + i % 20 for i in range(LONG)]
+    out = e.forward([(caches[0], long)], all_logits=True)
     out += e.forward([(caches[1], [5, 80, 81]), (caches[2], [72, 79, 79, 82, 3])], True)
     for t in (7, 9, 11):
         out += e.forward([(c, [t]) for c in caches])
@@ -188,7 +191,7 @@ def test_model_with_the_kernel_matches_the_numpy_path(
     e = Engine.load(path, weights=CacheConfig(enabled=False), kernels="exact")
     calls = spy_on_kernel(monkeypatch)
     max_t = attention.MAX_T
-    monkeypatch.setattr(attention, "MAX_T", 0)
+    monkeypatch.setattr(attention, "MAX_T", {})
     want = prefill_and_decode(e, dtype)
     assert calls == []
     monkeypatch.setattr(attention, "MAX_T", max_t)
@@ -198,7 +201,7 @@ def test_model_with_the_kernel_matches_the_numpy_path(
     rel = 1e-4 if dtype == "f16" else 1e-5
     for x, y in zip(want, got, strict=True):
         assert float(np.max(np.abs(x - y))) < rel * float(np.max(np.abs(x)))
-    if d_model == 64:  # the two short segments, then each sequence per step; not the 20
+    if d_model == 64:  # the two short segments, then each sequence per step; not the long one
         assert sorted(set(calls)) == [1, 3, 5]
     else:
         assert calls == []
@@ -255,3 +258,34 @@ def test_softmax_exponential_is_accurate() -> None:
         want = np.exp(np.float64(x))
         assert abs(attention._exp(x) - want) <= 1e-6 * want, x
     assert attention._exp(np.float32(-88.0)) == 0.0 and attention._exp(np.float32(-1e30)) == 0.0
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("kernels", "d_model", "auto"),
+    [("exact", 64, "f16"), ("exact", 96, "f32"), ("off", 64, "f32")],
+)
+def test_auto_live_kv_is_half_floats_where_the_kernel_reads_them(
+    tmp_path: Path, kernels: str, d_model: int, auto: str
+) -> None:
+    """``--kv-dtype auto`` is f16 where the kernel runs (head_dim 16), f32 where numpy would
+    widen every step (head_dim 24, or the kernels off); an explicit dtype is kept."""
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", TinySpec(d_model=d_model))
+    e = Engine.load(path, weights=CacheConfig(enabled=False), kernels=kernels)
+    assert e.live_kv_dtype("auto") == auto
+    assert (e.live_kv_dtype("f32"), e.live_kv_dtype("f16")) == ("f32", "f16")
+
+
+@needs_kernels
+def test_prefill_chunks_take_the_kernel_on_float16_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 20-token chunk: BLAS on a float32 cache, the kernel on a float16 one (BLAS would need
+    the cache widened first)."""
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    e = Engine.load(path, weights=CacheConfig(enabled=False), kernels="exact")
+    calls = spy_on_kernel(monkeypatch)
+    e.forward([(e.new_cache("f32"), list(range(40, 60)))])
+    assert calls == []
+    e.forward([(e.new_cache("f16"), list(range(40, 60)))])
+    assert calls and set(calls) == {20}

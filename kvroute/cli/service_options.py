@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from kvroute.broker.config import BrokerConfig
-from kvroute.engine.cache import LIVE_DTYPES
+from kvroute.engine.cache import KV_DTYPE_ASKS
 from kvroute.engine.kv_codec import RestDtype
 from kvroute.proto.limits import MAX_BODY_BYTES, MAX_CAPACITY, MIN_HEARTBEAT_INTERVAL_S
 from kvroute.worker.config import KV_DEFAULT_RULE, WorkerConfig
@@ -203,12 +203,13 @@ worker_options = option_group(
             "kv_dtype",
             click.option(
                 "--kv-dtype",
-                type=click.Choice(sorted(LIVE_DTYPES)),
+                type=click.Choice(KV_DTYPE_ASKS),
                 default=_W.kv_dtype,
                 show_default=True,
-                help="How live KV caches hold keys and values: f16 halves their bytes; the "
-                "attention kernels read it as stored, but with --kernels off numpy widens it "
-                "to f32, which slows decoding on long contexts.",
+                help="How live KV caches hold keys and values: f16 halves their bytes and the "
+                "attention kernels read it as stored; with --kernels off numpy widens it to "
+                "f32 at every step, which slows long contexts. auto: f16 where the kernels "
+                "run, else f32.",
             ),
         ),
         (

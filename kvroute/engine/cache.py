@@ -47,6 +47,8 @@ class RestKV:
 
 
 LIVE_DTYPES = {"f32": np.float32, "f16": np.float16}
+# What a worker may be asked for: a dtype, or "auto" (see `Engine.live_kv_dtype`).
+KV_DTYPE_ASKS = ("auto", *LIVE_DTYPES)
 """How a live cache holds keys and values (``--kv-dtype``): the attention reads them as float32."""
 
 

@@ -155,6 +155,20 @@ class Engine:
         """Token ids that end an assistant turn (EOS and the template's end-of-turn)."""
         return self.tokenizer.eot_ids
 
+    def live_kv_dtype(self, asked: str) -> str:
+        """The dtype live caches use when ``asked`` (``auto``, ``f32`` or ``f16``).
+
+        auto is f16 where the attention kernels read a float16 cache as stored (half the bytes,
+        decode no slower), and f32 where numpy would widen it at every step.
+        """
+        if asked != "auto":
+            return asked
+        if self.model.kernels is None:
+            return "f32"
+        from .kernels import attention  # numba: loaded already where the kernels run
+
+        return "f16" if attention.head_dim_fits(self.model.args.head_dim) else "f32"
+
     def new_cache(self, dtype: str = "f32") -> KVCache:
         """An empty KV cache for one sequence, limited to ``n_ctx`` positions, holding keys and
         values as ``dtype`` (``f32`` or ``f16``)."""

@@ -21,12 +21,14 @@ def build_scheduler(engine: Engine, config: WorkerConfig, worker_id: str) -> Sch
     """The scheduler a worker serves ``engine`` with, as ``config`` describes it."""
     # Spill files and checkpoints both live under --spill-dir; hash the model only if used.
     ident = spill_identity(engine) if config.spill_dir is not None else None
+    kv_dtype = engine.live_kv_dtype(config.kv_dtype)
+    logger.info("worker %s: live KV caches hold %s", worker_id, kv_dtype)
     cfg = SchedulerConfig(
         config.prefill_chunk,
         config.kv_budget_bytes,
         config.admission,
         kv_rest=RestDtype(config.kv_rest),
-        kv_dtype=config.kv_dtype,
+        kv_dtype=kv_dtype,
         spill=_spill_dir(config, worker_id, ident),
         checkpoints=_checkpoints(config, worker_id, ident),
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 
 from kvroute.engine import quant
-from kvroute.engine.cache import LIVE_DTYPES
+from kvroute.engine.cache import KV_DTYPE_ASKS
 from kvroute.engine.engine import DEFAULT_N_CTX, MIN_N_CTX
 from kvroute.engine.kv_codec import RestDtype
 from kvroute.proto.endpoint import parse_endpoint
@@ -76,7 +76,9 @@ class WorkerConfig:
     n_ctx: int = DEFAULT_N_CTX  # positions per session (prompt + reply)
     kernels: str | None = None  # quantized kernels asked for (quant.ASKS); None: $KVROUTE_QUANT
     kv_budget_mb: float | None = None  # KV cache for all sessions; None: KV_DEFAULT_RULE
-    kv_dtype: str = "f32"  # live KV: f32, or f16 (half the bytes, slower attention in numpy)
+    # Live KV: f32, f16 (half the bytes), or auto: f16 where the attention kernels read it as
+    # stored, f32 where numpy would have to widen it at every step (see Engine.live_kv_dtype).
+    kv_dtype: str = "auto"
     kv_rest: str = RestDtype.Q8_0.value  # idle sessions compressed to this when RAM is short
     spill_dir: str | None = None  # sessions leaving RAM are written here (one subdir per worker)
     spill_mb: float = 4096.0  # disk budget of one worker's spill files (LRU beyond it)
@@ -116,10 +118,8 @@ class WorkerConfig:
         if mb is not None and not (math.isfinite(mb) and mb >= 0):
             raise ValueError(f"kv_budget_mb must be >= 0 MiB (or None), not {mb!r}")
         self.kv_rest = RestDtype(self.kv_rest).value  # ValueError names a bad one
-        if self.kv_dtype not in LIVE_DTYPES:
-            raise ValueError(
-                f"kv_dtype must be one of {sorted(LIVE_DTYPES)}, not {self.kv_dtype!r}"
-            )
+        if self.kv_dtype not in KV_DTYPE_ASKS:
+            raise ValueError(f"kv_dtype must be one of {KV_DTYPE_ASKS}, not {self.kv_dtype!r}")
         if self.checkpoint and self.spill_dir is None:
             raise ValueError("checkpoint needs a spill_dir (shared by the workers)")
         if not (math.isfinite(self.spill_mb) and self.spill_mb > 0):

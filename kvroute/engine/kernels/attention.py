@@ -39,7 +39,11 @@ from .ir import LANES, _fn, _i, _load, _splat
 
 MAX_ROWS = 8  # query rows per pass (their accumulators stay in registers)
 POS_BLOCK = 128  # positions of V per block: 16 KiB as float16, 32 KiB as float32
-MAX_T = 16  # new tokens per segment up to which the kernels beat widening + BLAS
+# New tokens per segment up to which the kernels run, by cache dtype. On float32 they beat BLAS
+# for decode and draw level past about 16 rows, so prefill keeps BLAS's rounding there; on
+# float16 BLAS needs the cache widened first, which costs more than the kernels up to the
+# default prefill chunk.
+MAX_T = {np.dtype(np.float32): 16, np.dtype(np.float16): 128}
 
 _i32, _f32, _f16 = ir.IntType(32), ir.FloatType(), ir.HalfType()
 _vf32, _vf16 = ir.VectorType(_f32, LANES), ir.VectorType(_f16, LANES)
@@ -249,13 +253,18 @@ def attend_heads(q, k, v, head_bytes, half, length, t_new, out):  # type: ignore
             r0 += nr
 
 
+def head_dim_fits(hd: int) -> bool:
+    """Whether the kernels run on heads of ``hd`` dimensions (whole vectors of 16 lanes)."""
+    return hd % LANES == 0
+
+
 def supports(k: np.ndarray) -> bool:
     """Whether the kernels read this cache view: float16 or float32 keys (KV, L, hd), each
     head's rows contiguous, hd a multiple of 16."""
     if k.ndim != 3 or k.dtype not in (np.float16, np.float32):
         return False
     hd = k.shape[2]
-    return hd % LANES == 0 and k.strides[1:] == (hd * k.itemsize, k.itemsize)
+    return head_dim_fits(hd) and k.strides[1:] == (hd * k.itemsize, k.itemsize)
 
 
 def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, t_new: int) -> np.ndarray:

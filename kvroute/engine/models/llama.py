@@ -184,7 +184,7 @@ class LlamaModel:
         if self.kernels is not None:
             from ..kernels import attention  # numba: imported only where the kernels run
 
-            if T <= attention.MAX_T and attention.supports(K):
+            if attention.supports(K) and attention.MAX_T.get(K.dtype, 0) >= T:
                 # Reads a float16 cache as stored, where numpy would widen it first.
                 out = attention.attend(qg, K, V, T)
         if out is None:
