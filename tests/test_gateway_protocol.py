@@ -8,7 +8,7 @@ from typing import Any
 import uvicorn
 from uvicorn.server import ServerState
 
-from kvroute.gateway.protocol import GatewayH11Protocol, HeadWithBodyTransport
+from kvroute.gateway.protocol import GatewayHttpProtocol, HeadWithBodyTransport
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n"
 
@@ -96,7 +96,7 @@ def test_other_writes_are_not_held() -> None:
 
 
 def test_uvicorn_sends_the_head_with_the_first_event() -> None:
-    """Through uvicorn's h11 protocol: two ASGI messages, one write; the next event apart."""
+    """Through uvicorn's httptools protocol: two ASGI messages, one write; the next apart."""
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await receive()
@@ -107,9 +107,9 @@ def test_uvicorn_sends_the_head_with_the_first_event() -> None:
         await send({"type": "http.response.body", "body": b"data: 2\n\n", "more_body": False})
 
     async def main() -> list[bytes]:
-        config = uvicorn.Config(app, http=GatewayH11Protocol, lifespan="off", log_config=None)
+        config = uvicorn.Config(app, http=GatewayHttpProtocol, lifespan="off", log_config=None)
         config.load()
-        proto = GatewayH11Protocol(config=config, server_state=ServerState(), app_state={})
+        proto = GatewayHttpProtocol(config=config, server_state=ServerState(), app_state={})
         rec = Recorder()
         proto.connection_made(rec)
         proto.data_received(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")

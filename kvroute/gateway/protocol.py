@@ -1,4 +1,8 @@
-"""uvicorn's h11 HTTP protocol, with each response's head sent together with its first body bytes.
+"""uvicorn's httptools HTTP protocol, with each response's head sent with its first body bytes.
+
+httptools (llhttp, in C) parses a request in a fraction of the time the pure-Python h11 takes,
+which is most of what the gateway adds to a turn's time to first token besides the two writes
+below.
 
 uvicorn writes a response's status line and headers as soon as the app sends
 ``http.response.start``, and the body with each ``http.response.body``: two socket writes for
@@ -14,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 _HEAD = b"HTTP/"  # every response head uvicorn writes starts so (one write per head)
 
@@ -125,8 +129,8 @@ class HeadWithBodyTransport(asyncio.Transport):
         self._t.set_write_buffer_limits(high, low)
 
 
-class GatewayH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol over a :class:`HeadWithBodyTransport`."""
+class GatewayHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol over a :class:`HeadWithBodyTransport`."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(HeadWithBodyTransport(transport))

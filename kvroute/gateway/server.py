@@ -17,7 +17,7 @@ import uvicorn
 
 from .app import create_app
 from .config import GatewayConfig
-from .protocol import GatewayH11Protocol
+from .protocol import GatewayHttpProtocol
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _prepare(config: GatewayConfig) -> tuple[socket.socket, GatewayConfig, uvico
     cfg = uvicorn.Config(
         create_app(bound),
         lifespan="on",
-        http=GatewayH11Protocol,  # a response's head leaves with its first body bytes
+        http=GatewayHttpProtocol,  # a response's head leaves with its first body bytes
         access_log=False,
         log_config=None,  # keep the process's logging setup (the CLI's -v)
         timeout_graceful_shutdown=5,
