@@ -163,11 +163,7 @@ class Engine:
         """
         if asked != "auto":
             return asked
-        if self.model.kernels is None:
-            return "f32"
-        from .kernels import attention  # numba: loaded already where the kernels run
-
-        return "f16" if attention.head_dim_fits(self.model.args.head_dim) else "f32"
+        return "f16" if self.model.reads_half_kv else "f32"
 
     def new_cache(self, dtype: str = "f32") -> KVCache:
         """An empty KV cache for one sequence, limited to ``n_ctx`` positions, holding keys and

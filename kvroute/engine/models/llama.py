@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
+from types import ModuleType
 
 import numpy as np
 
@@ -44,6 +45,13 @@ class LlamaModel:
     ) -> None:
         self.args = args
         self.kernels = kernels  # the quantized kernels its blocks are for (see `quant.mode`)
+        # The attention kernel, where the kernels run (numba is imported only then): looked up
+        # once here, not in every layer of every step.
+        self._attention: ModuleType | None = None
+        if kernels is not None:
+            from ..kernels import attention
+
+            self._attention = attention
         self.layers = layers
         self.out_norm = out_norm  # (D,) gain of the final RMSNorm
         self.head = head  # (D, V) LM head, (in, out)
@@ -76,6 +84,11 @@ class LlamaModel:
         kernels ``mode`` (see `llama_weights.build`; ModelLoadError if they do not fit)."""
         p = llama_weights.build(gguf, arrays, mode)
         return cls(p.args, p.layers, p.out_norm, p.head, p.embed, mode)
+
+    @property
+    def reads_half_kv(self) -> bool:
+        """Whether attention reads a float16 cache as stored (else numpy widens it per step)."""
+        return self._attention is not None and self._attention.head_dim_fits(self.args.head_dim)
 
     def new_cache(self, max_len: int, dtype: str = "f32") -> KVCache:
         """An empty cache sized for this model, allowed to grow to ``max_len`` positions."""
@@ -180,14 +193,11 @@ class LlamaModel:
         K, V = cache.update_and_fetch(layer, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
         # (T, H, hd) -> (KV, G*T, hd): the G query heads of a group share one K/V head.
         qg = q.reshape(T, KV, G, hd).transpose(1, 2, 0, 3).reshape(KV, G * T, hd)
-        out: np.ndarray | None = None
-        if self.kernels is not None:
-            from ..kernels import attention  # numba: imported only where the kernels run
-
-            if attention.supports(K) and attention.MAX_T.get(K.dtype, 0) >= T:
-                # Reads a float16 cache as stored, where numpy would widen it first.
-                out = attention.attend(qg, K, V, T)
-        if out is None:
+        kernel = self._attention
+        if kernel is not None and kernel.supports(K) and kernel.MAX_T.get(K.dtype, 0) >= T:
+            # Reads a float16 cache as stored, where numpy would widen it first.
+            out: np.ndarray = kernel.attend(qg, K, V, T)
+        else:
             out = self._attend_numpy(qg, K, V, T)
         return out.reshape(KV, G, T, hd).transpose(2, 0, 1, 3).reshape(T, H * hd)
 
