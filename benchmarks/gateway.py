@@ -384,9 +384,8 @@ def main() -> None:
         choices=("added", "fleet-view"),
         help="run one measurement alone (quicker): 1 (added TTFT) or 4 (the fleet view)",
     )
-    ap.add_argument("--only-fleet-view", action="store_true", help="the same as --only fleet-view")
     args = ap.parse_args()
-    only = "fleet-view" if args.only_fleet_view else args.only
+    only = args.only
 
     out: dict[str, Any] = {}
     if only is None:
